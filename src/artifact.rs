@@ -1,0 +1,158 @@
+//! The current content hash of an artifact on disk (file, directory tree, or symlink), reusing the stat cache so unchanged files are never re-read.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::hash::{coarse_now_ns, hash_file, hash_link, Hash, HashStats, StatEntry, StatKey, TreeHasher};
+
+/// Kinds recorded in a tree hash.
+const KIND_FILE: u8 = 0;
+const KIND_DIR: u8 = 1;
+const KIND_LINK: u8 = 2;
+
+/// Hashes artifacts under a work folder; safe to share between threads.
+pub struct Artifacts<'a> {
+    pub workdir: PathBuf,
+    pub cache: &'a HashMap<String, StatEntry>,
+    pub stats: &'a HashStats,
+    /// New or refreshed stat-cache entries to write back.
+    pub updates: Mutex<Vec<(String, StatEntry)>>,
+}
+
+impl<'a> Artifacts<'a> {
+    pub fn new(workdir: &Path, cache: &'a HashMap<String, StatEntry>, stats: &'a HashStats) -> Self {
+        Artifacts {
+            workdir: workdir.to_path_buf(),
+            cache,
+            stats,
+            updates: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn abs(&self, rel: &str) -> PathBuf {
+        self.workdir.join(rel)
+    }
+
+    /// The content hash of `rel` now, or `None` if it does not exist.
+    pub fn current(&self, rel: &str) -> io::Result<Option<Hash>> {
+        let path = self.abs(rel);
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        self.hash_with_meta(rel, &path, &meta, 0).map(Some)
+    }
+
+    fn hash_with_meta(&self, key: &str, path: &Path, meta: &fs::Metadata, depth: usize) -> io::Result<Hash> {
+        if depth > 64 {
+            return Err(io::Error::other(format!("{}: links or directories nest too deeply", path.display())));
+        }
+        let ft = meta.file_type();
+        if ft.is_symlink() {
+            let text = fs::read_link(path)?;
+            let target = path.parent().unwrap_or(Path::new("/")).join(&text);
+            let target_key = crate::expand::normalize(&key_for(&self.workdir, &target));
+            let th = match fs::symlink_metadata(&target) {
+                Ok(tm) => Some(self.hash_with_meta(&target_key, &target, &tm, depth + 1)?),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
+            };
+            return Ok(hash_link(&text, th.as_ref()));
+        }
+        if ft.is_dir() {
+            let mut entries: Vec<(Vec<u8>, PathBuf)> = fs::read_dir(path)?
+                .map(|e| e.map(|e| (e.file_name().as_encoded_bytes().to_vec(), e.path())))
+                .collect::<io::Result<_>>()?;
+            entries.sort();
+            let mut t = TreeHasher::new();
+            for (name, p) in entries {
+                let m = fs::symlink_metadata(&p)?;
+                let kind = if m.file_type().is_symlink() {
+                    KIND_LINK
+                } else if m.is_dir() {
+                    KIND_DIR
+                } else {
+                    KIND_FILE
+                };
+                let child_key = format!("{key}/{}", String::from_utf8_lossy(&name));
+                let h = self.hash_with_meta(&child_key, &p, &m, depth + 1)?;
+                t.entry(&name, kind, &h);
+            }
+            return Ok(t.finish());
+        }
+        let st = StatKey::from_meta(meta, KIND_FILE);
+        if let Some(e) = self.cache.get(key) {
+            if e.trusted(&st) {
+                return Ok(e.hash);
+            }
+        }
+        let entry = hash_fresh(path, st, self.stats)?;
+        if let Ok(mut u) = self.updates.lock() {
+            u.push((key.to_string(), entry));
+        }
+        Ok(entry.hash)
+    }
+
+    pub fn take_updates(&self) -> Vec<(String, StatEntry)> {
+        self.updates.lock().map(|mut u| std::mem::take(&mut *u)).unwrap_or_default()
+    }
+}
+
+/// The cache key of a path: relative to the work folder when inside it, else absolute.
+pub fn key_for(workdir: &Path, p: &Path) -> String {
+    match p.strip_prefix(workdir) {
+        Ok(r) => r.to_string_lossy().into_owned(),
+        Err(_) => p.to_string_lossy().into_owned(),
+    }
+}
+
+/// Hash a file now and make a stat entry for it. The timestamp is taken before reading, so
+/// any change during or after the read makes the entry untrusted ("racy").
+pub fn hash_fresh(path: &Path, st: StatKey, stats: &HashStats) -> io::Result<StatEntry> {
+    // A big file changed in this very clock tick would be recorded racy and read again next
+    // run; waiting out the tick (a few ms) is cheaper than that second read.
+    if st.size >= crate::hash::MMAP_THRESHOLD {
+        for _ in 0..25 {
+            if coarse_now_ns() > st.ctime_ns {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    let hashed_at_ns = coarse_now_ns();
+    let hash = hash_file(path, st.size, stats)?;
+    Ok(StatEntry { stat: st, hash, hashed_at_ns })
+}
+
+/// Re-hash entries that were racy when recorded (changed in the clock tick they were hashed
+/// in), after the clock has moved on, so the next run can trust them without reading.
+pub fn settle_racy(workdir: &Path, entries: &mut [(String, StatEntry)], stats: &HashStats) {
+    let racy: Vec<usize> = (0..entries.len())
+        .filter(|i| entries[*i].1.stat.ctime_ns >= entries[*i].1.hashed_at_ns)
+        .collect();
+    if racy.is_empty() {
+        return;
+    }
+    let latest = racy.iter().map(|i| entries[*i].1.stat.ctime_ns).max().unwrap_or(0);
+    for _ in 0..100 {
+        if coarse_now_ns() > latest {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    for i in racy {
+        let (key, entry) = &mut entries[i];
+        let path = workdir.join(&*key);
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let st = StatKey::from_meta(&meta, KIND_FILE);
+        if let Ok(fresh) = hash_fresh(&path, st, stats) {
+            *entry = fresh;
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Command-line arguments, turned once into a validated configuration before any work starts.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// qbuild: an incremental, content-hashed build system for the QAIRT LLM compile pipeline.
+#[derive(Debug, Parser)]
+#[command(name = "qbuild", version, about, after_help = "TARGETS are output paths, rule names, aliases, or `all`; without any, the Qairtfile's `default` (or `all`).\nExit status: 0 built, 1 a job failed, 2 bad Qairtfile or arguments, 130/143 interrupted.")]
+pub struct Args {
+    /// What to build.
+    pub targets: Vec<String>,
+    /// The Qairtfile to read (its folder is the work folder).
+    #[arg(short = 'f', long = "file", value_name = "FILE", default_value = "Qairtfile")]
+    pub file: PathBuf,
+    /// Change to DIR before doing anything.
+    #[arg(short = 'C', value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Run N jobs at once (default: the number of CPUs).
+    #[arg(short = 'j', long = "jobs", value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Keep building what does not depend on a failed job.
+    #[arg(short = 'k', long = "keep-going")]
+    pub keep_going: bool,
+    /// Show what would run, and why, without running anything.
+    #[arg(short = 'n', long = "dry-run")]
+    pub dry_run: bool,
+    /// Print why each stale job must run.
+    #[arg(long)]
+    pub explain: bool,
+    /// Write JSON Lines events to stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Print each job's output after it finishes.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+    /// Validate the Qairtfile and exit without running anything.
+    #[arg(long)]
+    pub check: bool,
+    /// List rules, their instances and outputs.
+    #[arg(long)]
+    pub list: bool,
+    /// Print the job graph of the targets in Graphviz DOT.
+    #[arg(long)]
+    pub graph: bool,
+    /// Fail at once instead of waiting when another build holds the work folder.
+    #[arg(long = "no-wait")]
+    pub no_wait: bool,
+}

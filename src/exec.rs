@@ -1,0 +1,149 @@
+//! The process runner: starts a job's command in its own process group with its output in a log file; knows nothing of the graph.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use crate::expand::Action;
+
+/// Process groups of running commands, so a signal can stop all of them.
+#[derive(Clone, Default)]
+pub struct Running(Arc<Mutex<HashSet<i32>>>);
+
+impl Running {
+    fn add(&self, pgid: i32) {
+        if let Ok(mut s) = self.0.lock() {
+            s.insert(pgid);
+        }
+    }
+    fn remove(&self, pgid: i32) {
+        if let Ok(mut s) = self.0.lock() {
+            s.remove(&pgid);
+        }
+    }
+    /// Send `sig` to every running command's whole process group.
+    pub fn signal_all(&self, sig: i32) {
+        if let Ok(s) = self.0.lock() {
+            for pgid in s.iter() {
+                // SAFETY: kill(2) with a negative pid signals a process group; no memory involved.
+                unsafe {
+                    libc::kill(-*pgid, sig);
+                }
+            }
+        }
+    }
+}
+
+/// How a command ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Success,
+    /// Exit code, or `None` with the signal when killed.
+    Failed { code: Option<i32>, signal: Option<i32> },
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Success => write!(f, "succeeded"),
+            Outcome::Failed { code: Some(c), .. } => write!(f, "exited with status {c}"),
+            Outcome::Failed { signal: Some(s), .. } => write!(f, "was killed by signal {s}"),
+            Outcome::Failed { .. } => write!(f, "failed"),
+        }
+    }
+}
+
+/// Run one action to completion in `workdir`, its stdout and stderr appended to `log`.
+pub fn run(
+    action: &Action,
+    outputs: &[PathBuf],
+    workdir: &Path,
+    env: &[(String, String)],
+    log: &Path,
+    running: &Running,
+) -> io::Result<Outcome> {
+    if let Some(dir) = log.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let logf = fs::File::create(log)?;
+    let mut cmd = match action {
+        Action::Write(content) => {
+            // qbuild writes the file itself; still a job, with the same bookkeeping.
+            let out = outputs.first().ok_or_else(|| io::Error::other("a content rule needs one output"))?;
+            fs::write(out, content.as_bytes())?;
+            return Ok(Outcome::Success);
+        }
+        Action::Shell(s) => {
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c").arg(s);
+            c
+        }
+        Action::Argv(v) => {
+            let Some((prog, args)) = v.split_first() else {
+                return Err(io::Error::other("empty argv"));
+            };
+            let mut c = Command::new(prog);
+            c.args(args);
+            c
+        }
+    };
+    cmd.current_dir(workdir)
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .process_group(0);
+    // SAFETY: prctl is async-signal-safe; it asks the kernel to kill the child if qbuild dies.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        let what = match action {
+            Action::Argv(v) => v.first().cloned().unwrap_or_default(),
+            _ => "/bin/sh".to_string(),
+        };
+        io::Error::new(e.kind(), format!("cannot start {what}: {e}"))
+    })?;
+    let pgid = child.id() as i32;
+    running.add(pgid);
+    let status = child.wait();
+    // Whatever the leader did, leave no stragglers of this job behind.
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(-pgid, libc::SIGKILL);
+    }
+    running.remove(pgid);
+    let status = status?;
+    Ok(if status.success() {
+        Outcome::Success
+    } else {
+        Outcome::Failed {
+            code: status.code(),
+            signal: status.signal(),
+        }
+    })
+}
+
+/// The last `n` lines of a log file (reads at most the last 64 KiB).
+pub fn tail(log: &Path, n: usize) -> String {
+    let Ok(mut f) = fs::File::open(log) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(64 * 1024);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -1,0 +1,759 @@
+//! Expanding a parsed Qairtfile: variable interpolation, matrix expansion and path checks, giving one job per rule instance.
+
+use std::collections::HashMap;
+
+use crate::diag::{closest, Diagnostic, Source};
+use crate::qairtfile::{offset_in, Condition, Qairtfile, RawAction, RawValue, RuleDef, Str};
+
+/// Hard cap on jobs, so a hostile matrix cannot exhaust memory.
+pub const MAX_JOBS: usize = 5_000_000;
+/// Hard cap on any one list (a range or a cartesian product inside one string).
+const MAX_LIST: usize = 5_000_000;
+
+/// A value after interpolation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Val {
+    Scalar(String),
+    List(Vec<String>),
+}
+
+impl Val {
+    fn items(&self) -> Vec<String> {
+        match self {
+            Val::Scalar(s) => vec![s.clone()],
+            Val::List(l) => l.clone(),
+        }
+    }
+}
+
+/// What a job does once expanded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Run with `sh -c`.
+    Shell(String),
+    /// Run directly, no shell.
+    Argv(Vec<String>),
+    /// qbuild writes this text to the single output.
+    Write(String),
+}
+
+/// One rule instance: a command with its declared inputs and outputs.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub rule: u32,
+    /// `quantize ar=128 split=3`, or the rule's `description`.
+    pub label: String,
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+    /// For each output, which template of the rule's `outputs` produced it (for diagnostics).
+    pub output_template: Vec<u16>,
+    pub action: Action,
+    pub env: Vec<(String, String)>,
+    pub pool: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuleInfo {
+    pub name: String,
+    pub name_span: std::ops::Range<usize>,
+    pub outputs: Vec<Str>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pool {
+    pub name: String,
+    pub depth: usize,
+}
+
+/// The expanded Qairtfile: every job, ready for the graph.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub source: Source,
+    pub rules: Vec<RuleInfo>,
+    pub jobs: Vec<JobSpec>,
+    pub pools: Vec<Pool>,
+    pub default: Vec<Str>,
+    pub aliases: Vec<(Str, Vec<Str>)>,
+}
+
+// ---------------------------------------------------------------- templates
+
+#[derive(Debug, Clone)]
+enum Filter {
+    None,
+    Join(String),
+    Json,
+    Raw,
+}
+
+#[derive(Debug, Clone)]
+enum RefKind {
+    Var { name: String, index: Option<i64> },
+    Env { name: String, default: Option<Template> },
+}
+
+#[derive(Debug, Clone)]
+enum Seg {
+    Lit(String),
+    Ref {
+        kind: RefKind,
+        filter: Filter,
+        /// Byte offset of `${` in the string's text.
+        at: usize,
+    },
+}
+
+/// A string split into literal text and `${...}` references.
+#[derive(Debug, Clone)]
+struct Template {
+    segs: Vec<Seg>,
+    str: Str,
+}
+
+fn parse_template(src: &Source, s: &Str) -> Result<Template, Diagnostic> {
+    parse_template_at(src, s, &s.text, 0)
+}
+
+fn parse_template_at(src: &Source, s: &Str, text: &str, base: usize) -> Result<Template, Diagnostic> {
+    let err = |at: usize, msg: String| {
+        let off = offset_in(src, s, at);
+        src.error(off..off + 2, msg)
+    };
+    let bytes = text.as_bytes();
+    let mut segs = Vec::new();
+    let mut lit = String::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'$' && bytes.get(i + 1) == Some(&b'$') {
+            lit.push('$');
+            i += 2;
+            continue;
+        }
+        if bytes[i] == b'$' && bytes.get(i + 1) == Some(&b'{') {
+            // Find the matching close brace, allowing nesting inside env defaults.
+            let mut depth = 0usize;
+            let mut j = i + 1;
+            let mut close = None;
+            while j < bytes.len() {
+                match bytes[j] {
+                    b'{' => depth += 1,
+                    b'}' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            close = Some(j);
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            let Some(close) = close else {
+                return Err(err(base + i, "unclosed `${`".into()).with_hint("close it with `}`; write `$$` for a literal `$`"));
+            };
+            let inner = &text[i + 2..close];
+            if !lit.is_empty() {
+                segs.push(Seg::Lit(std::mem::take(&mut lit)));
+            }
+            segs.push(parse_ref(src, s, inner, base + i, base + i + 2, &err)?);
+            i = close + 1;
+            continue;
+        }
+        let ch_len = text[i..].chars().next().map_or(1, char::len_utf8);
+        lit.push_str(&text[i..i + ch_len]);
+        i += ch_len;
+    }
+    if !lit.is_empty() {
+        segs.push(Seg::Lit(lit));
+    }
+    Ok(Template {
+        segs,
+        str: s.clone(),
+    })
+}
+
+fn parse_ref(
+    src: &Source,
+    s: &Str,
+    inner: &str,
+    at: usize,
+    inner_base: usize,
+    err: &dyn Fn(usize, String) -> Diagnostic,
+) -> Result<Seg, Diagnostic> {
+    if let Some(rest) = inner.strip_prefix("env:") {
+        let (name, default) = match rest.find(":-") {
+            Some(p) => (&rest[..p], Some(&rest[p + 2..])),
+            None => (rest, None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(err(at, format!("`{name}` is not an environment variable name")));
+        }
+        let default = match default {
+            Some(d) => Some(parse_template_at(src, s, d, inner_base + 4 + name.len() + 2)?),
+            None => None,
+        };
+        return Ok(Seg::Ref {
+            kind: RefKind::Env {
+                name: name.to_string(),
+                default,
+            },
+            filter: Filter::None,
+            at,
+        });
+    }
+    let (head, filter) = match inner.find('|') {
+        Some(p) => {
+            let f = inner[p + 1..].trim();
+            let filter = if let Some(sep) = f.strip_prefix("join:") {
+                Filter::Join(sep.to_string())
+            } else if f == "json" {
+                Filter::Json
+            } else if f == "raw" {
+                Filter::Raw
+            } else {
+                return Err(err(at, format!("unknown filter `{f}`"))
+                    .with_hint("filters are `|join:SEP`, `|json` and `|raw`"));
+            };
+            (inner[..p].trim(), filter)
+        }
+        None => (inner.trim(), Filter::None),
+    };
+    let (name, index) = match head.find('[') {
+        Some(p) if head.ends_with(']') => {
+            let idx = head[p + 1..head.len() - 1].trim().parse::<i64>().map_err(|_| {
+                err(at, format!("`{head}`: an index is an integer (negative counts from the end)"))
+            })?;
+            (&head[..p], Some(idx))
+        }
+        _ => (head, None),
+    };
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !valid {
+        return Err(err(at, format!("`${{{inner}}}` is not a variable reference"))
+            .with_hint("write `${name}`, `${name[0]}`, `${env:NAME:-default}`, or `$$` for a literal `$`"));
+    }
+    Ok(Seg::Ref {
+        kind: RefKind::Var {
+            name: name.to_string(),
+            index,
+        },
+        filter,
+        at,
+    })
+}
+
+/// Quote a word for `sh` when it needs it.
+pub fn shell_quote(s: &str) -> String {
+    let safe = !s.is_empty()
+        && s.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/' | ',' | ':' | '=' | '+' | '@' | '%')
+        });
+    if safe {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+// ---------------------------------------------------------------- evaluation
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Each list reference multiplies the result (inputs, outputs, argv, variables).
+    List,
+    /// Lists join with spaces; `quote` shell-quotes every substituted value (commands).
+    Scalar { quote: bool },
+}
+
+struct Globals<'a> {
+    src: &'a Source,
+    defs: HashMap<&'a str, &'a RawValue>,
+    names: Vec<&'a str>,
+    memo: HashMap<String, Val>,
+}
+
+/// Per-instance variables: matrix values, lets, and for actions the inputs/outputs.
+struct Scope<'s> {
+    matrix: &'s [(String, String)],
+    lets: &'s HashMap<&'s str, &'s RawValue>,
+    let_memo: HashMap<String, Val>,
+    io: Option<(&'s [String], &'s [String])>,
+}
+
+struct Eval<'a, 'g, 's> {
+    g: &'g mut Globals<'a>,
+    scope: Option<Scope<'s>>,
+    stack: Vec<String>,
+}
+
+impl Eval<'_, '_, '_> {
+    fn lookup(&mut self, name: &str, tpl: &Template, at: usize) -> Result<Val, Diagnostic> {
+        let src = self.g.src;
+        let here = |msg: String| {
+            let off = offset_in(src, &tpl.str, at);
+            src.error(off..off + 2 + name.len() + 1, msg)
+        };
+        if self.stack.iter().any(|s| s == name) {
+            let mut cycle: Vec<&str> = self
+                .stack
+                .iter()
+                .skip_while(|s| *s != name)
+                .map(String::as_str)
+                .collect();
+            cycle.push(name);
+            return Err(here(format!("variable cycle: {}", cycle.join(" -> "))));
+        }
+        if let Some(scope) = &self.scope {
+            if let Some((ins, outs)) = scope.io {
+                if name == "inputs" {
+                    return Ok(Val::List(ins.to_vec()));
+                }
+                if name == "outputs" {
+                    return Ok(Val::List(outs.to_vec()));
+                }
+            }
+            if let Some((_, v)) = scope.matrix.iter().find(|(k, _)| k == name) {
+                return Ok(Val::Scalar(v.clone()));
+            }
+            if let Some(v) = scope.let_memo.get(name) {
+                return Ok(v.clone());
+            }
+            if let Some(raw) = scope.lets.get(name).copied() {
+                self.stack.push(name.to_string());
+                let v = self.value(raw)?;
+                self.stack.pop();
+                if let Some(scope) = &mut self.scope {
+                    scope.let_memo.insert(name.to_string(), v.clone());
+                }
+                return Ok(v);
+            }
+        }
+        if let Some(v) = self.g.memo.get(name) {
+            return Ok(v.clone());
+        }
+        if let Some(raw) = self.g.defs.get(name).copied() {
+            // Globals never see instance scope.
+            let saved = self.scope.take();
+            self.stack.push(name.to_string());
+            let v = self.value(raw);
+            self.stack.pop();
+            self.scope = saved;
+            let v = v?;
+            self.g.memo.insert(name.to_string(), v.clone());
+            return Ok(v);
+        }
+        let mut known: Vec<&str> = self.g.names.clone();
+        if let Some(scope) = &self.scope {
+            known.extend(scope.matrix.iter().map(|(k, _)| k.as_str()));
+            known.extend(scope.lets.keys().copied());
+            if scope.io.is_some() {
+                known.extend(["inputs", "outputs"]);
+            }
+        }
+        let d = here(format!("unknown variable `{name}`"));
+        Err(match closest(name, known.iter().copied()) {
+            Some(c) => d.with_hint(format!("did you mean `{c}`?")),
+            None if name == "inputs" || name == "outputs" => {
+                d.with_hint("`${inputs}` and `${outputs}` exist only in command, argv, content, env and description")
+            }
+            None => d.with_hint("define it under [vars], in the rule's `matrix` or its `let`"),
+        })
+    }
+
+    /// Evaluate one `${...}` to a list of pieces (List mode) or one string (Scalar mode).
+    fn eval_ref(&mut self, seg: &Seg, tpl: &Template, mode: Mode) -> Result<Vec<String>, Diagnostic> {
+        let Seg::Ref { kind, filter, at } = seg else {
+            return Ok(Vec::new());
+        };
+        let src = self.g.src;
+        let val = match kind {
+            RefKind::Env { name, default } => match std::env::var(name) {
+                Ok(v) => Val::Scalar(v),
+                Err(_) => match default {
+                    Some(d) => Val::Scalar(self.render(d, Mode::Scalar { quote: false })?),
+                    None => {
+                        let off = offset_in(src, &tpl.str, *at);
+                        return Err(src
+                            .error(off..off + 6 + name.len(), format!("environment variable `{name}` is not set"))
+                            .with_hint(format!("set it, or give a default: `${{env:{name}:-VALUE}}`")));
+                    }
+                },
+            },
+            RefKind::Var { name, index } => {
+                let v = self.lookup(name, tpl, *at)?;
+                match index {
+                    None => v,
+                    Some(i) => {
+                        let items = v.items();
+                        let pos = if *i < 0 { items.len() as i64 + *i } else { *i };
+                        match usize::try_from(pos).ok().and_then(|p| items.get(p)) {
+                            Some(x) => Val::Scalar(x.clone()),
+                            None => {
+                                let off = offset_in(src, &tpl.str, *at);
+                                return Err(src.error(
+                                    off..off + 2,
+                                    format!("`{name}[{i}]` is out of range: `{name}` has {} item(s)", items.len()),
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let quote = matches!(mode, Mode::Scalar { quote: true }) && !matches!(filter, Filter::Raw);
+        let q = |s: &str| if quote { shell_quote(s) } else { s.to_string() };
+        Ok(match (filter, val) {
+            (Filter::Join(sep), v) => vec![q(&v.items().join(sep))],
+            (Filter::Json, v) => {
+                let j = match v {
+                    Val::Scalar(s) => serde_json::Value::String(s),
+                    Val::List(l) => serde_json::Value::Array(l.into_iter().map(serde_json::Value::String).collect()),
+                };
+                vec![q(&j.to_string())]
+            }
+            (_, Val::Scalar(s)) => vec![q(&s)],
+            (_, Val::List(l)) => match mode {
+                Mode::List => l,
+                Mode::Scalar { .. } => vec![l.iter().map(|s| q(s)).collect::<Vec<_>>().join(" ")],
+            },
+        })
+    }
+
+    /// Render a template in the given mode: List mode may give many strings.
+    fn expand(&mut self, tpl: &Template, mode: Mode) -> Result<Vec<String>, Diagnostic> {
+        let mut acc = vec![String::new()];
+        for seg in &tpl.segs {
+            match seg {
+                Seg::Lit(l) => acc.iter_mut().for_each(|a| a.push_str(l)),
+                r => {
+                    let parts = self.eval_ref(r, tpl, mode)?;
+                    if parts.len() == 1 {
+                        acc.iter_mut().for_each(|a| a.push_str(&parts[0]));
+                    } else {
+                        if acc.len().saturating_mul(parts.len()) > MAX_LIST {
+                            let off = offset_in(self.g.src, &tpl.str, 0);
+                            return Err(self.g.src.error(off..off + 1, "this string expands to too many items"));
+                        }
+                        acc = acc
+                            .iter()
+                            .flat_map(|a| parts.iter().map(move |p| format!("{a}{p}")))
+                            .collect();
+                    }
+                }
+            }
+        }
+        Ok(acc)
+    }
+
+    fn render(&mut self, tpl: &Template, mode: Mode) -> Result<String, Diagnostic> {
+        Ok(self.expand(tpl, mode)?.pop().unwrap_or_default())
+    }
+
+    fn value(&mut self, raw: &RawValue) -> Result<Val, Diagnostic> {
+        match raw {
+            RawValue::Scalar(s) => {
+                let tpl = parse_template(self.g.src, s)?;
+                // A string that is exactly one reference takes that variable's value, list or not.
+                if let [Seg::Ref { kind: RefKind::Var { name, index: None }, filter: Filter::None, at }] =
+                    tpl.segs.as_slice()
+                {
+                    return self.lookup(name, &tpl, *at);
+                }
+                let mut items = self.expand(&tpl, Mode::List)?;
+                Ok(if items.len() == 1 {
+                    Val::Scalar(items.pop().unwrap_or_default())
+                } else {
+                    Val::List(items)
+                })
+            }
+            RawValue::List(items, _) => {
+                let mut out = Vec::new();
+                for i in items {
+                    out.extend(self.value(i)?.items());
+                    if out.len() > MAX_LIST {
+                        return Err(self.g.src.error(raw.span(), "list too long"));
+                    }
+                }
+                Ok(Val::List(out))
+            }
+            RawValue::Range(from, to, span) => {
+                let bound = |e: &mut Self, v: &RawValue| -> Result<i64, Diagnostic> {
+                    match e.value(v)? {
+                        Val::Scalar(s) => s.trim().parse::<i64>().map_err(|_| {
+                            e.g.src.error(v.span(), format!("range bound `{s}` is not an integer"))
+                        }),
+                        Val::List(_) => Err(e.g.src.error(v.span(), "a range bound must be one integer, not a list")),
+                    }
+                };
+                let a = bound(self, from)?;
+                let b = bound(self, to)?;
+                if b >= a && (b - a) as u64 >= MAX_LIST as u64 {
+                    return Err(self.g.src.error(span.clone(), format!("range {a}..{b} is too long")));
+                }
+                Ok(Val::List(if b < a { Vec::new() } else { (a..=b).map(|n| n.to_string()).collect() }))
+            }
+        }
+    }
+
+}
+
+// ---------------------------------------------------------------- paths
+
+/// Lexically normalise a path: drop `.` and empty parts, fold `a/..`. Keeps a leading `/`
+/// and leading `..` parts (which callers reject for outputs).
+pub fn normalize(p: &str) -> String {
+    let abs = p.starts_with('/');
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                if parts.last().is_some_and(|l| *l != "..") {
+                    parts.pop();
+                } else if !abs {
+                    parts.push("..");
+                }
+            }
+            c => parts.push(c),
+        }
+    }
+    let body = parts.join("/");
+    if abs {
+        format!("/{body}")
+    } else if body.is_empty() {
+        ".".to_string()
+    } else {
+        body
+    }
+}
+
+// ---------------------------------------------------------------- expansion
+
+/// Expand every rule of the Qairtfile into jobs.
+pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
+    let src = &q.source;
+    let mut defs = HashMap::new();
+    for (k, v) in &q.vars {
+        if defs.insert(k.text.as_str(), v).is_some() {
+            return Err(src.error(k.span.clone(), format!("variable `{}` is defined twice", k.text)));
+        }
+    }
+    let mut g = Globals {
+        src,
+        names: q.vars.iter().map(|(k, _)| k.text.as_str()).collect(),
+        defs,
+        memo: HashMap::new(),
+    };
+    let mut pools: Vec<Pool> = Vec::new();
+    for p in &q.pools {
+        pools.push(Pool {
+            name: p.name.text.clone(),
+            depth: p.depth,
+        });
+    }
+    let mut rules = Vec::new();
+    let mut jobs = Vec::new();
+    let mut seen_rules: HashMap<&str, ()> = HashMap::new();
+    for (ri, rule) in q.rules.iter().enumerate() {
+        if seen_rules.insert(rule.name.text.as_str(), ()).is_some() {
+            return Err(src.error(rule.name.span.clone(), format!("rule `{}` is defined twice", rule.name.text)));
+        }
+        rules.push(RuleInfo {
+            name: rule.name.text.clone(),
+            name_span: rule.name.span.clone(),
+            outputs: rule.outputs.clone(),
+        });
+        expand_rule(&mut g, ri as u32, rule, &pools, &mut jobs)?;
+    }
+    Ok(Model {
+        source: src.clone(),
+        rules,
+        jobs,
+        pools,
+        default: q.default.clone(),
+        aliases: q.aliases.iter().map(|a| (a.name.clone(), a.targets.clone())).collect(),
+    })
+}
+
+fn matches(
+    e: &mut Eval<'_, '_, '_>,
+    cond: &Condition,
+    assignment: &[(String, String)],
+    what: &str,
+) -> Result<bool, Diagnostic> {
+    for (k, v) in cond {
+        let Some((_, cur)) = assignment.iter().find(|(n, _)| *n == k.text) else {
+            return Err(e.g.src.error(k.span.clone(), format!("`{}` in {what} is not a matrix variable of this rule", k.text)));
+        };
+        if !e.value(v)?.items().iter().any(|x| x == cur) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn expand_rule<'a>(
+    g: &mut Globals<'a>,
+    ri: u32,
+    rule: &'a RuleDef,
+    pools: &[Pool],
+    jobs: &mut Vec<JobSpec>,
+) -> Result<(), Diagnostic> {
+    let src = g.src;
+    // Matrix axes.
+    let mut axes: Vec<(String, Vec<String>)> = Vec::new();
+    {
+        let mut e = Eval { g, scope: None, stack: Vec::new() };
+        for (k, v) in &rule.matrix {
+            if axes.iter().any(|(n, _)| *n == k.text) {
+                return Err(src.error(k.span.clone(), format!("matrix variable `{}` appears twice", k.text)));
+            }
+            axes.push((k.text.clone(), e.value(v)?.items()));
+        }
+    }
+    let total = axes.iter().try_fold(1usize, |acc, (_, v)| acc.checked_mul(v.len()));
+    if total.is_none_or(|t| t.saturating_add(jobs.len()) > MAX_JOBS) {
+        return Err(src
+            .error(rule.name.span.clone(), format!("rule `{}` expands to more than {MAX_JOBS} jobs", rule.name.text)));
+    }
+    let pool = match &rule.pool {
+        None => None,
+        Some(p) => match pools.iter().position(|x| x.name == p.text) {
+            Some(i) => Some(i as u32),
+            None => {
+                let d = src.error(p.span.clone(), format!("unknown pool `{}`", p.text));
+                return Err(match closest(&p.text, pools.iter().map(|x| x.name.as_str())) {
+                    Some(c) => d.with_hint(format!("did you mean `{c}`?")),
+                    None => d.with_hint(format!("declare it: [pool] {} = 1", p.text)),
+                });
+            }
+        },
+    };
+    // Templates parsed once per rule.
+    let inputs_t: Vec<Template> = rule.inputs.iter().map(|s| parse_template(src, s)).collect::<Result<_, _>>()?;
+    let outputs_t: Vec<Template> = rule.outputs.iter().map(|s| parse_template(src, s)).collect::<Result<_, _>>()?;
+    let action_t: Vec<Template> = match &rule.action {
+        RawAction::Shell(s) | RawAction::Content(s) => vec![parse_template(src, s)?],
+        RawAction::Argv(a) => a.iter().map(|s| parse_template(src, s)).collect::<Result<_, _>>()?,
+    };
+    let env_t: Vec<(String, Template)> = rule
+        .env
+        .iter()
+        .map(|(k, v)| Ok((k.text.clone(), parse_template(src, v)?)))
+        .collect::<Result<_, Diagnostic>>()?;
+    let desc_t = rule.description.as_ref().map(|d| parse_template(src, d)).transpose()?;
+    let base_lets: HashMap<&str, &RawValue> = rule.lets.iter().map(|(k, v)| (k.text.as_str(), v)).collect();
+
+    let mut idx = vec![0usize; axes.len()];
+    let total = total.unwrap_or(0);
+    for _ in 0..total {
+        let assignment: Vec<(String, String)> = axes.iter().zip(&idx).map(|((n, v), i)| (n.clone(), v[*i].clone())).collect();
+        // Advance the odometer (last axis fastest).
+        for d in (0..idx.len()).rev() {
+            idx[d] += 1;
+            if idx[d] < axes[d].1.len() {
+                break;
+            }
+            idx[d] = 0;
+        }
+        let mut e = Eval { g: &mut *g, scope: None, stack: Vec::new() };
+        let mut excluded = false;
+        for c in &rule.exclude {
+            if matches(&mut e, c, &assignment, "exclude")? {
+                excluded = true;
+                break;
+            }
+        }
+        if excluded {
+            continue;
+        }
+        let mut lets = base_lets.clone();
+        for case in &rule.cases {
+            if matches(&mut e, &case.when, &assignment, "when")? {
+                for (k, v) in &case.lets {
+                    lets.insert(k.text.as_str(), v);
+                }
+                break;
+            }
+        }
+        let job = {
+            let mut e = Eval {
+                g: &mut *g,
+                scope: Some(Scope { matrix: &assignment, lets: &lets, let_memo: HashMap::new(), io: None }),
+                stack: Vec::new(),
+            };
+            let mut inputs = Vec::new();
+            for t in &inputs_t {
+                for p in e.expand(t, Mode::List)? {
+                    if p.is_empty() {
+                        return Err(src.error(t.str.span.clone(), "an input path is empty"));
+                    }
+                    inputs.push(normalize(&p));
+                }
+            }
+            let mut outputs = Vec::new();
+            let mut output_template = Vec::new();
+            for (ti, t) in outputs_t.iter().enumerate() {
+                for p in e.expand(t, Mode::List)? {
+                    let n = normalize(&p);
+                    if p.is_empty() || n == "." {
+                        return Err(src.error(t.str.span.clone(), "an output path is empty"));
+                    }
+                    if n.starts_with('/') || n == ".." || n.starts_with("../") {
+                        return Err(src
+                            .error(t.str.span.clone(), format!("output `{p}` is outside the work folder"))
+                            .with_hint("outputs are relative paths inside the folder that holds the Qairtfile"));
+                    }
+                    if n == ".qbuild" || n.starts_with(".qbuild/") {
+                        return Err(src.error(t.str.span.clone(), format!("output `{p}` is inside qbuild's own state folder")));
+                    }
+                    outputs.push(n);
+                    output_template.push(ti as u16);
+                }
+            }
+            if outputs.is_empty() {
+                return Err(src.error(rule.outputs_span.clone(), "this instance has no outputs (an empty list?)"));
+            }
+            let let_memo = e.scope.take().map(|sc| sc.let_memo).unwrap_or_default();
+            let mut e = Eval {
+                g: &mut *g,
+                scope: Some(Scope { matrix: &assignment, lets: &lets, let_memo, io: Some((&inputs, &outputs)) }),
+                stack: Vec::new(),
+            };
+            let action = match &rule.action {
+                RawAction::Shell(_) => Action::Shell(e.render(&action_t[0], Mode::Scalar { quote: true })?),
+                RawAction::Content(_) => Action::Write(e.render(&action_t[0], Mode::Scalar { quote: false })?),
+                RawAction::Argv(_) => {
+                    let mut argv = Vec::new();
+                    for t in &action_t {
+                        argv.extend(e.expand(t, Mode::List)?);
+                    }
+                    Action::Argv(argv)
+                }
+            };
+            let mut env = Vec::new();
+            for (k, t) in &env_t {
+                env.push((k.clone(), e.render(t, Mode::Scalar { quote: false })?));
+            }
+            let label = match &desc_t {
+                Some(t) => e.render(t, Mode::Scalar { quote: false })?,
+                None => {
+                    let mut l = rule.name.text.clone();
+                    for (k, v) in &assignment {
+                        l.push(' ');
+                        l.push_str(k);
+                        l.push('=');
+                        l.push_str(v);
+                    }
+                    l
+                }
+            };
+            JobSpec { rule: ri, label, inputs, outputs, output_template, action, env, pool }
+        };
+        jobs.push(job);
+    }
+    Ok(())
+}

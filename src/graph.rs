@@ -1,0 +1,255 @@
+//! The build graph: files and jobs in dense vectors with typed ids, job-to-job edges in petgraph; per-run state lives elsewhere.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use petgraph::algo::tarjan_scc;
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use crate::diag::{closest, Diagnostic};
+use crate::expand::{JobSpec, Model};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileId(pub u32);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(pub u32);
+
+impl FileId {
+    pub fn idx(self) -> usize {
+        self.0 as usize
+    }
+}
+impl JobId {
+    pub fn idx(self) -> usize {
+        self.0 as usize
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct File {
+    /// Normalised path, relative to the work folder (or absolute for outside sources).
+    pub path: String,
+    /// The job that writes it; `None` for a source.
+    pub producer: Option<JobId>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub spec: JobSpec,
+    pub ins: Vec<FileId>,
+    pub outs: Vec<FileId>,
+    /// Jobs producing this job's inputs, deduplicated.
+    pub deps: Vec<JobId>,
+}
+
+/// Files, jobs and their edges, checked: no path has two producers and there is no cycle.
+#[derive(Debug)]
+pub struct Graph {
+    pub model: Model,
+    pub files: Vec<File>,
+    pub jobs: Vec<Job>,
+    pub by_path: HashMap<String, FileId>,
+    /// Job → jobs that consume its outputs.
+    pub dependents: Vec<Vec<JobId>>,
+    /// Jobs in an order where every job comes after the jobs it depends on.
+    pub topo: Vec<JobId>,
+}
+
+impl Graph {
+    pub fn build(mut model: Model) -> Result<Graph, Diagnostic> {
+        let specs = std::mem::take(&mut model.jobs);
+        let mut files: Vec<File> = Vec::new();
+        let mut by_path: HashMap<String, FileId> = HashMap::with_capacity(specs.len() * 3);
+        let mut intern = |p: &str, files: &mut Vec<File>| -> FileId {
+            if let Some(id) = by_path.get(p) {
+                return *id;
+            }
+            let id = FileId(files.len() as u32);
+            files.push(File {
+                path: p.to_string(),
+                producer: None,
+            });
+            by_path.insert(p.to_string(), id);
+            id
+        };
+        let mut jobs = Vec::with_capacity(specs.len());
+        for (ji, spec) in specs.into_iter().enumerate() {
+            let jid = JobId(ji as u32);
+            let mut outs = Vec::with_capacity(spec.outputs.len());
+            for (oi, o) in spec.outputs.iter().enumerate() {
+                let f = intern(o, &mut files);
+                if let Some(prev) = files[f.idx()].producer {
+                    let prev_job: &Job = &jobs[prev.idx()];
+                    let here = output_span(&model, &spec, oi);
+                    let there = output_span(&model, &prev_job.spec, prev_job.outs.iter().position(|x| *x == f).unwrap_or(0));
+                    let loc = model.source.locate(there);
+                    let same = prev.idx() == ji;
+                    let d = model.source.error(here, format!("two {} write `{o}`", if same { "outputs of one job" } else { "rules" }));
+                    return Err(d.with_hint(format!(
+                        "`{}` already writes it (at {}:{}:{}); every path has one producer",
+                        prev_job.spec.label,
+                        loc.file.display(),
+                        loc.line,
+                        loc.column
+                    )));
+                }
+                files[f.idx()].producer = Some(jid);
+                outs.push(f);
+            }
+            let ins: Vec<FileId> = spec.inputs.iter().map(|i| intern(i, &mut files)).collect();
+            jobs.push(Job {
+                spec,
+                ins,
+                outs,
+                deps: Vec::new(),
+            });
+        }
+        let mut g: DiGraph<(), ()> = DiGraph::with_capacity(jobs.len(), jobs.len() * 2);
+        for _ in 0..jobs.len() {
+            g.add_node(());
+        }
+        let mut dependents = vec![Vec::new(); jobs.len()];
+        for ji in 0..jobs.len() {
+            let mut deps: Vec<JobId> = jobs[ji].ins.iter().filter_map(|f| files[f.idx()].producer).collect();
+            deps.sort_unstable();
+            deps.dedup();
+            for d in &deps {
+                g.add_edge(NodeIndex::new(d.idx()), NodeIndex::new(ji), ());
+                dependents[d.idx()].push(JobId(ji as u32));
+            }
+            jobs[ji].deps = deps;
+        }
+        // tarjan_scc returns components in reverse topological order.
+        let sccs = tarjan_scc(&g);
+        let mut topo = Vec::with_capacity(jobs.len());
+        for scc in sccs.iter().rev() {
+            let is_cycle = scc.len() > 1 || jobs[scc[0].index()].deps.contains(&JobId(scc[0].index() as u32));
+            if is_cycle {
+                return Err(cycle_error(&model, &jobs, &files, scc));
+            }
+            topo.push(JobId(scc[0].index() as u32));
+        }
+        Ok(Graph {
+            model,
+            files,
+            jobs,
+            by_path,
+            dependents,
+            topo,
+        })
+    }
+
+    /// Resolve command-line targets to jobs. A target is `all`, an alias, a rule name, or a path
+    /// (relative to the work folder, or to `cwd`). A source path that exists needs no job.
+    pub fn resolve_targets(&self, targets: &[String], cwd: &Path, workdir: &Path) -> Result<Vec<JobId>, Diagnostic> {
+        let mut out = Vec::new();
+        let mut stack: Vec<(String, usize)> = targets.iter().rev().map(|t| (t.clone(), 0)).collect();
+        while let Some((t, depth)) = stack.pop() {
+            if depth > 32 {
+                return Err(Diagnostic::plain(format!("alias `{t}` nests too deeply (a cycle of aliases?)")));
+            }
+            if t == "all" {
+                out.extend((0..self.jobs.len()).map(|i| JobId(i as u32)));
+                continue;
+            }
+            if let Some((_, ts)) = self.model.aliases.iter().find(|(a, _)| a.text == t) {
+                stack.extend(ts.iter().rev().map(|x| (x.text.clone(), depth + 1)));
+                continue;
+            }
+            if let Some(ri) = self.model.rules.iter().position(|r| r.name == t) {
+                out.extend(self.jobs.iter().enumerate().filter(|(_, j)| j.spec.rule as usize == ri).map(|(i, _)| JobId(i as u32)));
+                continue;
+            }
+            if let Some(f) = self.lookup_path(&t, cwd, workdir) {
+                match self.files[f.idx()].producer {
+                    Some(j) => out.push(j),
+                    None => {
+                        if !workdir.join(&self.files[f.idx()].path).exists() {
+                            return Err(Diagnostic::plain(format!("`{t}` is a source that does not exist, and no rule writes it")));
+                        }
+                    }
+                }
+                continue;
+            }
+            let mut names: Vec<&str> = vec!["all"];
+            names.extend(self.model.rules.iter().map(|r| r.name.as_str()));
+            names.extend(self.model.aliases.iter().map(|(a, _)| a.text.as_str()));
+            let d = Diagnostic::plain(format!("unknown target `{t}`: not a rule, an alias, or a path any rule writes"));
+            return Err(match closest(&t, names.iter().copied()) {
+                Some(c) => d.with_hint(format!("did you mean `{c}`?")),
+                None => d.with_hint("`qbuild --list` shows the rules and their outputs"),
+            });
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Find a file by a path relative to the work folder, or relative to `cwd`.
+    pub fn lookup_path(&self, t: &str, cwd: &Path, workdir: &Path) -> Option<FileId> {
+        let n = crate::expand::normalize(t);
+        if let Some(f) = self.by_path.get(&n) {
+            return Some(*f);
+        }
+        let abs = crate::expand::normalize(&cwd.join(t).to_string_lossy());
+        let wd = crate::expand::normalize(&workdir.to_string_lossy());
+        let rel = abs.strip_prefix(&wd).and_then(|r| r.strip_prefix('/'))?;
+        self.by_path.get(rel).copied()
+    }
+
+    /// Every job the given targets need, in dependency order.
+    pub fn closure(&self, targets: &[JobId]) -> Vec<bool> {
+        let mut want = vec![false; self.jobs.len()];
+        let mut stack: Vec<JobId> = targets.to_vec();
+        while let Some(j) = stack.pop() {
+            if want[j.idx()] {
+                continue;
+            }
+            want[j.idx()] = true;
+            stack.extend(self.jobs[j.idx()].deps.iter().copied());
+        }
+        want
+    }
+}
+
+fn output_span(model: &Model, spec: &JobSpec, oi: usize) -> std::ops::Range<usize> {
+    let rule = &model.rules[spec.rule as usize];
+    let t = spec.output_template.get(oi).copied().unwrap_or(0) as usize;
+    rule.outputs.get(t).map_or(rule.name_span.clone(), |s| s.span.clone())
+}
+
+fn cycle_error(model: &Model, jobs: &[Job], files: &[File], scc: &[NodeIndex]) -> Diagnostic {
+    // Walk the component from its first job until we return to it.
+    let members: std::collections::HashSet<usize> = scc.iter().map(|n| n.index()).collect();
+    let start = scc.iter().map(|n| n.index()).min().unwrap_or(0);
+    let mut path = vec![start];
+    let mut cur = start;
+    for _ in 0..=members.len() {
+        // Pick a dependent of `cur` inside the component (follow data flow).
+        let next = jobs[cur]
+            .outs
+            .iter()
+            .flat_map(|f| {
+                let f = *f;
+                jobs.iter().enumerate().filter(move |(_, j)| j.ins.contains(&f)).map(|(i, _)| i)
+            })
+            .find(|i| members.contains(i) && (!path.contains(i) || *i == start));
+        match next {
+            Some(n) => {
+                path.push(n);
+                if n == start {
+                    break;
+                }
+                cur = n;
+            }
+            None => break,
+        }
+    }
+    let names: Vec<String> = path.iter().map(|j| jobs[*j].spec.label.clone()).collect();
+    let rule = &model.rules[jobs[start].spec.rule as usize];
+    let example = jobs[start].outs.first().map(|f| files[f.idx()].path.clone()).unwrap_or_default();
+    model
+        .source
+        .error(rule.name_span.clone(), format!("dependency cycle: {}", names.join(" -> ")))
+        .with_hint(format!("`{}` (which writes `{example}`) ends up depending on its own output", jobs[start].spec.label))
+}

@@ -1,0 +1,181 @@
+//! Content hashing of artifacts (files, directories as trees, symlinks) with blake3, and the stat key that lets an unchanged file skip re-reading.
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+pub type Hash = [u8; 32];
+
+/// Files at least this big are hashed through mmap with rayon; smaller ones with one read.
+pub const MMAP_THRESHOLD: u64 = 1 << 20;
+
+/// Identity of a file's bytes as the kernel reports it; if none of these changed, the
+/// content did not either (unless the change was racy, see [`StatEntry::trusted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StatKey {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    /// 0 file, 1 directory, 2 symlink.
+    pub kind: u8,
+}
+
+impl StatKey {
+    pub fn from_meta(m: &fs::Metadata, kind: u8) -> StatKey {
+        StatKey {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
+            ctime_ns: m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec()),
+            kind,
+        }
+    }
+}
+
+/// One stat-cache record: the stat seen and the hash computed then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatEntry {
+    pub stat: StatKey,
+    pub hash: Hash,
+    /// Coarse wall clock (ns) read *before* the file was read for hashing.
+    pub hashed_at_ns: i64,
+}
+
+impl StatEntry {
+    /// The cached hash stands for `now` iff the stat is unchanged and the file's last change
+    /// happened strictly before hashing started. A change in the same clock tick as the
+    /// hashing could leave the stat unchanged (the "racy git" problem), so such entries are
+    /// re-hashed.
+    pub fn trusted(&self, now: &StatKey) -> bool {
+        self.stat == *now && self.stat.ctime_ns < self.hashed_at_ns
+    }
+}
+
+/// The kernel's coarse clock, the one file timestamps are taken from.
+pub fn coarse_now_ns() -> i64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as i64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as i64)
+}
+
+/// Counts bytes actually read for hashing (reported as `hashed_bytes`).
+#[derive(Debug, Default)]
+pub struct HashStats {
+    pub bytes: AtomicU64,
+    pub files: AtomicU64,
+}
+
+impl HashStats {
+    pub fn add(&self, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.files.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Hash a regular file's bytes.
+pub fn hash_file(path: &Path, size: u64, stats: &HashStats) -> io::Result<Hash> {
+    let mut h = blake3::Hasher::new();
+    h.update(b"qbuild-file\0");
+    if size >= MMAP_THRESHOLD {
+        h.update_mmap_rayon(path)?;
+    } else {
+        let mut f = fs::File::open(path)?;
+        let mut buf = Vec::with_capacity(size as usize + 1);
+        f.read_to_end(&mut buf)?;
+        h.update(&buf);
+    }
+    stats.add(size);
+    Ok(*h.finalize().as_bytes())
+}
+
+/// Hash a symlink as its link text plus the hash of what it points to.
+pub fn hash_link(text: &Path, target_hash: Option<&Hash>) -> Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(b"qbuild-link\0");
+    h.update(text.as_os_str().as_encoded_bytes());
+    h.update(b"\0");
+    match target_hash {
+        Some(t) => h.update(t),
+        None => h.update(b"dangling"),
+    };
+    *h.finalize().as_bytes()
+}
+
+/// Builds the hash of a directory from its sorted entries.
+pub struct TreeHasher(blake3::Hasher);
+
+impl TreeHasher {
+    pub fn new() -> TreeHasher {
+        let mut h = blake3::Hasher::new();
+        h.update(b"qbuild-tree\0");
+        TreeHasher(h)
+    }
+    pub fn entry(&mut self, name: &[u8], kind: u8, hash: &Hash) {
+        self.0.update(&(name.len() as u64).to_le_bytes());
+        self.0.update(name);
+        self.0.update(&[kind]);
+        self.0.update(hash);
+    }
+    pub fn finish(self) -> Hash {
+        *self.0.finalize().as_bytes()
+    }
+}
+
+impl Default for TreeHasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn hex(h: &Hash) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_bytes_same_hash_either_path() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let stats = HashStats::default();
+        let small = d.path().join("a");
+        fs::write(&small, b"hello").expect("write");
+        let a = hash_file(&small, 5, &stats).expect("hash");
+        // The mmap path must agree with the read path on the same bytes.
+        let big = d.path().join("b");
+        let data = vec![7u8; (MMAP_THRESHOLD + 3) as usize];
+        fs::write(&big, &data).expect("write");
+        let b1 = hash_file(&big, data.len() as u64, &stats).expect("hash");
+        let mut h = blake3::Hasher::new();
+        h.update(b"qbuild-file\0");
+        h.update(&data);
+        assert_eq!(b1, *h.finalize().as_bytes());
+        assert_ne!(a, b1);
+        assert_eq!(stats.bytes(), 5 + data.len() as u64);
+    }
+
+    #[test]
+    fn racy_entries_are_not_trusted() {
+        let st = StatKey { ctime_ns: 100, ..Default::default() };
+        let e = StatEntry { stat: st, hash: [0; 32], hashed_at_ns: 100 };
+        assert!(!e.trusted(&st));
+        let e = StatEntry { hashed_at_ns: 101, ..e };
+        assert!(e.trusted(&st));
+        assert!(!e.trusted(&StatKey { size: 1, ..st }));
+    }
+}

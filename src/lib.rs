@@ -1,0 +1,201 @@
+//! qbuild: an incremental build system for the QAIRT LLM compile pipeline; `run` is the whole program behind a thin `main`.
+
+pub mod artifact;
+pub mod cli;
+pub mod db;
+pub mod diag;
+pub mod exec;
+pub mod expand;
+pub mod graph;
+pub mod hash;
+pub mod lock;
+pub mod progress;
+pub mod qairtfile;
+pub mod stale;
+pub mod work;
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use clap::Parser;
+
+use crate::diag::Diagnostic;
+use crate::graph::Graph;
+
+/// Exit codes.
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILED: i32 = 1;
+pub const EXIT_BAD_INPUT: i32 = 2;
+
+/// Parse a Qairtfile into a checked graph.
+pub fn load_graph(path: &Path) -> Result<Graph, Diagnostic> {
+    let q = qairtfile::load(path)?;
+    let model = expand::expand(&q)?;
+    Graph::build(model)
+}
+
+/// The whole program; returns the exit code.
+pub fn run() -> i32 {
+    let args = cli::Args::parse();
+    match run_args(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{e}");
+            EXIT_BAD_INPUT
+        }
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    };
+    PathBuf::from(expand::normalize(&joined.to_string_lossy()))
+}
+
+fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
+    let cwd = std::env::current_dir().map_err(|e| Diagnostic::plain(format!("cannot read the current folder: {e}")))?;
+    if let Some(d) = &args.dir {
+        std::env::set_current_dir(d).map_err(|e| Diagnostic::plain(format!("-C {}: {e}", d.display())))?;
+    }
+    let file = absolute(&args.file);
+    let graph = load_graph(&file)?;
+    let workdir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    // Paths on the command line are relative to the folder qbuild was started in.
+    let targets: Vec<String> = if !args.targets.is_empty() {
+        args.targets.clone()
+    } else if !graph.model.default.is_empty() {
+        graph.model.default.iter().map(|s| s.text.clone()).collect()
+    } else {
+        vec!["all".to_string()]
+    };
+    let jobs = graph.resolve_targets(&targets, &cwd, &workdir)?;
+    if args.check {
+        eprintln!(
+            "qbuild: {} is valid: {} rules, {} jobs, {} files",
+            file.display(),
+            graph.model.rules.len(),
+            graph.jobs.len(),
+            graph.files.len()
+        );
+        return Ok(EXIT_OK);
+    }
+    if args.list {
+        print_list(&graph);
+        return Ok(EXIT_OK);
+    }
+    if args.graph {
+        print_dot(&graph, &jobs);
+        return Ok(EXIT_OK);
+    }
+
+    let state_dir = workdir.join(".qbuild");
+    std::fs::create_dir_all(&state_dir)
+        .map_err(|e| Diagnostic::plain(format!("cannot create {}: {e}", state_dir.display())))?;
+    let _lock = lock::acquire(&state_dir, !args.no_wait).map_err(Diagnostic::plain)?;
+    let mut warn = |m: String| eprintln!("qbuild: warning: {m}");
+    let db = db::Db::open(&state_dir, &mut warn).map_err(|e| Diagnostic::plain(e.to_string()))?;
+    install_signal_handlers();
+
+    let opts = work::Options {
+        jobs: args
+            .jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        keep_going: args.keep_going,
+        dry_run: args.dry_run,
+        explain: args.explain,
+        verbose: args.verbose,
+        toolchain: Vec::new(),
+    };
+    let json = args.json;
+    let mut progress = progress::for_terminal(json && !std::io::stderr().is_terminal());
+    let stdout = std::io::stdout();
+    let mut emit = |v: serde_json::Value| {
+        if json {
+            let mut out = stdout.lock();
+            let _ = writeln!(out, "{v}");
+            let _ = out.flush();
+        }
+    };
+    let summary = work::build(&graph, &workdir, &db, &jobs, &opts, progress.as_mut(), &mut emit)
+        .map_err(|e| Diagnostic::plain(e.to_string()))?;
+    progress.done();
+    let status = if summary.ok() { "ok" } else { "failed" };
+    emit(serde_json::json!({
+        "event": "build_finished",
+        "status": status,
+        "ran": summary.ran,
+        "up_to_date": summary.up_to_date,
+        "failed": summary.failed,
+        "skipped": summary.skipped,
+        "would_run": summary.would_run,
+        "hashed_bytes": summary.hashed_bytes,
+    }));
+    let verb = if opts.dry_run { "would run" } else { "ran" };
+    let count = if opts.dry_run { summary.would_run } else { summary.ran };
+    let mut line = format!("qbuild: {verb} {count}, {} up to date", summary.up_to_date);
+    if summary.failed > 0 {
+        line.push_str(&format!(", {} failed", summary.failed));
+    }
+    if summary.skipped > 0 {
+        line.push_str(&format!(", {} not run (a dependency failed)", summary.skipped));
+    }
+    if count == 0 && summary.failed == 0 && !opts.dry_run {
+        line = format!("qbuild: nothing to do, {} up to date", summary.up_to_date);
+    }
+    eprintln!("{line}");
+    Ok(match summary.interrupted {
+        Some(sig) => 128 + sig,
+        None if summary.ok() => EXIT_OK,
+        None => EXIT_FAILED,
+    })
+}
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    work::INTERRUPT.store(sig, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+fn print_list(g: &Graph) {
+    let mut out = std::io::stdout().lock();
+    for (ri, r) in g.model.rules.iter().enumerate() {
+        let jobs: Vec<&graph::Job> = g.jobs.iter().filter(|j| j.spec.rule as usize == ri).collect();
+        let _ = writeln!(out, "{} ({} job{})", r.name, jobs.len(), if jobs.len() == 1 { "" } else { "s" });
+        for j in jobs {
+            let _ = writeln!(out, "  {}", j.spec.label);
+            for o in &j.spec.outputs {
+                let _ = writeln!(out, "    {o}");
+            }
+        }
+    }
+}
+
+fn print_dot(g: &Graph, targets: &[graph::JobId]) {
+    let want = g.closure(targets);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "digraph qbuild {{\n  rankdir=LR;\n  node [shape=box, fontsize=10];");
+    for (i, j) in g.jobs.iter().enumerate() {
+        if want[i] {
+            let _ = writeln!(out, "  j{i} [label={:?}];", j.spec.label);
+        }
+    }
+    for (i, j) in g.jobs.iter().enumerate() {
+        if want[i] {
+            for d in &j.deps {
+                let _ = writeln!(out, "  j{} -> j{i};", d.0);
+            }
+        }
+    }
+    let _ = writeln!(out, "}}");
+}

@@ -1,0 +1,41 @@
+//! The work-folder lock: one build at a time per folder; the second waits (saying so) or fails with `--no-wait`.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+/// Held for the life of the build; the OS releases it if qbuild dies.
+pub struct Lock {
+    _file: File,
+}
+
+pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, String> {
+    let path = state_dir.join("lock");
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("cannot open the lock {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            let who = if holder.is_empty() { String::new() } else { format!(" (pid {holder})") };
+            if !wait {
+                return Err(format!(
+                    "another qbuild{who} is building in {}; not waiting (--no-wait)",
+                    state_dir.parent().unwrap_or(state_dir).display()
+                ));
+            }
+            eprintln!("qbuild: waiting for another qbuild{who} to finish in this folder...");
+            file.lock().map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(format!("cannot lock {}: {e}", path.display())),
+    }
+    let _ = file.set_len(0);
+    let _ = write!(file, "{}", std::process::id());
+    Ok(Lock { _file: file })
+}

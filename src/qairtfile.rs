@@ -1,0 +1,560 @@
+//! Parsing a Qairtfile (TOML) into a raw, span-carrying model; no interpolation happens here.
+
+use std::ops::Range;
+use std::path::Path;
+
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+use crate::diag::{closest, Diagnostic, Source};
+
+pub type Span = Range<usize>;
+
+/// A string from the Qairtfile with the byte span of its TOML token (quotes included).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Str {
+    pub text: String,
+    pub span: Span,
+}
+
+/// A value as written: scalars become strings, lists stay lists, `{ range = [a, b] }` is a range.
+#[derive(Debug, Clone)]
+pub enum RawValue {
+    Scalar(Str),
+    List(Vec<RawValue>, Span),
+    Range(Box<RawValue>, Box<RawValue>, Span),
+}
+
+impl RawValue {
+    pub fn span(&self) -> Span {
+        match self {
+            RawValue::Scalar(s) => s.span.clone(),
+            RawValue::List(_, sp) | RawValue::Range(_, _, sp) => sp.clone(),
+        }
+    }
+}
+
+/// `when = { split = 1 }` / exclusions: matrix variable → value it must equal.
+pub type Condition = Vec<(Str, RawValue)>;
+
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub when: Condition,
+    pub lets: Vec<(Str, RawValue)>,
+    pub span: Span,
+}
+
+/// What a rule does: run a shell string, run an argv, or have qbuild write a file's content.
+#[derive(Debug, Clone)]
+pub enum RawAction {
+    Shell(Str),
+    Argv(Vec<Str>),
+    Content(Str),
+}
+
+#[derive(Debug, Clone)]
+pub struct RuleDef {
+    pub name: Str,
+    pub matrix: Vec<(Str, RawValue)>,
+    pub exclude: Vec<Condition>,
+    pub lets: Vec<(Str, RawValue)>,
+    pub cases: Vec<Case>,
+    pub inputs: Vec<Str>,
+    pub outputs: Vec<Str>,
+    pub outputs_span: Span,
+    pub action: RawAction,
+    pub pool: Option<Str>,
+    pub env: Vec<(Str, Str)>,
+    pub description: Option<Str>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolDef {
+    pub name: Str,
+    pub depth: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AliasDef {
+    pub name: Str,
+    pub targets: Vec<Str>,
+}
+
+/// The whole file, unexpanded.
+#[derive(Debug, Clone)]
+pub struct Qairtfile {
+    pub source: Source,
+    pub vars: Vec<(Str, RawValue)>,
+    pub rules: Vec<RuleDef>,
+    pub pools: Vec<PoolDef>,
+    pub default: Vec<Str>,
+    pub aliases: Vec<AliasDef>,
+}
+
+const TOP_KEYS: &[&str] = &["vars", "rule", "pool", "default", "alias"];
+const RULE_KEYS: &[&str] = &[
+    "matrix",
+    "exclude",
+    "let",
+    "case",
+    "inputs",
+    "outputs",
+    "command",
+    "argv",
+    "content",
+    "pool",
+    "env",
+    "description",
+];
+/// Names qbuild gives meaning to; a user variable cannot take them.
+pub const RESERVED: &[&str] = &["inputs", "outputs", "env", "all"];
+
+type V<'a> = Spanned<DeValue<'a>>;
+
+struct Parser<'s> {
+    src: &'s Source,
+}
+
+/// Read and parse a Qairtfile from disk.
+pub fn load(path: &Path) -> Result<Qairtfile, Diagnostic> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Diagnostic::plain(format!("cannot read {}: {e}", path.display()))
+            .with_hint("pass the Qairtfile with -f FILE, or run in its folder (-C DIR)")
+    })?;
+    parse(Source::new(path, text))
+}
+
+/// Parse Qairtfile text; every error names file, line and column.
+pub fn parse(source: Source) -> Result<Qairtfile, Diagnostic> {
+    let doc = match DeTable::parse(&source.text) {
+        Ok(d) => d,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            let msg = e.message().trim().to_string();
+            return Err(source.error(span, format!("invalid TOML: {msg}")));
+        }
+    };
+    let p = Parser { src: &source };
+    let mut file = Qairtfile {
+        source: source.clone(),
+        vars: Vec::new(),
+        rules: Vec::new(),
+        pools: Vec::new(),
+        default: Vec::new(),
+        aliases: Vec::new(),
+    };
+    for (key, value) in doc.get_ref().iter() {
+        match key.get_ref().as_ref() {
+            "vars" => {
+                for (k, v) in p.table(value, "[vars]")? {
+                    let name = p.ident(k)?;
+                    if RESERVED.contains(&name.text.as_str()) {
+                        return Err(p.err(&name.span, format!("`{}` is reserved", name.text))
+                            .with_hint("qbuild defines it; pick another variable name"));
+                    }
+                    file.vars.push((name, p.value(v)?));
+                }
+            }
+            "rule" => {
+                for (k, v) in p.table(value, "[rule]")? {
+                    file.rules.push(p.rule(k, v)?);
+                }
+            }
+            "pool" => {
+                for (k, v) in p.table(value, "[pool]")? {
+                    let name = p.ident(k)?;
+                    let depth = match v.get_ref() {
+                        DeValue::Integer(_) => p.int(v)?,
+                        DeValue::Table(_) => {
+                            let mut depth = None;
+                            for (pk, pv) in p.table(v, "a pool")? {
+                                match pk.get_ref().as_ref() {
+                                    "depth" => depth = Some(p.int(pv)?),
+                                    other => return Err(p.unknown_key(pk, other, &["depth"])),
+                                }
+                            }
+                            depth.ok_or_else(|| p.err(&v.span(), "pool has no `depth`"))?
+                        }
+                        _ => return Err(p.err(&v.span(), "a pool is a depth: `quantize = 1`")),
+                    };
+                    if depth == 0 {
+                        return Err(p.err(&v.span(), "pool depth must be at least 1"));
+                    }
+                    file.pools.push(PoolDef {
+                        name,
+                        depth: depth as usize,
+                    });
+                }
+            }
+            "default" => file.default = p.str_list(value, "default")?,
+            "alias" => {
+                for (k, v) in p.table(value, "[alias]")? {
+                    let name = p.string_key(k);
+                    let targets = p.str_list(v, "an alias")?;
+                    file.aliases.push(AliasDef { name, targets });
+                }
+            }
+            other => {
+                let hint = match value.get_ref() {
+                    DeValue::Table(_) => "rules go under [rule.NAME], variables under [vars]",
+                    _ => "variables go under [vars]",
+                };
+                let d = p.unknown_key(key, other, TOP_KEYS);
+                return Err(if d.hint.is_some() { d } else { d.with_hint(hint) });
+            }
+        }
+    }
+    Ok(file)
+}
+
+impl<'s> Parser<'s> {
+    fn err(&self, span: &Span, msg: impl Into<String>) -> Diagnostic {
+        self.src.error(span.clone(), msg)
+    }
+
+    fn unknown_key(&self, key: &Spanned<std::borrow::Cow<'_, str>>, name: &str, known: &[&str]) -> Diagnostic {
+        let d = self.err(&key.span(), format!("unknown key `{name}`"));
+        match closest(name, known.iter().copied()) {
+            Some(c) => d.with_hint(format!("did you mean `{c}`?")),
+            None => d.with_hint(format!("expected one of: {}", known.join(", "))),
+        }
+    }
+
+    fn table<'a, 'i>(
+        &self,
+        v: &'a V<'i>,
+        what: &str,
+    ) -> Result<Vec<(&'a Spanned<std::borrow::Cow<'i, str>>, &'a V<'i>)>, Diagnostic> {
+        match v.get_ref() {
+            DeValue::Table(t) => Ok(t.iter().collect()),
+            other => Err(self.err(
+                &v.span(),
+                format!("{what} must be a table, found {}", other.type_str()),
+            )),
+        }
+    }
+
+    fn string_key(&self, k: &Spanned<std::borrow::Cow<'_, str>>) -> Str {
+        Str {
+            text: k.get_ref().to_string(),
+            span: k.span(),
+        }
+    }
+
+    /// A key used as a name (variable, pool, rule): letters, digits, `_` and `-`.
+    fn ident(&self, k: &Spanned<std::borrow::Cow<'_, str>>) -> Result<Str, Diagnostic> {
+        let s = self.string_key(k);
+        let ok = !s.text.is_empty()
+            && s.text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            && !s.text.starts_with(|c: char| c.is_ascii_digit());
+        if ok {
+            Ok(s)
+        } else {
+            Err(self
+                .err(&s.span, format!("`{}` is not a valid name", s.text))
+                .with_hint("names use letters, digits, `_` and `-`, and do not start with a digit"))
+        }
+    }
+
+    fn int(&self, v: &V<'_>) -> Result<u64, Diagnostic> {
+        match v.get_ref() {
+            DeValue::Integer(i) => u64::from_str_radix(&i.as_str().replace('_', ""), i.radix())
+                .map_err(|_| self.err(&v.span(), "expected a non-negative integer")),
+            _ => Err(self.err(&v.span(), "expected an integer")),
+        }
+    }
+
+    fn string(&self, v: &V<'_>, what: &str) -> Result<Str, Diagnostic> {
+        match v.get_ref() {
+            DeValue::String(s) => Ok(Str {
+                text: s.to_string(),
+                span: v.span(),
+            }),
+            other => Err(self.err(
+                &v.span(),
+                format!("{what} must be a string, found {}", other.type_str()),
+            )),
+        }
+    }
+
+    fn str_list(&self, v: &V<'_>, what: &str) -> Result<Vec<Str>, Diagnostic> {
+        match v.get_ref() {
+            DeValue::String(_) => Ok(vec![self.string(v, what)?]),
+            DeValue::Array(a) => a.iter().map(|e| self.string(e, what)).collect(),
+            other => Err(self.err(
+                &v.span(),
+                format!("{what} must be a list of strings, found {}", other.type_str()),
+            )),
+        }
+    }
+
+    fn value(&self, v: &V<'_>) -> Result<RawValue, Diagnostic> {
+        let scalar = |text: String| {
+            Ok(RawValue::Scalar(Str {
+                text,
+                span: v.span(),
+            }))
+        };
+        match v.get_ref() {
+            DeValue::String(s) => scalar(s.to_string()),
+            DeValue::Integer(i) => match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
+                Ok(n) => scalar(n.to_string()),
+                Err(_) => Err(self.err(&v.span(), "integer out of range")),
+            },
+            DeValue::Float(f) => scalar(f.as_str().to_string()),
+            DeValue::Boolean(b) => scalar(b.to_string()),
+            DeValue::Datetime(d) => scalar(d.to_string()),
+            DeValue::Array(a) => {
+                let mut items = Vec::with_capacity(a.len());
+                for e in a.iter() {
+                    match e.get_ref() {
+                        DeValue::Array(_) | DeValue::Table(_) => {
+                            return Err(self
+                                .err(&e.span(), "lists hold strings or numbers, not lists or tables"))
+                        }
+                        _ => items.push(self.value(e)?),
+                    }
+                }
+                Ok(RawValue::List(items, v.span()))
+            }
+            DeValue::Table(t) => {
+                let mut range = None;
+                for (k, rv) in t.iter() {
+                    match k.get_ref().as_ref() {
+                        "range" => range = Some(rv),
+                        other => return Err(self.unknown_key(k, other, &["range"])),
+                    }
+                }
+                let Some(rv) = range else {
+                    return Err(self
+                        .err(&v.span(), "a table value must be `{ range = [FROM, TO] }`"));
+                };
+                match rv.get_ref() {
+                    DeValue::Array(a) if a.len() == 2 => Ok(RawValue::Range(
+                        Box::new(self.value(&a[0])?),
+                        Box::new(self.value(&a[1])?),
+                        v.span(),
+                    )),
+                    _ => Err(self
+                        .err(&rv.span(), "range takes two bounds: `{ range = [1, 4] }` is 1, 2, 3, 4")),
+                }
+            }
+        }
+    }
+
+    fn kv_list(&self, v: &V<'_>, what: &str) -> Result<Vec<(Str, RawValue)>, Diagnostic> {
+        let mut out = Vec::new();
+        for (k, val) in self.table(v, what)? {
+            let name = self.ident(k)?;
+            if RESERVED.contains(&name.text.as_str()) {
+                return Err(self.err(&name.span, format!("`{}` is reserved", name.text)));
+            }
+            out.push((name, self.value(val)?));
+        }
+        Ok(out)
+    }
+
+    fn conditions(&self, v: &V<'_>, what: &str) -> Result<Vec<Condition>, Diagnostic> {
+        match v.get_ref() {
+            DeValue::Array(a) => a.iter().map(|e| self.kv_list(e, what)).collect(),
+            DeValue::Table(_) => Ok(vec![self.kv_list(v, what)?]),
+            other => Err(self.err(
+                &v.span(),
+                format!("{what} must be a list of tables, found {}", other.type_str()),
+            )),
+        }
+    }
+
+    fn rule(&self, k: &Spanned<std::borrow::Cow<'_, str>>, v: &V<'_>) -> Result<RuleDef, Diagnostic> {
+        let name = self.ident(k)?;
+        if RESERVED.contains(&name.text.as_str()) {
+            return Err(self.err(&name.span, format!("`{}` cannot name a rule", name.text)));
+        }
+        let mut matrix = Vec::new();
+        let mut exclude = Vec::new();
+        let mut lets = Vec::new();
+        let mut cases = Vec::new();
+        let mut inputs = Vec::new();
+        let mut outputs = None;
+        let mut command = None;
+        let mut argv = None;
+        let mut content = None;
+        let mut pool = None;
+        let mut env = Vec::new();
+        let mut description = None;
+        for (key, val) in self.table(v, "a rule")? {
+            match key.get_ref().as_ref() {
+                "matrix" => matrix = self.kv_list(val, "matrix")?,
+                "exclude" => exclude = self.conditions(val, "exclude")?,
+                "let" => lets = self.kv_list(val, "let")?,
+                "case" => {
+                    let items: Vec<&V<'_>> = match val.get_ref() {
+                        DeValue::Array(a) => a.iter().collect(),
+                        _ => vec![val],
+                    };
+                    for item in items {
+                        let mut when = None;
+                        let mut clets = Vec::new();
+                        for (ck, cv) in self.table(item, "a case")? {
+                            match ck.get_ref().as_ref() {
+                                "when" => when = Some(self.kv_list(cv, "when")?),
+                                "let" => clets = self.kv_list(cv, "let")?,
+                                other => return Err(self.unknown_key(ck, other, &["when", "let"])),
+                            }
+                        }
+                        let when = when.ok_or_else(|| {
+                            self.err(&item.span(), "a case needs `when = { VAR = VALUE }`")
+                        })?;
+                        cases.push(Case {
+                            when,
+                            lets: clets,
+                            span: item.span(),
+                        });
+                    }
+                }
+                "inputs" => inputs = self.str_list(val, "inputs")?,
+                "outputs" => outputs = Some((self.str_list(val, "outputs")?, val.span())),
+                "command" => command = Some(self.string(val, "command")?),
+                "argv" => argv = Some((self.str_list(val, "argv")?, val.span())),
+                "content" => content = Some(self.string(val, "content")?),
+                "pool" => pool = Some(self.string(val, "pool")?),
+                "description" => description = Some(self.string(val, "description")?),
+                "env" => {
+                    for (ek, ev) in self.table(val, "env")? {
+                        env.push((self.string_key(ek), self.string(ev, "an env value")?));
+                    }
+                }
+                other => return Err(self.unknown_key(key, other, RULE_KEYS)),
+            }
+        }
+        let rule_span = name.span.clone();
+        let (outputs, outputs_span) = outputs.ok_or_else(|| {
+            self.err(&rule_span, format!("rule `{}` has no `outputs`", name.text))
+                .with_hint("every rule declares what it writes: outputs = [\"path\", ...]")
+        })?;
+        if outputs.is_empty() {
+            return Err(self.err(&outputs_span, "`outputs` is empty"));
+        }
+        let action = match (command, argv, content) {
+            (Some(c), None, None) => RawAction::Shell(c),
+            (None, Some((a, span)), None) => {
+                if a.is_empty() {
+                    return Err(self.err(&span, "`argv` is empty"));
+                }
+                RawAction::Argv(a)
+            }
+            (None, None, Some(c)) => {
+                if outputs.len() != 1 {
+                    return Err(self
+                        .err(&outputs_span, "a `content` rule writes exactly one output"));
+                }
+                RawAction::Content(c)
+            }
+            (None, None, None) => {
+                return Err(self
+                    .err(&rule_span, format!("rule `{}` has nothing to do", name.text))
+                    .with_hint("give it `command = \"...\"`, `argv = [...]` or `content = \"...\"`"))
+            }
+            _ => {
+                return Err(self
+                    .err(&rule_span, format!("rule `{}` has more than one action", name.text))
+                    .with_hint("use exactly one of `command`, `argv`, `content`"))
+            }
+        };
+        Ok(RuleDef {
+            name,
+            matrix,
+            exclude,
+            lets,
+            cases,
+            inputs,
+            outputs,
+            outputs_span,
+            action,
+            pool,
+            env,
+            description,
+        })
+    }
+}
+
+/// Byte offset in the Qairtfile of character offset `at` inside a string value, when the
+/// string is written without escapes (so the mapping is exact); else the token's start.
+pub fn offset_in(src: &Source, s: &Str, at: usize) -> usize {
+    let raw = src.text.get(s.span.clone()).unwrap_or("");
+    for q in ["\"\"\"", "'''", "\"", "'"] {
+        if let Some(inner) = raw.strip_prefix(q).and_then(|r| r.strip_suffix(q)) {
+            let (skip, body) = if q.len() == 3 {
+                match inner.strip_prefix("\r\n") {
+                    Some(b) => (2, b),
+                    None => match inner.strip_prefix('\n') {
+                        Some(b) => (1, b),
+                        None => (0, inner),
+                    },
+                }
+            } else {
+                (0, inner)
+            };
+            if body == s.text {
+                return s.span.start + q.len() + skip + at.min(body.len());
+            }
+            break;
+        }
+    }
+    s.span.start
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Qairtfile, Diagnostic> {
+        parse(Source::new(Path::new("Qairtfile"), text.to_string()))
+    }
+
+    #[test]
+    fn parses_a_rule() {
+        let q = p(r#"
+[vars]
+ars = [1, 128]
+splits = { range = [1, 4] }
+[pool]
+quantize = 1
+[rule.q]
+matrix = { ar = "${ars}" }
+outputs = ["o${ar}"]
+command = "touch ${outputs}"
+pool = "quantize"
+"#)
+        .expect("parses");
+        assert_eq!(q.vars.len(), 2);
+        assert_eq!(q.rules[0].name.text, "q");
+        assert_eq!(q.pools[0].depth, 1);
+    }
+
+    #[test]
+    fn unknown_rule_key_has_location_and_hint() {
+        let e = p("[rule.a]\noutputs = [\"x\"]\ncomand = \"true\"\n").unwrap_err();
+        assert_eq!(e.position(), "Qairtfile:3:1");
+        assert_eq!(e.hint.as_deref(), Some("did you mean `command`?"));
+    }
+
+    #[test]
+    fn toml_syntax_error_has_location() {
+        let e = p("[vars]\na = \n").unwrap_err();
+        assert!(e.message.starts_with("invalid TOML"), "{e}");
+        assert_eq!(e.location.as_ref().map(|l| l.line), Some(2));
+    }
+
+    #[test]
+    fn offsets_map_into_plain_strings() {
+        let src = Source::new(Path::new("Q"), "a = \"x${y}\"".to_string());
+        let s = Str {
+            text: "x${y}".into(),
+            span: 4..11,
+        };
+        assert_eq!(offset_in(&src, &s, 1), 6);
+    }
+}

@@ -1,0 +1,249 @@
+//! Staleness: the key of a job (command, env, input hashes, outputs) computed once, as a hash to compare and a readable twin to explain.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::db::{encode, JobRecord};
+use crate::expand::Action;
+use crate::hash::{hex, Hash};
+
+/// Everything a job's result depends on, in readable form. Its blake3 is the key stored in
+/// the job record; `--explain` diffs two of these, so an explanation is always about the
+/// very data that decided the job was stale.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyParts {
+    /// The expanded command line (`sh -c` string, argv joined, or `write <content>`).
+    pub action: String,
+    pub env: Vec<(String, String)>,
+    /// Tool and SDK versions the job's result depends on.
+    pub toolchain: Vec<(String, String)>,
+    pub inputs: Vec<(String, Hash)>,
+    pub outputs: Vec<String>,
+}
+
+impl KeyParts {
+    pub fn key(&self) -> Hash {
+        let mut h = blake3::Hasher::new();
+        h.update(b"qbuild-key-v1\0");
+        h.update(&encode(self));
+        *h.finalize().as_bytes()
+    }
+}
+
+/// A readable form of an action, stable across runs (it goes into the key).
+pub fn action_text(a: &Action) -> String {
+    match a {
+        Action::Shell(s) => s.clone(),
+        Action::Argv(v) => v.iter().map(|s| crate::expand::shell_quote(s)).collect::<Vec<_>>().join(" "),
+        Action::Write(c) => format!("write {c:?}"),
+    }
+}
+
+/// Why a job must run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reason {
+    NeverBuilt,
+    OutputMissing(String),
+    OutputChanged { path: String, was: Hash, now: Hash },
+    InputChanged { path: String, was: Option<Hash>, now: Hash },
+    InputRemoved(String),
+    /// Dry run: an input is the output of a job that would run first.
+    InputWillRebuild(String),
+    CommandChanged { was: String, now: String },
+    EnvChanged { was: Vec<(String, String)>, now: Vec<(String, String)> },
+    ToolchainChanged { was: Vec<(String, String)>, now: Vec<(String, String)> },
+    OutputsChanged,
+    /// The key differs but the readable record is gone (should not happen in practice).
+    KeyChanged,
+}
+
+fn short(h: &Hash) -> String {
+    hex(h)[..12].to_string()
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::NeverBuilt => write!(f, "never built"),
+            Reason::OutputMissing(p) => write!(f, "output {p} is missing"),
+            Reason::OutputChanged { path, was, now } => {
+                write!(f, "output {path} changed since it was built ({} -> {})", short(was), short(now))
+            }
+            Reason::InputChanged { path, was: Some(w), now } => {
+                write!(f, "input {path} changed ({} -> {})", short(w), short(now))
+            }
+            Reason::InputChanged { path, was: None, .. } => write!(f, "input {path} is new"),
+            Reason::InputRemoved(p) => write!(f, "input {p} is no longer declared"),
+            Reason::InputWillRebuild(p) => write!(f, "input {p} will be rebuilt"),
+            Reason::CommandChanged { was, now } => {
+                write!(f, "command changed:\n{}", command_diff(was, now))
+            }
+            Reason::EnvChanged { was, now } => write!(f, "environment changed: {was:?} -> {now:?}"),
+            Reason::ToolchainChanged { was, now } => {
+                let fmtv = |v: &Vec<(String, String)>| v.iter().map(|(k, x)| format!("{k} {x}")).collect::<Vec<_>>().join(", ");
+                write!(f, "toolchain changed: {} -> {}", fmtv(was), fmtv(now))
+            }
+            Reason::OutputsChanged => write!(f, "the declared outputs changed"),
+            Reason::KeyChanged => write!(f, "its key changed (no readable record to compare)"),
+        }
+    }
+}
+
+/// A word-level diff of two command lines: `- old words` / `+ new words`, with shared context elided.
+pub fn command_diff(was: &str, now: &str) -> String {
+    let a: Vec<&str> = was.split_whitespace().collect();
+    let b: Vec<&str> = now.split_whitespace().collect();
+    let pre = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let suf = a[pre..].iter().rev().zip(b[pre..].iter().rev()).take_while(|(x, y)| x == y).count();
+    let ctx = |words: &[&str]| words.join(" ");
+    let left = if pre > 0 { "… " } else { "" };
+    let right = if suf > 0 { " …" } else { "" };
+    format!(
+        "    - {left}{}{right}\n    + {left}{}{right}",
+        ctx(&a[pre..a.len() - suf]),
+        ctx(&b[pre..b.len() - suf])
+    )
+}
+
+/// The decision for one job.
+pub struct Decision {
+    pub stale: bool,
+    pub reasons: Vec<Reason>,
+}
+
+/// Decide whether a job is up to date. `outputs_now` is only consulted when the key matches;
+/// `old_parts` is only fetched to explain a key mismatch when `explain` is set.
+pub fn decide(
+    parts: &KeyParts,
+    key: &Hash,
+    record: Option<&JobRecord>,
+    outputs_now: &mut dyn FnMut() -> Vec<Option<Hash>>,
+    old_parts: &mut dyn FnMut() -> Option<KeyParts>,
+    explain: bool,
+) -> Decision {
+    let Some(rec) = record else {
+        return Decision {
+            stale: true,
+            reasons: vec![Reason::NeverBuilt],
+        };
+    };
+    let mut reasons = Vec::new();
+    if rec.key != *key {
+        if explain {
+            match old_parts() {
+                Some(old) => reasons.extend(diff_parts(&old, parts)),
+                None => reasons.push(Reason::KeyChanged),
+            }
+            if reasons.is_empty() {
+                reasons.push(Reason::KeyChanged);
+            }
+        } else {
+            reasons.push(Reason::KeyChanged);
+        }
+        return Decision { stale: true, reasons };
+    }
+    let now = outputs_now();
+    for (i, path) in parts.outputs.iter().enumerate() {
+        match (now.get(i).copied().flatten(), rec.outputs.get(i)) {
+            (None, _) => reasons.push(Reason::OutputMissing(path.clone())),
+            (Some(h), Some(was)) if h != *was => reasons.push(Reason::OutputChanged {
+                path: path.clone(),
+                was: *was,
+                now: h,
+            }),
+            (Some(_), None) => reasons.push(Reason::OutputsChanged),
+            _ => {}
+        }
+    }
+    Decision {
+        stale: !reasons.is_empty(),
+        reasons,
+    }
+}
+
+/// What differs between the recorded key and the current one.
+pub fn diff_parts(old: &KeyParts, new: &KeyParts) -> Vec<Reason> {
+    let mut r = Vec::new();
+    if old.action != new.action {
+        r.push(Reason::CommandChanged {
+            was: old.action.clone(),
+            now: new.action.clone(),
+        });
+    }
+    if old.env != new.env {
+        r.push(Reason::EnvChanged {
+            was: old.env.clone(),
+            now: new.env.clone(),
+        });
+    }
+    if old.toolchain != new.toolchain {
+        r.push(Reason::ToolchainChanged {
+            was: old.toolchain.clone(),
+            now: new.toolchain.clone(),
+        });
+    }
+    for (p, h) in &new.inputs {
+        match old.inputs.iter().find(|(op, _)| op == p) {
+            Some((_, oh)) if oh == h => {}
+            Some((_, oh)) => r.push(Reason::InputChanged {
+                path: p.clone(),
+                was: Some(*oh),
+                now: *h,
+            }),
+            None => r.push(Reason::InputChanged {
+                path: p.clone(),
+                was: None,
+                now: *h,
+            }),
+        }
+    }
+    for (p, _) in &old.inputs {
+        if !new.inputs.iter().any(|(np, _)| np == p) {
+            r.push(Reason::InputRemoved(p.clone()));
+        }
+    }
+    if old.outputs != new.outputs {
+        r.push(Reason::OutputsChanged);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(cmd: &str, input: u8) -> KeyParts {
+        KeyParts {
+            action: cmd.into(),
+            env: vec![],
+            toolchain: vec![],
+            inputs: vec![("in".into(), [input; 32])],
+            outputs: vec!["out".into()],
+        }
+    }
+
+    #[test]
+    fn explanation_agrees_with_key() {
+        let old = parts("q --act_bitwidth 16", 1);
+        let new = parts("q --act_bitwidth 8", 1);
+        assert_ne!(old.key(), new.key());
+        let rec = JobRecord { key: old.key(), outputs: vec![[9; 32]], duration_ms: 1 };
+        let d = decide(&new, &new.key(), Some(&rec), &mut || vec![Some([9; 32])], &mut || Some(old.clone()), true);
+        assert!(d.stale);
+        assert!(matches!(&d.reasons[0], Reason::CommandChanged { .. }));
+        assert!(d.reasons[0].to_string().contains("- … 16"), "{}", d.reasons[0]);
+    }
+
+    #[test]
+    fn up_to_date_needs_same_outputs() {
+        let p = parts("x", 1);
+        let rec = JobRecord { key: p.key(), outputs: vec![[9; 32]], duration_ms: 1 };
+        let same = decide(&p, &p.key(), Some(&rec), &mut || vec![Some([9; 32])], &mut || None, true);
+        assert!(!same.stale);
+        let edited = decide(&p, &p.key(), Some(&rec), &mut || vec![Some([8; 32])], &mut || None, true);
+        assert!(matches!(edited.reasons[0], Reason::OutputChanged { .. }));
+        let gone = decide(&p, &p.key(), Some(&rec), &mut || vec![None], &mut || None, true);
+        assert_eq!(gone.reasons, vec![Reason::OutputMissing("out".into())]);
+    }
+}

@@ -1,0 +1,658 @@
+//! The scheduler: decides, in dependency order, which wanted jobs are stale, runs them in parallel within `-j` and pool limits, and records results.
+//!
+//! Job states and their transitions (all through [`Work::settle`] / [`Work::queue`]):
+//! `Waiting` (some dependency unsettled) → `Ready` (all dependencies settled; prereq for the
+//! staleness check) → either `UpToDate`, `WouldRun` (dry run), `Skipped` (a dependency failed),
+//! or `Queued` (stale; waits for a slot and its pool) → `Running` → `Ran` or `Failed`.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use serde_json::json;
+
+use crate::artifact::{settle_racy, Artifacts};
+use crate::db::{job_id, Db, DbError, JobRecord};
+use crate::exec::{self, Outcome, Running};
+use crate::graph::{Graph, JobId};
+use crate::hash::{Hash, HashStats, StatEntry, StatKey};
+use crate::progress::{secs, Progress};
+use crate::stale::{action_text, decide, KeyParts, Reason};
+
+/// Set by the signal handler: the signal that asks the build to stop (0 = none).
+pub static INTERRUPT: AtomicI32 = AtomicI32::new(0);
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub jobs: usize,
+    pub keep_going: bool,
+    pub dry_run: bool,
+    pub explain: bool,
+    pub verbose: bool,
+    pub toolchain: Vec<(String, String)>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub ran: usize,
+    pub up_to_date: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub would_run: usize,
+    pub hashed_bytes: u64,
+    /// The signal that interrupted the build, if any.
+    pub interrupted: Option<i32>,
+}
+
+impl Summary {
+    pub fn ok(&self) -> bool {
+        self.failed == 0 && self.interrupted.is_none()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("{0}")]
+    Io(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Ready,
+    Queued,
+    Running,
+    UpToDate,
+    Ran,
+    WouldRun,
+    Failed,
+    Skipped,
+}
+
+/// What is known now of a file's content.
+#[derive(Debug, Clone, PartialEq)]
+enum Now {
+    Unknown,
+    Missing,
+    Hash(Hash),
+    /// Dry run: its producer would run, so its content is not known.
+    WillRebuild,
+    Error(String),
+}
+
+struct Done {
+    job: JobId,
+    result: io::Result<Outcome>,
+    outputs: Vec<io::Result<Option<Hash>>>,
+    stats: Vec<(String, StatEntry)>,
+    took: Duration,
+}
+
+struct Work<'a> {
+    g: &'a Graph,
+    workdir: PathBuf,
+    db: &'a Db,
+    opts: &'a Options,
+    progress: &'a mut dyn Progress,
+    events: &'a mut dyn FnMut(serde_json::Value),
+    records: HashMap<Hash, JobRecord>,
+    state: Vec<State>,
+    pending: Vec<u32>,
+    now: Vec<Now>,
+    ready: VecDeque<JobId>,
+    queued: VecDeque<JobId>,
+    /// Key and readable key of each queued/running job, to record on success.
+    keys: HashMap<JobId, (Hash, KeyParts)>,
+    pre_stat: HashMap<JobId, Vec<Option<StatKey>>>,
+    pool_used: Vec<usize>,
+    running: usize,
+    total: usize,
+    stopping: bool,
+    summary: Summary,
+    stat_updates: Vec<(String, StatEntry)>,
+    procs: Running,
+    stats: Arc<HashStats>,
+}
+
+/// Build the given targets. Returns what happened; errors are only for qbuild's own state.
+pub fn build(
+    g: &Graph,
+    workdir: &Path,
+    db: &Db,
+    targets: &[JobId],
+    opts: &Options,
+    progress: &mut dyn Progress,
+    events: &mut dyn FnMut(serde_json::Value),
+) -> Result<Summary, WorkError> {
+    let want = g.closure(targets);
+    let total = want.iter().filter(|w| **w).count();
+    let stats = Arc::new(HashStats::default());
+
+    // Load state with two scans, in parallel.
+    let (stat_cache, records) = std::thread::scope(|s| {
+        let a = s.spawn(|| db.load_stat());
+        let b = db.load_jobs();
+        (a.join().unwrap_or_else(|_| Ok(HashMap::new())), b)
+    });
+    let stat_cache = stat_cache?;
+    let records = records?;
+
+    // Every file a wanted job touches, hashed (through the stat cache) in parallel.
+    let mut touched = vec![false; g.files.len()];
+    for (j, job) in g.jobs.iter().enumerate() {
+        if want[j] {
+            for f in job.ins.iter().chain(&job.outs) {
+                touched[f.idx()] = true;
+            }
+        }
+    }
+    let arts = Artifacts::new(workdir, &stat_cache, &stats);
+    let ids: Vec<usize> = (0..g.files.len()).filter(|i| touched[*i]).collect();
+    let hashed: Vec<(usize, Now)> = ids
+        .par_iter()
+        .map(|i| {
+            let now = match arts.current(&g.files[*i].path) {
+                Ok(Some(h)) => Now::Hash(h),
+                Ok(None) => Now::Missing,
+                Err(e) => Now::Error(e.to_string()),
+            };
+            (*i, now)
+        })
+        .collect();
+    let mut now = vec![Now::Unknown; g.files.len()];
+    for (i, n) in hashed {
+        now[i] = n;
+    }
+    let stat_updates = arts.take_updates();
+    drop(arts);
+
+    let mut state = vec![State::Skipped; g.jobs.len()];
+    let mut pending = vec![0u32; g.jobs.len()];
+    let mut ready = VecDeque::new();
+    for &j in &g.topo {
+        if !want[j.idx()] {
+            continue;
+        }
+        let n = g.jobs[j.idx()].deps.len() as u32;
+        pending[j.idx()] = n;
+        state[j.idx()] = if n == 0 { State::Ready } else { State::Waiting };
+        if n == 0 {
+            ready.push_back(j);
+        }
+    }
+    let mut w = Work {
+        g,
+        workdir: workdir.to_path_buf(),
+        db,
+        opts,
+        progress,
+        events,
+        records,
+        state,
+        pending,
+        now,
+        ready,
+        queued: VecDeque::new(),
+        keys: HashMap::new(),
+        pre_stat: HashMap::new(),
+        pool_used: vec![0; g.model.pools.len()],
+        running: 0,
+        total,
+        stopping: false,
+        summary: Summary::default(),
+        stat_updates,
+        procs: Running::default(),
+        stats,
+    };
+    w.run()?;
+    Ok(w.summary)
+}
+
+impl Work<'_> {
+    fn run(&mut self) -> Result<(), WorkError> {
+        let (tx, rx) = mpsc::channel::<Done>();
+        loop {
+            while let Some(j) = self.ready.pop_front() {
+                self.check(j);
+            }
+            self.start_some(&tx);
+            if self.running == 0 {
+                break;
+            }
+            // Wait for a job, waking now and then to notice a signal.
+            let first = match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(d) => Some(d),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            self.poll_interrupt();
+            let mut batch: Vec<Done> = first.into_iter().collect();
+            batch.extend(rx.try_iter());
+            let mut recorded = false;
+            for d in batch {
+                recorded |= self.finish(d)?;
+            }
+            if recorded {
+                // One flush per batch of finished jobs: a crash loses at most that batch's records.
+                self.db.flush()?;
+            }
+        }
+        // Jobs never started (stopped early) stay unsettled; nothing is recorded for them.
+        let mut updates = std::mem::take(&mut self.stat_updates);
+        settle_racy(&self.workdir, &mut updates, &self.stats);
+        self.db.put_stats(&updates)?;
+        self.db.flush()?;
+        self.summary.hashed_bytes = self.stats.bytes();
+        if self.summary.interrupted.is_none() {
+            let sig = INTERRUPT.load(Ordering::SeqCst);
+            if sig != 0 {
+                self.summary.interrupted = Some(sig);
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_interrupt(&mut self) {
+        let sig = INTERRUPT.load(Ordering::SeqCst);
+        if sig != 0 && !self.stopping {
+            self.stopping = true;
+            self.summary.interrupted = Some(sig);
+            self.progress.message(&format!(
+                "qbuild: interrupted; stopping {} running job(s)",
+                self.running
+            ));
+            self.procs.signal_all(libc::SIGTERM);
+            let procs = self.procs.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(3));
+                procs.signal_all(libc::SIGKILL);
+            });
+        }
+    }
+
+    fn label(&self, j: JobId) -> &str {
+        &self.g.jobs[j.idx()].spec.label
+    }
+
+    fn rule_name(&self, j: JobId) -> &str {
+        &self.g.model.rules[self.g.jobs[j.idx()].spec.rule as usize].name
+    }
+
+    fn out_paths(&self, j: JobId) -> Vec<String> {
+        self.g.jobs[j.idx()].spec.outputs.clone()
+    }
+
+    /// Prereq: `j` is Ready. Decides it: up to date, stale (queued / would run), or skipped.
+    fn check(&mut self, j: JobId) {
+        let job = &self.g.jobs[j.idx()];
+        if job.deps.iter().any(|d| matches!(self.state[d.idx()], State::Failed | State::Skipped)) {
+            return self.settle(j, State::Skipped);
+        }
+        let mut inputs = Vec::with_capacity(job.ins.len());
+        let mut reasons = Vec::new();
+        for f in &job.ins {
+            let path = &self.g.files[f.idx()].path;
+            match &self.now[f.idx()] {
+                Now::Hash(h) => inputs.push((path.clone(), *h)),
+                Now::WillRebuild => reasons.push(Reason::InputWillRebuild(path.clone())),
+                Now::Missing | Now::Unknown => {
+                    let why = if self.g.files[f.idx()].producer.is_some() {
+                        format!("input {path} was not produced")
+                    } else {
+                        format!("input {path} does not exist and no rule writes it")
+                    };
+                    return self.fail_before_start(j, &why);
+                }
+                Now::Error(e) => {
+                    let why = format!("cannot read input {path}: {e}");
+                    return self.fail_before_start(j, &why);
+                }
+            }
+        }
+        if !reasons.is_empty() {
+            // Dry run only: an input would be rebuilt first.
+            return self.stale(j, None, reasons);
+        }
+        let parts = KeyParts {
+            action: action_text(&job.spec.action),
+            env: job.spec.env.clone(),
+            toolchain: self.opts.toolchain.clone(),
+            inputs,
+            outputs: job.spec.outputs.clone(),
+        };
+        let key = parts.key();
+        let id = job_id(&job.spec.outputs);
+        let explain = self.opts.explain || self.opts.dry_run;
+        let db = self.db;
+        let now = &self.now;
+        let outs = &job.outs;
+        let d = decide(
+            &parts,
+            &key,
+            self.records.get(&id),
+            &mut || {
+                outs.iter()
+                    .map(|f| match &now[f.idx()] {
+                        Now::Hash(h) => Some(*h),
+                        _ => None,
+                    })
+                    .collect()
+            },
+            &mut || db.explain::<KeyParts>(&id),
+            explain,
+        );
+        if d.stale {
+            self.stale(j, Some((key, parts)), d.reasons);
+        } else {
+            if let Some(rec) = self.records.get(&id) {
+                for (f, h) in job.outs.iter().zip(&rec.outputs) {
+                    self.now[f.idx()] = Now::Hash(*h);
+                }
+            }
+            self.settle(j, State::UpToDate);
+        }
+    }
+
+    fn stale(&mut self, j: JobId, key: Option<(Hash, KeyParts)>, reasons: Vec<Reason>) {
+        if self.opts.explain {
+            let mut text = format!("explain: {} is stale:", self.label(j));
+            for r in &reasons {
+                text.push_str(&format!("\n  - {r}"));
+            }
+            self.progress.message(&text);
+        }
+        if self.opts.dry_run {
+            let ev = json!({
+                "event": "would_run",
+                "rule": self.rule_name(j),
+                "job": self.label(j),
+                "outputs": self.out_paths(j),
+                "reasons": reasons.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+            });
+            (self.events)(ev);
+            for f in self.g.jobs[j.idx()].outs.clone() {
+                self.now[f.idx()] = Now::WillRebuild;
+            }
+            self.settle(j, State::WouldRun);
+            return;
+        }
+        if let Some(k) = key {
+            self.keys.insert(j, k);
+        }
+        self.state[j.idx()] = State::Queued;
+        self.queued.push_back(j);
+    }
+
+    fn fail_before_start(&mut self, j: JobId, why: &str) {
+        self.progress.message(&format!("FAILED: {}\n  {why}", self.label(j)));
+        let ev = json!({
+            "event": "job_finished",
+            "rule": self.rule_name(j),
+            "job": self.label(j),
+            "outputs": self.out_paths(j),
+            "status": "failed",
+            "duration_ms": 0,
+            "error": why,
+        });
+        (self.events)(ev);
+        self.settle(j, State::Failed);
+    }
+
+    /// The one place a job reaches a final state; releases its dependents.
+    fn settle(&mut self, j: JobId, st: State) {
+        self.state[j.idx()] = st;
+        match st {
+            State::UpToDate => self.summary.up_to_date += 1,
+            State::Ran => self.summary.ran += 1,
+            State::WouldRun => self.summary.would_run += 1,
+            State::Failed => {
+                self.summary.failed += 1;
+                if !self.opts.keep_going {
+                    self.stopping = true;
+                }
+            }
+            State::Skipped => self.summary.skipped += 1,
+            _ => {}
+        }
+        for &d in &self.g.dependents[j.idx()] {
+            if self.state[d.idx()] == State::Waiting {
+                self.pending[d.idx()] -= 1;
+                if self.pending[d.idx()] == 0 {
+                    self.state[d.idx()] = State::Ready;
+                    self.ready.push_back(d);
+                }
+            }
+        }
+    }
+
+    fn start_some(&mut self, tx: &mpsc::Sender<Done>) {
+        if self.stopping {
+            self.queued.clear();
+            return;
+        }
+        let mut i = 0;
+        while self.running < self.opts.jobs.max(1) && i < self.queued.len() {
+            let j = self.queued[i];
+            let pool = self.g.jobs[j.idx()].spec.pool.map(|p| p as usize);
+            if let Some(p) = pool {
+                if self.pool_used[p] >= self.g.model.pools[p].depth {
+                    i += 1;
+                    continue;
+                }
+                self.pool_used[p] += 1;
+            }
+            self.queued.remove(i);
+            self.start(j, tx.clone());
+        }
+    }
+
+    fn start(&mut self, j: JobId, tx: mpsc::Sender<Done>) {
+        let job = &self.g.jobs[j.idx()];
+        let outputs: Vec<PathBuf> = job.spec.outputs.iter().map(|o| self.workdir.join(o)).collect();
+        self.pre_stat.insert(
+            j,
+            outputs.iter().map(|p| fs::symlink_metadata(p).ok().map(|m| StatKey::from_meta(&m, 0))).collect(),
+        );
+        for o in &outputs {
+            if let Some(dir) = o.parent() {
+                let _ = fs::create_dir_all(dir);
+            }
+        }
+        self.state[j.idx()] = State::Running;
+        self.running += 1;
+        self.progress.started(&job.spec.label);
+        let action = job.spec.action.clone();
+        let env = job.spec.env.clone();
+        let workdir = self.workdir.clone();
+        let log = log_path(&self.workdir, &job.spec.outputs[0]);
+        let procs = self.procs.clone();
+        let stats = self.stats.clone();
+        let rels = job.spec.outputs.clone();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let result = exec::run(&action, &outputs, &workdir, &env, &log, &procs);
+            let mut hashes = Vec::new();
+            let mut entries = Vec::new();
+            if matches!(result, Ok(Outcome::Success)) {
+                // Outputs are new: hash them without the cache, here in the worker.
+                let empty = HashMap::new();
+                let arts = Artifacts::new(&workdir, &empty, &stats);
+                hashes = rels.iter().map(|r| arts.current(r)).collect();
+                entries = arts.take_updates();
+            }
+            let _ = tx.send(Done {
+                job: j,
+                result,
+                outputs: hashes,
+                stats: entries,
+                took: t0.elapsed(),
+            });
+        });
+    }
+
+    /// Handle a finished job; returns whether a record was written.
+    fn finish(&mut self, d: Done) -> Result<bool, WorkError> {
+        let j = d.job;
+        self.running -= 1;
+        if let Some(p) = self.g.jobs[j.idx()].spec.pool {
+            self.pool_used[p as usize] -= 1;
+        }
+        let job = &self.g.jobs[j.idx()];
+        let log = log_path(&self.workdir, &job.spec.outputs[0]);
+        let mut failure: Option<String> = match &d.result {
+            Err(e) => Some(format!("could not run: {e}")),
+            Ok(Outcome::Success) => None,
+            Ok(o) => Some(format!("command {o}")),
+        };
+        let mut hashes = Vec::new();
+        if failure.is_none() {
+            for (path, h) in job.spec.outputs.iter().zip(&d.outputs) {
+                match h {
+                    Ok(Some(h)) => hashes.push(*h),
+                    Ok(None) => {
+                        failure = Some(format!("the command succeeded but did not write the declared output {path}"));
+                        break;
+                    }
+                    Err(e) => {
+                        failure = Some(format!("cannot hash output {path}: {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+        let took_ms = d.took.as_millis() as u64;
+        let mut recorded = false;
+        if let Some(why) = &failure {
+            let removed = self.remove_partial_outputs(j);
+            let mut text = format!("FAILED: {}\n  {why}", job.spec.label);
+            if let Action::Shell(cmd) = &job.spec.action {
+                text.push_str(&format!("\n  command: {cmd}"));
+            }
+            if !removed.is_empty() {
+                text.push_str(&format!("\n  removed partial output(s): {}", removed.join(", ")));
+            }
+            let tail = exec::tail(&log, 20);
+            if !tail.is_empty() {
+                text.push_str("\n  last lines of its log:\n");
+                for l in tail.lines() {
+                    text.push_str(&format!("    {l}\n"));
+                }
+            }
+            if !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(&format!("  log: {}", log.display()));
+            let (done, total) = self.counts(1);
+            self.progress.finished(done, total, &job.spec.label, false, d.took);
+            if self.summary.interrupted.is_none() {
+                self.progress.message(&text);
+            }
+            let ev = json!({
+                "event": "job_finished",
+                "rule": self.rule_name(j),
+                "job": job.spec.label,
+                "outputs": job.spec.outputs,
+                "status": "failed",
+                "duration_ms": took_ms,
+                "error": why,
+            });
+            (self.events)(ev);
+            self.keys.remove(&j);
+            self.settle(j, State::Failed);
+        } else {
+            let (key, parts) = self.keys.remove(&j).ok_or_else(|| WorkError::Io("internal: ran a job without a key".into()))?;
+            let rec = JobRecord {
+                key,
+                outputs: hashes.clone(),
+                duration_ms: took_ms,
+            };
+            let id = job_id(&job.spec.outputs);
+            self.db.record_job(&id, &rec, &parts, &d.stats)?;
+            recorded = true;
+            self.stat_updates.extend(d.stats);
+            for (f, h) in job.outs.iter().zip(&hashes) {
+                self.now[f.idx()] = Now::Hash(*h);
+            }
+            let (done, total) = self.counts(1);
+            self.progress.finished(done, total, &job.spec.label, true, d.took);
+            if self.opts.verbose {
+                let tail = exec::tail(&log, usize::MAX);
+                if !tail.is_empty() {
+                    self.progress.message(&tail);
+                }
+            }
+            let ev = json!({
+                "event": "job_finished",
+                "rule": self.rule_name(j),
+                "job": job.spec.label,
+                "outputs": job.spec.outputs,
+                "status": "ok",
+                "duration_ms": took_ms,
+            });
+            (self.events)(ev);
+            self.settle(j, State::Ran);
+        }
+        self.pre_stat.remove(&j);
+        Ok(recorded)
+    }
+
+    /// Progress numbers: jobs run so far (plus `extra` about to settle) of the jobs that need
+    /// to run as far as known (wanted jobs minus those found up to date or skipped).
+    fn counts(&self, extra: usize) -> (usize, usize) {
+        let s = &self.summary;
+        let done = s.ran + s.failed + extra;
+        let total = self.total.saturating_sub(s.up_to_date + s.skipped + s.would_run).max(done);
+        (done, total)
+    }
+
+    /// Remove outputs the failed job created or changed; leave untouched files alone.
+    fn remove_partial_outputs(&mut self, j: JobId) -> Vec<String> {
+        let job = &self.g.jobs[j.idx()];
+        let before = self.pre_stat.get(&j).cloned().unwrap_or_default();
+        let mut removed = Vec::new();
+        for (i, rel) in job.spec.outputs.iter().enumerate() {
+            let p = self.workdir.join(rel);
+            let Ok(m) = fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let now = StatKey::from_meta(&m, 0);
+            let prev = before.get(i).copied().flatten();
+            if prev == Some(now) {
+                continue;
+            }
+            let res = if m.is_dir() {
+                if prev.is_none() {
+                    fs::remove_dir_all(&p)
+                } else {
+                    continue;
+                }
+            } else {
+                fs::remove_file(&p)
+            };
+            if res.is_ok() {
+                removed.push(rel.clone());
+            }
+        }
+        removed
+    }
+}
+
+use crate::expand::Action;
+
+/// Where a job's log goes: `.qbuild/logs/<first output>.log`.
+pub fn log_path(workdir: &Path, first_output: &str) -> PathBuf {
+    workdir.join(".qbuild").join("logs").join(format!("{first_output}.log"))
+}
+
+/// Render a duration for messages.
+pub fn human(d: Duration) -> String {
+    secs(d)
+}
