@@ -6,7 +6,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::hash::{coarse_now_ns, hash_file, hash_link, Hash, HashStats, StatEntry, StatKey, TreeHasher};
+use crate::hash::{
+    coarse_now_ns, hash_file, hash_link, Hash, HashStats, StatEntry, StatKey, TreeHasher,
+};
 
 /// Kinds recorded in a tree hash.
 const KIND_FILE: u8 = 0;
@@ -23,7 +25,11 @@ pub struct Artifacts<'a> {
 }
 
 impl<'a> Artifacts<'a> {
-    pub fn new(workdir: &Path, cache: &'a HashMap<String, StatEntry>, stats: &'a HashStats) -> Self {
+    pub fn new(
+        workdir: &Path,
+        cache: &'a HashMap<String, StatEntry>,
+        stats: &'a HashStats,
+    ) -> Self {
         Artifacts {
             workdir: workdir.to_path_buf(),
             cache,
@@ -47,9 +53,18 @@ impl<'a> Artifacts<'a> {
         self.hash_with_meta(rel, &path, &meta, 0).map(Some)
     }
 
-    fn hash_with_meta(&self, key: &str, path: &Path, meta: &fs::Metadata, depth: usize) -> io::Result<Hash> {
+    fn hash_with_meta(
+        &self,
+        key: &str,
+        path: &Path,
+        meta: &fs::Metadata,
+        depth: usize,
+    ) -> io::Result<Hash> {
         if depth > 64 {
-            return Err(io::Error::other(format!("{}: links or directories nest too deeply", path.display())));
+            return Err(io::Error::other(format!(
+                "{}: links or directories nest too deeply",
+                path.display()
+            )));
         }
         let ft = meta.file_type();
         if ft.is_symlink() {
@@ -98,7 +113,10 @@ impl<'a> Artifacts<'a> {
     }
 
     pub fn take_updates(&self) -> Vec<(String, StatEntry)> {
-        self.updates.lock().map(|mut u| std::mem::take(&mut *u)).unwrap_or_default()
+        self.updates
+            .lock()
+            .map(|mut u| std::mem::take(&mut *u))
+            .unwrap_or_default()
     }
 }
 
@@ -125,7 +143,11 @@ pub fn hash_fresh(path: &Path, st: StatKey, stats: &HashStats) -> io::Result<Sta
     }
     let hashed_at_ns = coarse_now_ns();
     let hash = hash_file(path, st.size, stats)?;
-    Ok(StatEntry { stat: st, hash, hashed_at_ns })
+    Ok(StatEntry {
+        stat: st,
+        hash,
+        hashed_at_ns,
+    })
 }
 
 /// Re-hash entries that were racy when recorded (changed in the clock tick they were hashed
@@ -137,7 +159,11 @@ pub fn settle_racy(workdir: &Path, entries: &mut [(String, StatEntry)], stats: &
     if racy.is_empty() {
         return;
     }
-    let latest = racy.iter().map(|i| entries[*i].1.stat.ctime_ns).max().unwrap_or(0);
+    let latest = racy
+        .iter()
+        .map(|i| entries[*i].1.stat.ctime_ns)
+        .max()
+        .unwrap_or(0);
     for _ in 0..100 {
         if coarse_now_ns() > latest {
             break;

@@ -6,12 +6,22 @@ use clap::Parser;
 
 /// qbuild: an incremental, content-hashed build system for the QAIRT LLM compile pipeline.
 #[derive(Debug, Parser)]
-#[command(name = "qbuild", version, about, after_help = "TARGETS are output paths, rule names, aliases, or `all`; without any, the Qairtfile's `default` (or `all`).\nExit status: 0 built, 1 a job failed, 2 bad Qairtfile or arguments, 130/143 interrupted.")]
+#[command(
+    name = "qbuild",
+    version,
+    about,
+    after_help = "TARGETS are output paths, rule names, aliases, or `all`; without any, the Qairtfile's `default` (or `all`).\nExit status: 0 built, 1 a job failed, 2 bad Qairtfile or arguments, 130/143 interrupted."
+)]
 pub struct Args {
     /// What to build.
     pub targets: Vec<String>,
     /// The Qairtfile to read (its folder is the work folder).
-    #[arg(short = 'f', long = "file", value_name = "FILE", default_value = "Qairtfile")]
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "FILE",
+        default_value = "Qairtfile"
+    )]
     pub file: PathBuf,
     /// Change to DIR before doing anything.
     #[arg(short = 'C', value_name = "DIR")]

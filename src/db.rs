@@ -45,7 +45,9 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Option<T> {
-    bincode::serde::decode_from_slice(b, cfg()).ok().map(|(v, _)| v)
+    bincode::serde::decode_from_slice(b, cfg())
+        .ok()
+        .map(|(v, _)| v)
 }
 
 impl Db {
@@ -151,7 +153,9 @@ impl Db {
         stats: &[(String, StatEntry)],
     ) -> Result<(), DbError> {
         self.put_stats(stats)?;
-        self.explain.insert(id, encode(explain)).map_err(|e| self.err(e))?;
+        self.explain
+            .insert(id, encode(explain))
+            .map_err(|e| self.err(e))?;
         // The job record goes last: if we die before it lands, the job simply reruns.
         self.jobs.insert(id, encode(rec)).map_err(|e| self.err(e))?;
         Ok(())

@@ -53,12 +53,12 @@ impl Source {
             end += 1;
         }
         let line_start = self.text[..start].rfind('\n').map_or(0, |i| i + 1);
-        let line_end = self.text[start..]
-            .find('\n')
-            .map_or(len, |i| start + i);
+        let line_end = self.text[start..].find('\n').map_or(len, |i| start + i);
         let line = self.text[..start].matches('\n').count() + 1;
         let column = self.text[line_start..start].chars().count() + 1;
-        let line_text = self.text[line_start..line_end].trim_end_matches('\r').to_string();
+        let line_text = self.text[line_start..line_end]
+            .trim_end_matches('\r')
+            .to_string();
         let width = self.text[start..end.min(line_end).max(start)]
             .chars()
             .count()

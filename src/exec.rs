@@ -43,7 +43,10 @@ impl Running {
 pub enum Outcome {
     Success,
     /// Exit code, or `None` with the signal when killed.
-    Failed { code: Option<i32>, signal: Option<i32> },
+    Failed {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
 }
 
 impl std::fmt::Display for Outcome {
@@ -51,7 +54,9 @@ impl std::fmt::Display for Outcome {
         match self {
             Outcome::Success => write!(f, "succeeded"),
             Outcome::Failed { code: Some(c), .. } => write!(f, "exited with status {c}"),
-            Outcome::Failed { signal: Some(s), .. } => write!(f, "was killed by signal {s}"),
+            Outcome::Failed {
+                signal: Some(s), ..
+            } => write!(f, "was killed by signal {s}"),
             Outcome::Failed { .. } => write!(f, "failed"),
         }
     }
@@ -73,7 +78,9 @@ pub fn run(
     let mut cmd = match action {
         Action::Write(content) => {
             // qbuild writes the file itself; still a job, with the same bookkeeping.
-            let out = outputs.first().ok_or_else(|| io::Error::other("a content rule needs one output"))?;
+            let out = outputs
+                .first()
+                .ok_or_else(|| io::Error::other("a content rule needs one output"))?;
             fs::write(out, content.as_bytes())?;
             return Ok(Outcome::Success);
         }

@@ -1,6 +1,7 @@
 //! Expanding a parsed Qairtfile: variable interpolation, matrix expansion and path checks, giving one job per rule instance.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use crate::diag::{closest, Diagnostic, Source};
 use crate::qairtfile::{offset_in, Condition, Qairtfile, RawAction, RawValue, RuleDef, Str};
@@ -11,18 +12,55 @@ pub const MAX_JOBS: usize = 5_000_000;
 const MAX_LIST: usize = 5_000_000;
 
 /// A value after interpolation.
+/// Shared so that looking a variable up per instance costs a reference count, not a copy.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Val {
-    Scalar(String),
-    List(Vec<String>),
+    Scalar(Rc<str>),
+    List(Rc<Vec<String>>),
 }
 
 impl Val {
     fn items(&self) -> Vec<String> {
         match self {
-            Val::Scalar(s) => vec![s.clone()],
-            Val::List(l) => l.clone(),
+            Val::Scalar(s) => vec![s.to_string()],
+            Val::List(l) => l.to_vec(),
         }
+    }
+    fn list(v: Vec<String>) -> Val {
+        Val::List(Rc::new(v))
+    }
+    fn scalar(s: &str) -> Val {
+        Val::Scalar(Rc::from(s))
+    }
+}
+
+/// One `${...}` after evaluation, before it is spliced into the string.
+enum Piece {
+    One(Rc<str>),
+    Many(Rc<Vec<String>>),
+}
+
+/// Append `s` to `dst`, shell-quoted when it needs it.
+fn push_quoted(dst: &mut String, s: &str) {
+    let safe = !s.is_empty()
+        && s.bytes().all(|c| {
+            c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    b'_' | b'-' | b'.' | b'/' | b',' | b':' | b'=' | b'+' | b'@' | b'%'
+                )
+        });
+    if safe {
+        dst.push_str(s);
+    } else {
+        dst.push('\'');
+        for (i, part) in s.split('\'').enumerate() {
+            if i > 0 {
+                dst.push_str("'\\''");
+            }
+            dst.push_str(part);
+        }
+        dst.push('\'');
     }
 }
 
@@ -88,8 +126,14 @@ enum Filter {
 
 #[derive(Debug, Clone)]
 enum RefKind {
-    Var { name: String, index: Option<i64> },
-    Env { name: String, default: Option<Template> },
+    Var {
+        name: String,
+        index: Option<i64>,
+    },
+    Env {
+        name: String,
+        default: Option<Template>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -114,7 +158,12 @@ fn parse_template(src: &Source, s: &Str) -> Result<Template, Diagnostic> {
     parse_template_at(src, s, &s.text, 0)
 }
 
-fn parse_template_at(src: &Source, s: &Str, text: &str, base: usize) -> Result<Template, Diagnostic> {
+fn parse_template_at(
+    src: &Source,
+    s: &Str,
+    text: &str,
+    base: usize,
+) -> Result<Template, Diagnostic> {
     let err = |at: usize, msg: String| {
         let off = offset_in(src, s, at);
         src.error(off..off + 2, msg)
@@ -149,7 +198,8 @@ fn parse_template_at(src: &Source, s: &Str, text: &str, base: usize) -> Result<T
                 j += 1;
             }
             let Some(close) = close else {
-                return Err(err(base + i, "unclosed `${`".into()).with_hint("close it with `}`; write `$$` for a literal `$`"));
+                return Err(err(base + i, "unclosed `${`".into())
+                    .with_hint("close it with `}`; write `$$` for a literal `$`"));
             };
             let inner = &text[i + 2..close];
             if !lit.is_empty() {
@@ -186,10 +236,18 @@ fn parse_ref(
             None => (rest, None),
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(err(at, format!("`{name}` is not an environment variable name")));
+            return Err(err(
+                at,
+                format!("`{name}` is not an environment variable name"),
+            ));
         }
         let default = match default {
-            Some(d) => Some(parse_template_at(src, s, d, inner_base + 4 + name.len() + 2)?),
+            Some(d) => Some(parse_template_at(
+                src,
+                s,
+                d,
+                inner_base + 4 + name.len() + 2,
+            )?),
             None => None,
         };
         return Ok(Seg::Ref {
@@ -220,9 +278,15 @@ fn parse_ref(
     };
     let (name, index) = match head.find('[') {
         Some(p) if head.ends_with(']') => {
-            let idx = head[p + 1..head.len() - 1].trim().parse::<i64>().map_err(|_| {
-                err(at, format!("`{head}`: an index is an integer (negative counts from the end)"))
-            })?;
+            let idx = head[p + 1..head.len() - 1]
+                .trim()
+                .parse::<i64>()
+                .map_err(|_| {
+                    err(
+                        at,
+                        format!("`{head}`: an index is an integer (negative counts from the end)"),
+                    )
+                })?;
             (&head[..p], Some(idx))
         }
         _ => (head, None),
@@ -232,8 +296,11 @@ fn parse_ref(
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if !valid {
-        return Err(err(at, format!("`${{{inner}}}` is not a variable reference"))
-            .with_hint("write `${name}`, `${name[0]}`, `${env:NAME:-default}`, or `$$` for a literal `$`"));
+        return Err(
+            err(at, format!("`${{{inner}}}` is not a variable reference")).with_hint(
+                "write `${name}`, `${name[0]}`, `${env:NAME:-default}`, or `$$` for a literal `$`",
+            ),
+        );
     }
     Ok(Seg::Ref {
         kind: RefKind::Var {
@@ -247,15 +314,9 @@ fn parse_ref(
 
 /// Quote a word for `sh` when it needs it.
 pub fn shell_quote(s: &str) -> String {
-    let safe = !s.is_empty()
-        && s.chars().all(|c| {
-            c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/' | ',' | ':' | '=' | '+' | '@' | '%')
-        });
-    if safe {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
+    let mut out = String::with_capacity(s.len() + 2);
+    push_quoted(&mut out, s);
+    out
 }
 
 // ---------------------------------------------------------------- evaluation
@@ -277,10 +338,10 @@ struct Globals<'a> {
 
 /// Per-instance variables: matrix values, lets, and for actions the inputs/outputs.
 struct Scope<'s> {
-    matrix: &'s [(String, String)],
+    matrix: &'s [(Rc<str>, Rc<str>)],
     lets: &'s HashMap<&'s str, &'s RawValue>,
     let_memo: HashMap<String, Val>,
-    io: Option<(&'s [String], &'s [String])>,
+    io: Option<(Val, Val)>,
 }
 
 struct Eval<'a, 'g, 's> {
@@ -307,15 +368,15 @@ impl Eval<'_, '_, '_> {
             return Err(here(format!("variable cycle: {}", cycle.join(" -> "))));
         }
         if let Some(scope) = &self.scope {
-            if let Some((ins, outs)) = scope.io {
+            if let Some((ins, outs)) = &scope.io {
                 if name == "inputs" {
-                    return Ok(Val::List(ins.to_vec()));
+                    return Ok(ins.clone());
                 }
                 if name == "outputs" {
-                    return Ok(Val::List(outs.to_vec()));
+                    return Ok(outs.clone());
                 }
             }
-            if let Some((_, v)) = scope.matrix.iter().find(|(k, _)| k == name) {
+            if let Some((_, v)) = scope.matrix.iter().find(|(k, _)| &**k == name) {
                 return Ok(Val::Scalar(v.clone()));
             }
             if let Some(v) = scope.let_memo.get(name) {
@@ -347,7 +408,7 @@ impl Eval<'_, '_, '_> {
         }
         let mut known: Vec<&str> = self.g.names.clone();
         if let Some(scope) = &self.scope {
-            known.extend(scope.matrix.iter().map(|(k, _)| k.as_str()));
+            known.extend(scope.matrix.iter().map(|(k, _)| &**k));
             known.extend(scope.lets.keys().copied());
             if scope.io.is_some() {
                 known.extend(["inputs", "outputs"]);
@@ -363,22 +424,32 @@ impl Eval<'_, '_, '_> {
         })
     }
 
-    /// Evaluate one `${...}` to a list of pieces (List mode) or one string (Scalar mode).
-    fn eval_ref(&mut self, seg: &Seg, tpl: &Template, mode: Mode) -> Result<Vec<String>, Diagnostic> {
+    /// Evaluate one `${...}`; returns the piece and whether to shell-quote it.
+    fn eval_ref(
+        &mut self,
+        seg: &Seg,
+        tpl: &Template,
+        mode: Mode,
+    ) -> Result<(Piece, bool), Diagnostic> {
         let Seg::Ref { kind, filter, at } = seg else {
-            return Ok(Vec::new());
+            return Ok((Piece::One(Rc::from("")), false));
         };
         let src = self.g.src;
         let val = match kind {
             RefKind::Env { name, default } => match std::env::var(name) {
-                Ok(v) => Val::Scalar(v),
+                Ok(v) => Val::scalar(&v),
                 Err(_) => match default {
-                    Some(d) => Val::Scalar(self.render(d, Mode::Scalar { quote: false })?),
+                    Some(d) => Val::scalar(&self.render(d, Mode::Scalar { quote: false })?),
                     None => {
                         let off = offset_in(src, &tpl.str, *at);
                         return Err(src
-                            .error(off..off + 6 + name.len(), format!("environment variable `{name}` is not set"))
-                            .with_hint(format!("set it, or give a default: `${{env:{name}:-VALUE}}`")));
+                            .error(
+                                off..off + 6 + name.len(),
+                                format!("environment variable `{name}` is not set"),
+                            )
+                            .with_hint(format!(
+                                "set it, or give a default: `${{env:{name}:-VALUE}}`"
+                            )));
                     }
                 },
             },
@@ -390,12 +461,15 @@ impl Eval<'_, '_, '_> {
                         let items = v.items();
                         let pos = if *i < 0 { items.len() as i64 + *i } else { *i };
                         match usize::try_from(pos).ok().and_then(|p| items.get(p)) {
-                            Some(x) => Val::Scalar(x.clone()),
+                            Some(x) => Val::scalar(x),
                             None => {
                                 let off = offset_in(src, &tpl.str, *at);
                                 return Err(src.error(
                                     off..off + 2,
-                                    format!("`{name}[{i}]` is out of range: `{name}` has {} item(s)", items.len()),
+                                    format!(
+                                        "`{name}[{i}]` is out of range: `{name}` has {} item(s)",
+                                        items.len()
+                                    ),
                                 ));
                             }
                         }
@@ -404,45 +478,73 @@ impl Eval<'_, '_, '_> {
             }
         };
         let quote = matches!(mode, Mode::Scalar { quote: true }) && !matches!(filter, Filter::Raw);
-        let q = |s: &str| if quote { shell_quote(s) } else { s.to_string() };
-        Ok(match (filter, val) {
-            (Filter::Join(sep), v) => vec![q(&v.items().join(sep))],
+        let piece = match (filter, val) {
+            (Filter::Join(sep), v) => Piece::One(Rc::from(v.items().join(sep))),
             (Filter::Json, v) => {
                 let j = match v {
-                    Val::Scalar(s) => serde_json::Value::String(s),
-                    Val::List(l) => serde_json::Value::Array(l.into_iter().map(serde_json::Value::String).collect()),
+                    Val::Scalar(s) => serde_json::Value::String(s.to_string()),
+                    Val::List(l) => serde_json::Value::Array(
+                        l.iter().cloned().map(serde_json::Value::String).collect(),
+                    ),
                 };
-                vec![q(&j.to_string())]
+                Piece::One(Rc::from(j.to_string()))
             }
-            (_, Val::Scalar(s)) => vec![q(&s)],
+            (_, Val::Scalar(s)) => Piece::One(s),
             (_, Val::List(l)) => match mode {
-                Mode::List => l,
-                Mode::Scalar { .. } => vec![l.iter().map(|s| q(s)).collect::<Vec<_>>().join(" ")],
+                Mode::List => Piece::Many(l),
+                Mode::Scalar { .. } => {
+                    let mut joined = String::new();
+                    for (i, item) in l.iter().enumerate() {
+                        if i > 0 {
+                            joined.push(' ');
+                        }
+                        if quote {
+                            push_quoted(&mut joined, item);
+                        } else {
+                            joined.push_str(item);
+                        }
+                    }
+                    return Ok((Piece::One(Rc::from(joined)), false));
+                }
             },
-        })
+        };
+        Ok((piece, quote))
     }
 
     /// Render a template in the given mode: List mode may give many strings.
     fn expand(&mut self, tpl: &Template, mode: Mode) -> Result<Vec<String>, Diagnostic> {
-        let mut acc = vec![String::new()];
+        let mut acc = vec![String::with_capacity(64)];
         for seg in &tpl.segs {
             match seg {
                 Seg::Lit(l) => acc.iter_mut().for_each(|a| a.push_str(l)),
-                r => {
-                    let parts = self.eval_ref(r, tpl, mode)?;
-                    if parts.len() == 1 {
-                        acc.iter_mut().for_each(|a| a.push_str(&parts[0]));
-                    } else {
+                r => match self.eval_ref(r, tpl, mode)? {
+                    (Piece::One(s), quote) => {
+                        for a in acc.iter_mut() {
+                            if quote {
+                                push_quoted(a, &s);
+                            } else {
+                                a.push_str(&s);
+                            }
+                        }
+                    }
+                    (Piece::Many(parts), _) => {
                         if acc.len().saturating_mul(parts.len()) > MAX_LIST {
                             let off = offset_in(self.g.src, &tpl.str, 0);
-                            return Err(self.g.src.error(off..off + 1, "this string expands to too many items"));
+                            return Err(self
+                                .g
+                                .src
+                                .error(off..off + 1, "this string expands to too many items"));
                         }
-                        acc = acc
-                            .iter()
-                            .flat_map(|a| parts.iter().map(move |p| format!("{a}{p}")))
-                            .collect();
+                        if parts.len() == 1 {
+                            acc.iter_mut().for_each(|a| a.push_str(&parts[0]));
+                        } else {
+                            acc = acc
+                                .iter()
+                                .flat_map(|a| parts.iter().map(move |p| format!("{a}{p}")))
+                                .collect();
+                        }
                     }
-                }
+                },
             }
         }
         Ok(acc)
@@ -457,16 +559,19 @@ impl Eval<'_, '_, '_> {
             RawValue::Scalar(s) => {
                 let tpl = parse_template(self.g.src, s)?;
                 // A string that is exactly one reference takes that variable's value, list or not.
-                if let [Seg::Ref { kind: RefKind::Var { name, index: None }, filter: Filter::None, at }] =
-                    tpl.segs.as_slice()
+                if let [Seg::Ref {
+                    kind: RefKind::Var { name, index: None },
+                    filter: Filter::None,
+                    at,
+                }] = tpl.segs.as_slice()
                 {
                     return self.lookup(name, &tpl, *at);
                 }
                 let mut items = self.expand(&tpl, Mode::List)?;
                 Ok(if items.len() == 1 {
-                    Val::Scalar(items.pop().unwrap_or_default())
+                    Val::scalar(&items.pop().unwrap_or_default())
                 } else {
-                    Val::List(items)
+                    Val::list(items)
                 })
             }
             RawValue::List(items, _) => {
@@ -477,27 +582,37 @@ impl Eval<'_, '_, '_> {
                         return Err(self.g.src.error(raw.span(), "list too long"));
                     }
                 }
-                Ok(Val::List(out))
+                Ok(Val::list(out))
             }
             RawValue::Range(from, to, span) => {
                 let bound = |e: &mut Self, v: &RawValue| -> Result<i64, Diagnostic> {
                     match e.value(v)? {
                         Val::Scalar(s) => s.trim().parse::<i64>().map_err(|_| {
-                            e.g.src.error(v.span(), format!("range bound `{s}` is not an integer"))
+                            e.g.src
+                                .error(v.span(), format!("range bound `{s}` is not an integer"))
                         }),
-                        Val::List(_) => Err(e.g.src.error(v.span(), "a range bound must be one integer, not a list")),
+                        Val::List(_) => Err(e
+                            .g
+                            .src
+                            .error(v.span(), "a range bound must be one integer, not a list")),
                     }
                 };
                 let a = bound(self, from)?;
                 let b = bound(self, to)?;
                 if b >= a && (b - a) as u64 >= MAX_LIST as u64 {
-                    return Err(self.g.src.error(span.clone(), format!("range {a}..{b} is too long")));
+                    return Err(self
+                        .g
+                        .src
+                        .error(span.clone(), format!("range {a}..{b} is too long")));
                 }
-                Ok(Val::List(if b < a { Vec::new() } else { (a..=b).map(|n| n.to_string()).collect() }))
+                Ok(Val::list(if b < a {
+                    Vec::new()
+                } else {
+                    (a..=b).map(|n| n.to_string()).collect()
+                }))
             }
         }
     }
-
 }
 
 // ---------------------------------------------------------------- paths
@@ -505,6 +620,17 @@ impl Eval<'_, '_, '_> {
 /// Lexically normalise a path: drop `.` and empty parts, fold `a/..`. Keeps a leading `/`
 /// and leading `..` parts (which callers reject for outputs).
 pub fn normalize(p: &str) -> String {
+    let clean = !p.is_empty()
+        && p != "."
+        && !p.contains("//")
+        && !p.contains("..")
+        && !p.contains("/./")
+        && !p.starts_with("./")
+        && !p.ends_with('/')
+        && !p.ends_with("/.");
+    if clean {
+        return p.to_string();
+    }
     let abs = p.starts_with('/');
     let mut parts: Vec<&str> = Vec::new();
     for c in p.split('/') {
@@ -538,7 +664,10 @@ pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
     let mut defs = HashMap::new();
     for (k, v) in &q.vars {
         if defs.insert(k.text.as_str(), v).is_some() {
-            return Err(src.error(k.span.clone(), format!("variable `{}` is defined twice", k.text)));
+            return Err(src.error(
+                k.span.clone(),
+                format!("variable `{}` is defined twice", k.text),
+            ));
         }
     }
     let mut g = Globals {
@@ -559,7 +688,10 @@ pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
     let mut seen_rules: HashMap<&str, ()> = HashMap::new();
     for (ri, rule) in q.rules.iter().enumerate() {
         if seen_rules.insert(rule.name.text.as_str(), ()).is_some() {
-            return Err(src.error(rule.name.span.clone(), format!("rule `{}` is defined twice", rule.name.text)));
+            return Err(src.error(
+                rule.name.span.clone(),
+                format!("rule `{}` is defined twice", rule.name.text),
+            ));
         }
         rules.push(RuleInfo {
             name: rule.name.text.clone(),
@@ -574,21 +706,31 @@ pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
         jobs,
         pools,
         default: q.default.clone(),
-        aliases: q.aliases.iter().map(|a| (a.name.clone(), a.targets.clone())).collect(),
+        aliases: q
+            .aliases
+            .iter()
+            .map(|a| (a.name.clone(), a.targets.clone()))
+            .collect(),
     })
 }
 
 fn matches(
     e: &mut Eval<'_, '_, '_>,
     cond: &Condition,
-    assignment: &[(String, String)],
+    assignment: &[(Rc<str>, Rc<str>)],
     what: &str,
 ) -> Result<bool, Diagnostic> {
     for (k, v) in cond {
-        let Some((_, cur)) = assignment.iter().find(|(n, _)| *n == k.text) else {
-            return Err(e.g.src.error(k.span.clone(), format!("`{}` in {what} is not a matrix variable of this rule", k.text)));
+        let Some((_, cur)) = assignment.iter().find(|(n, _)| **n == *k.text) else {
+            return Err(e.g.src.error(
+                k.span.clone(),
+                format!(
+                    "`{}` in {what} is not a matrix variable of this rule",
+                    k.text
+                ),
+            ));
         };
-        if !e.value(v)?.items().iter().any(|x| x == cur) {
+        if !e.value(v)?.items().iter().any(|x| **x == **cur) {
             return Ok(false);
         }
     }
@@ -604,20 +746,41 @@ fn expand_rule<'a>(
 ) -> Result<(), Diagnostic> {
     let src = g.src;
     // Matrix axes.
-    let mut axes: Vec<(String, Vec<String>)> = Vec::new();
+    let mut axes: Vec<(Rc<str>, Vec<Rc<str>>)> = Vec::new();
     {
-        let mut e = Eval { g, scope: None, stack: Vec::new() };
+        let mut e = Eval {
+            g,
+            scope: None,
+            stack: Vec::new(),
+        };
         for (k, v) in &rule.matrix {
-            if axes.iter().any(|(n, _)| *n == k.text) {
-                return Err(src.error(k.span.clone(), format!("matrix variable `{}` appears twice", k.text)));
+            if axes.iter().any(|(n, _)| **n == *k.text) {
+                return Err(src.error(
+                    k.span.clone(),
+                    format!("matrix variable `{}` appears twice", k.text),
+                ));
             }
-            axes.push((k.text.clone(), e.value(v)?.items()));
+            axes.push((
+                Rc::from(k.text.as_str()),
+                e.value(v)?
+                    .items()
+                    .iter()
+                    .map(|x| Rc::from(x.as_str()))
+                    .collect(),
+            ));
         }
     }
-    let total = axes.iter().try_fold(1usize, |acc, (_, v)| acc.checked_mul(v.len()));
+    let total = axes
+        .iter()
+        .try_fold(1usize, |acc, (_, v)| acc.checked_mul(v.len()));
     if total.is_none_or(|t| t.saturating_add(jobs.len()) > MAX_JOBS) {
-        return Err(src
-            .error(rule.name.span.clone(), format!("rule `{}` expands to more than {MAX_JOBS} jobs", rule.name.text)));
+        return Err(src.error(
+            rule.name.span.clone(),
+            format!(
+                "rule `{}` expands to more than {MAX_JOBS} jobs",
+                rule.name.text
+            ),
+        ));
     }
     let pool = match &rule.pool {
         None => None,
@@ -625,32 +788,57 @@ fn expand_rule<'a>(
             Some(i) => Some(i as u32),
             None => {
                 let d = src.error(p.span.clone(), format!("unknown pool `{}`", p.text));
-                return Err(match closest(&p.text, pools.iter().map(|x| x.name.as_str())) {
-                    Some(c) => d.with_hint(format!("did you mean `{c}`?")),
-                    None => d.with_hint(format!("declare it: [pool] {} = 1", p.text)),
-                });
+                return Err(
+                    match closest(&p.text, pools.iter().map(|x| x.name.as_str())) {
+                        Some(c) => d.with_hint(format!("did you mean `{c}`?")),
+                        None => d.with_hint(format!("declare it: [pool] {} = 1", p.text)),
+                    },
+                );
             }
         },
     };
     // Templates parsed once per rule.
-    let inputs_t: Vec<Template> = rule.inputs.iter().map(|s| parse_template(src, s)).collect::<Result<_, _>>()?;
-    let outputs_t: Vec<Template> = rule.outputs.iter().map(|s| parse_template(src, s)).collect::<Result<_, _>>()?;
+    let inputs_t: Vec<Template> = rule
+        .inputs
+        .iter()
+        .map(|s| parse_template(src, s))
+        .collect::<Result<_, _>>()?;
+    let outputs_t: Vec<Template> = rule
+        .outputs
+        .iter()
+        .map(|s| parse_template(src, s))
+        .collect::<Result<_, _>>()?;
     let action_t: Vec<Template> = match &rule.action {
         RawAction::Shell(s) | RawAction::Content(s) => vec![parse_template(src, s)?],
-        RawAction::Argv(a) => a.iter().map(|s| parse_template(src, s)).collect::<Result<_, _>>()?,
+        RawAction::Argv(a) => a
+            .iter()
+            .map(|s| parse_template(src, s))
+            .collect::<Result<_, _>>()?,
     };
     let env_t: Vec<(String, Template)> = rule
         .env
         .iter()
         .map(|(k, v)| Ok((k.text.clone(), parse_template(src, v)?)))
         .collect::<Result<_, Diagnostic>>()?;
-    let desc_t = rule.description.as_ref().map(|d| parse_template(src, d)).transpose()?;
-    let base_lets: HashMap<&str, &RawValue> = rule.lets.iter().map(|(k, v)| (k.text.as_str(), v)).collect();
+    let desc_t = rule
+        .description
+        .as_ref()
+        .map(|d| parse_template(src, d))
+        .transpose()?;
+    let base_lets: HashMap<&str, &RawValue> = rule
+        .lets
+        .iter()
+        .map(|(k, v)| (k.text.as_str(), v))
+        .collect();
 
     let mut idx = vec![0usize; axes.len()];
     let total = total.unwrap_or(0);
     for _ in 0..total {
-        let assignment: Vec<(String, String)> = axes.iter().zip(&idx).map(|((n, v), i)| (n.clone(), v[*i].clone())).collect();
+        let assignment: Vec<(Rc<str>, Rc<str>)> = axes
+            .iter()
+            .zip(&idx)
+            .map(|((n, v), i)| (n.clone(), v[*i].clone()))
+            .collect();
         // Advance the odometer (last axis fastest).
         for d in (0..idx.len()).rev() {
             idx[d] += 1;
@@ -659,7 +847,11 @@ fn expand_rule<'a>(
             }
             idx[d] = 0;
         }
-        let mut e = Eval { g: &mut *g, scope: None, stack: Vec::new() };
+        let mut e = Eval {
+            g: &mut *g,
+            scope: None,
+            stack: Vec::new(),
+        };
         let mut excluded = false;
         for c in &rule.exclude {
             if matches(&mut e, c, &assignment, "exclude")? {
@@ -682,7 +874,12 @@ fn expand_rule<'a>(
         let job = {
             let mut e = Eval {
                 g: &mut *g,
-                scope: Some(Scope { matrix: &assignment, lets: &lets, let_memo: HashMap::new(), io: None }),
+                scope: Some(Scope {
+                    matrix: &assignment,
+                    lets: &lets,
+                    let_memo: HashMap::new(),
+                    io: None,
+                }),
                 stack: Vec::new(),
             };
             let mut inputs = Vec::new();
@@ -708,24 +905,39 @@ fn expand_rule<'a>(
                             .with_hint("outputs are relative paths inside the folder that holds the Qairtfile"));
                     }
                     if n == ".qbuild" || n.starts_with(".qbuild/") {
-                        return Err(src.error(t.str.span.clone(), format!("output `{p}` is inside qbuild's own state folder")));
+                        return Err(src.error(
+                            t.str.span.clone(),
+                            format!("output `{p}` is inside qbuild's own state folder"),
+                        ));
                     }
                     outputs.push(n);
                     output_template.push(ti as u16);
                 }
             }
             if outputs.is_empty() {
-                return Err(src.error(rule.outputs_span.clone(), "this instance has no outputs (an empty list?)"));
+                return Err(src.error(
+                    rule.outputs_span.clone(),
+                    "this instance has no outputs (an empty list?)",
+                ));
             }
             let let_memo = e.scope.take().map(|sc| sc.let_memo).unwrap_or_default();
             let mut e = Eval {
                 g: &mut *g,
-                scope: Some(Scope { matrix: &assignment, lets: &lets, let_memo, io: Some((&inputs, &outputs)) }),
+                scope: Some(Scope {
+                    matrix: &assignment,
+                    lets: &lets,
+                    let_memo,
+                    io: Some((Val::list(inputs.clone()), Val::list(outputs.clone()))),
+                }),
                 stack: Vec::new(),
             };
             let action = match &rule.action {
-                RawAction::Shell(_) => Action::Shell(e.render(&action_t[0], Mode::Scalar { quote: true })?),
-                RawAction::Content(_) => Action::Write(e.render(&action_t[0], Mode::Scalar { quote: false })?),
+                RawAction::Shell(_) => {
+                    Action::Shell(e.render(&action_t[0], Mode::Scalar { quote: true })?)
+                }
+                RawAction::Content(_) => {
+                    Action::Write(e.render(&action_t[0], Mode::Scalar { quote: false })?)
+                }
                 RawAction::Argv(_) => {
                     let mut argv = Vec::new();
                     for t in &action_t {
@@ -751,7 +963,16 @@ fn expand_rule<'a>(
                     l
                 }
             };
-            JobSpec { rule: ri, label, inputs, outputs, output_template, action, env, pool }
+            JobSpec {
+                rule: ri,
+                label,
+                inputs,
+                outputs,
+                output_template,
+                action,
+                env,
+                pool,
+            }
         };
         jobs.push(job);
     }

@@ -81,10 +81,20 @@ impl Graph {
                 if let Some(prev) = files[f.idx()].producer {
                     let prev_job: &Job = &jobs[prev.idx()];
                     let here = output_span(&model, &spec, oi);
-                    let there = output_span(&model, &prev_job.spec, prev_job.outs.iter().position(|x| *x == f).unwrap_or(0));
+                    let there = output_span(
+                        &model,
+                        &prev_job.spec,
+                        prev_job.outs.iter().position(|x| *x == f).unwrap_or(0),
+                    );
                     let loc = model.source.locate(there);
                     let same = prev.idx() == ji;
-                    let d = model.source.error(here, format!("two {} write `{o}`", if same { "outputs of one job" } else { "rules" }));
+                    let d = model.source.error(
+                        here,
+                        format!(
+                            "two {} write `{o}`",
+                            if same { "outputs of one job" } else { "rules" }
+                        ),
+                    );
                     return Err(d.with_hint(format!(
                         "`{}` already writes it (at {}:{}:{}); every path has one producer",
                         prev_job.spec.label,
@@ -110,7 +120,11 @@ impl Graph {
         }
         let mut dependents = vec![Vec::new(); jobs.len()];
         for ji in 0..jobs.len() {
-            let mut deps: Vec<JobId> = jobs[ji].ins.iter().filter_map(|f| files[f.idx()].producer).collect();
+            let mut deps: Vec<JobId> = jobs[ji]
+                .ins
+                .iter()
+                .filter_map(|f| files[f.idx()].producer)
+                .collect();
             deps.sort_unstable();
             deps.dedup();
             for d in &deps {
@@ -123,7 +137,10 @@ impl Graph {
         let sccs = tarjan_scc(&g);
         let mut topo = Vec::with_capacity(jobs.len());
         for scc in sccs.iter().rev() {
-            let is_cycle = scc.len() > 1 || jobs[scc[0].index()].deps.contains(&JobId(scc[0].index() as u32));
+            let is_cycle = scc.len() > 1
+                || jobs[scc[0].index()]
+                    .deps
+                    .contains(&JobId(scc[0].index() as u32));
             if is_cycle {
                 return Err(cycle_error(&model, &jobs, &files, scc));
             }
@@ -141,12 +158,20 @@ impl Graph {
 
     /// Resolve command-line targets to jobs. A target is `all`, an alias, a rule name, or a path
     /// (relative to the work folder, or to `cwd`). A source path that exists needs no job.
-    pub fn resolve_targets(&self, targets: &[String], cwd: &Path, workdir: &Path) -> Result<Vec<JobId>, Diagnostic> {
+    pub fn resolve_targets(
+        &self,
+        targets: &[String],
+        cwd: &Path,
+        workdir: &Path,
+    ) -> Result<Vec<JobId>, Diagnostic> {
         let mut out = Vec::new();
-        let mut stack: Vec<(String, usize)> = targets.iter().rev().map(|t| (t.clone(), 0)).collect();
+        let mut stack: Vec<(String, usize)> =
+            targets.iter().rev().map(|t| (t.clone(), 0)).collect();
         while let Some((t, depth)) = stack.pop() {
             if depth > 32 {
-                return Err(Diagnostic::plain(format!("alias `{t}` nests too deeply (a cycle of aliases?)")));
+                return Err(Diagnostic::plain(format!(
+                    "alias `{t}` nests too deeply (a cycle of aliases?)"
+                )));
             }
             if t == "all" {
                 out.extend((0..self.jobs.len()).map(|i| JobId(i as u32)));
@@ -157,7 +182,13 @@ impl Graph {
                 continue;
             }
             if let Some(ri) = self.model.rules.iter().position(|r| r.name == t) {
-                out.extend(self.jobs.iter().enumerate().filter(|(_, j)| j.spec.rule as usize == ri).map(|(i, _)| JobId(i as u32)));
+                out.extend(
+                    self.jobs
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, j)| j.spec.rule as usize == ri)
+                        .map(|(i, _)| JobId(i as u32)),
+                );
                 continue;
             }
             if let Some(f) = self.lookup_path(&t, cwd, workdir) {
@@ -165,7 +196,9 @@ impl Graph {
                     Some(j) => out.push(j),
                     None => {
                         if !workdir.join(&self.files[f.idx()].path).exists() {
-                            return Err(Diagnostic::plain(format!("`{t}` is a source that does not exist, and no rule writes it")));
+                            return Err(Diagnostic::plain(format!(
+                                "`{t}` is a source that does not exist, and no rule writes it"
+                            )));
                         }
                     }
                 }
@@ -174,7 +207,9 @@ impl Graph {
             let mut names: Vec<&str> = vec!["all"];
             names.extend(self.model.rules.iter().map(|r| r.name.as_str()));
             names.extend(self.model.aliases.iter().map(|(a, _)| a.text.as_str()));
-            let d = Diagnostic::plain(format!("unknown target `{t}`: not a rule, an alias, or a path any rule writes"));
+            let d = Diagnostic::plain(format!(
+                "unknown target `{t}`: not a rule, an alias, or a path any rule writes"
+            ));
             return Err(match closest(&t, names.iter().copied()) {
                 Some(c) => d.with_hint(format!("did you mean `{c}`?")),
                 None => d.with_hint("`qbuild --list` shows the rules and their outputs"),
@@ -215,7 +250,9 @@ impl Graph {
 fn output_span(model: &Model, spec: &JobSpec, oi: usize) -> std::ops::Range<usize> {
     let rule = &model.rules[spec.rule as usize];
     let t = spec.output_template.get(oi).copied().unwrap_or(0) as usize;
-    rule.outputs.get(t).map_or(rule.name_span.clone(), |s| s.span.clone())
+    rule.outputs
+        .get(t)
+        .map_or(rule.name_span.clone(), |s| s.span.clone())
 }
 
 fn cycle_error(model: &Model, jobs: &[Job], files: &[File], scc: &[NodeIndex]) -> Diagnostic {
@@ -231,7 +268,10 @@ fn cycle_error(model: &Model, jobs: &[Job], files: &[File], scc: &[NodeIndex]) -
             .iter()
             .flat_map(|f| {
                 let f = *f;
-                jobs.iter().enumerate().filter(move |(_, j)| j.ins.contains(&f)).map(|(i, _)| i)
+                jobs.iter()
+                    .enumerate()
+                    .filter(move |(_, j)| j.ins.contains(&f))
+                    .map(|(i, _)| i)
             })
             .find(|i| members.contains(i) && (!path.contains(i) || *i == start));
         match next {
@@ -247,9 +287,19 @@ fn cycle_error(model: &Model, jobs: &[Job], files: &[File], scc: &[NodeIndex]) -
     }
     let names: Vec<String> = path.iter().map(|j| jobs[*j].spec.label.clone()).collect();
     let rule = &model.rules[jobs[start].spec.rule as usize];
-    let example = jobs[start].outs.first().map(|f| files[f.idx()].path.clone()).unwrap_or_default();
+    let example = jobs[start]
+        .outs
+        .first()
+        .map(|f| files[f.idx()].path.clone())
+        .unwrap_or_default();
     model
         .source
-        .error(rule.name_span.clone(), format!("dependency cycle: {}", names.join(" -> ")))
-        .with_hint(format!("`{}` (which writes `{example}`) ends up depending on its own output", jobs[start].spec.label))
+        .error(
+            rule.name_span.clone(),
+            format!("dependency cycle: {}", names.join(" -> ")),
+        )
+        .with_hint(format!(
+            "`{}` (which writes `{example}`) ends up depending on its own output",
+            jobs[start].spec.label
+        ))
 }

@@ -32,8 +32,14 @@ impl StatKey {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
-            mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
-            ctime_ns: m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec()),
+            mtime_ns: m
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec()),
+            ctime_ns: m
+                .ctime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.ctime_nsec()),
             kind,
         }
     }
@@ -60,13 +66,18 @@ impl StatEntry {
 
 /// The kernel's coarse clock, the one file timestamps are taken from.
 pub fn coarse_now_ns() -> i64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
     if rc != 0 {
         return 0;
     }
-    (ts.tv_sec as i64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as i64)
+    (ts.tv_sec as i64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as i64)
 }
 
 /// Counts bytes actually read for hashing (reported as `hashed_bytes`).
@@ -171,10 +182,20 @@ mod tests {
 
     #[test]
     fn racy_entries_are_not_trusted() {
-        let st = StatKey { ctime_ns: 100, ..Default::default() };
-        let e = StatEntry { stat: st, hash: [0; 32], hashed_at_ns: 100 };
+        let st = StatKey {
+            ctime_ns: 100,
+            ..Default::default()
+        };
+        let e = StatEntry {
+            stat: st,
+            hash: [0; 32],
+            hashed_at_ns: 100,
+        };
         assert!(!e.trusted(&st));
-        let e = StatEntry { hashed_at_ns: 101, ..e };
+        let e = StatEntry {
+            hashed_at_ns: 101,
+            ..e
+        };
         assert!(e.trusted(&st));
         assert!(!e.trusted(&StatKey { size: 1, ..st }));
     }

@@ -28,9 +28,9 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILED: i32 = 1;
 pub const EXIT_BAD_INPUT: i32 = 2;
 
-/// Parse a Qairtfile into a checked graph.
-pub fn load_graph(path: &Path) -> Result<Graph, Diagnostic> {
-    let q = qairtfile::load(path)?;
+/// Parse a Qairtfile into a checked graph; diagnostics name the file as `shown`.
+pub fn load_graph(path: &Path, shown: &Path) -> Result<Graph, Diagnostic> {
+    let q = qairtfile::load(path, shown)?;
     let model = expand::expand(&q)?;
     Graph::build(model)
 }
@@ -57,13 +57,18 @@ fn absolute(p: &Path) -> PathBuf {
 }
 
 fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
-    let cwd = std::env::current_dir().map_err(|e| Diagnostic::plain(format!("cannot read the current folder: {e}")))?;
+    let cwd = std::env::current_dir()
+        .map_err(|e| Diagnostic::plain(format!("cannot read the current folder: {e}")))?;
     if let Some(d) = &args.dir {
-        std::env::set_current_dir(d).map_err(|e| Diagnostic::plain(format!("-C {}: {e}", d.display())))?;
+        std::env::set_current_dir(d)
+            .map_err(|e| Diagnostic::plain(format!("-C {}: {e}", d.display())))?;
     }
     let file = absolute(&args.file);
-    let graph = load_graph(&file)?;
-    let workdir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    let graph = load_graph(&file, &args.file)?;
+    let workdir = file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
     // Paths on the command line are relative to the folder qbuild was started in.
     let targets: Vec<String> = if !args.targets.is_empty() {
         args.targets.clone()
@@ -101,9 +106,11 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
     install_signal_handlers();
 
     let opts = work::Options {
-        jobs: args
-            .jobs
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        jobs: args.jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }),
         keep_going: args.keep_going,
         dry_run: args.dry_run,
         explain: args.explain,
@@ -120,8 +127,16 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
             let _ = out.flush();
         }
     };
-    let summary = work::build(&graph, &workdir, &db, &jobs, &opts, progress.as_mut(), &mut emit)
-        .map_err(|e| Diagnostic::plain(e.to_string()))?;
+    let summary = work::build(
+        &graph,
+        &workdir,
+        &db,
+        &jobs,
+        &opts,
+        progress.as_mut(),
+        &mut emit,
+    )
+    .map_err(|e| Diagnostic::plain(e.to_string()))?;
     progress.done();
     let status = if summary.ok() { "ok" } else { "failed" };
     emit(serde_json::json!({
@@ -135,13 +150,20 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         "hashed_bytes": summary.hashed_bytes,
     }));
     let verb = if opts.dry_run { "would run" } else { "ran" };
-    let count = if opts.dry_run { summary.would_run } else { summary.ran };
+    let count = if opts.dry_run {
+        summary.would_run
+    } else {
+        summary.ran
+    };
     let mut line = format!("qbuild: {verb} {count}, {} up to date", summary.up_to_date);
     if summary.failed > 0 {
         line.push_str(&format!(", {} failed", summary.failed));
     }
     if summary.skipped > 0 {
-        line.push_str(&format!(", {} not run (a dependency failed)", summary.skipped));
+        line.push_str(&format!(
+            ", {} not run (a dependency failed)",
+            summary.skipped
+        ));
     }
     if count == 0 && summary.failed == 0 && !opts.dry_run {
         line = format!("qbuild: nothing to do, {} up to date", summary.up_to_date);
@@ -170,8 +192,18 @@ fn install_signal_handlers() {
 fn print_list(g: &Graph) {
     let mut out = std::io::stdout().lock();
     for (ri, r) in g.model.rules.iter().enumerate() {
-        let jobs: Vec<&graph::Job> = g.jobs.iter().filter(|j| j.spec.rule as usize == ri).collect();
-        let _ = writeln!(out, "{} ({} job{})", r.name, jobs.len(), if jobs.len() == 1 { "" } else { "s" });
+        let jobs: Vec<&graph::Job> = g
+            .jobs
+            .iter()
+            .filter(|j| j.spec.rule as usize == ri)
+            .collect();
+        let _ = writeln!(
+            out,
+            "{} ({} job{})",
+            r.name,
+            jobs.len(),
+            if jobs.len() == 1 { "" } else { "s" }
+        );
         for j in jobs {
             let _ = writeln!(out, "  {}", j.spec.label);
             for o in &j.spec.outputs {
@@ -184,7 +216,10 @@ fn print_list(g: &Graph) {
 fn print_dot(g: &Graph, targets: &[graph::JobId]) {
     let want = g.closure(targets);
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "digraph qbuild {{\n  rankdir=LR;\n  node [shape=box, fontsize=10];");
+    let _ = writeln!(
+        out,
+        "digraph qbuild {{\n  rankdir=LR;\n  node [shape=box, fontsize=10];"
+    );
     for (i, j) in g.jobs.iter().enumerate() {
         if want[i] {
             let _ = writeln!(out, "  j{i} [label={:?}];", j.spec.label);

@@ -23,7 +23,11 @@ pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, String> {
         Err(std::fs::TryLockError::WouldBlock) => {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
             let holder = holder.trim();
-            let who = if holder.is_empty() { String::new() } else { format!(" (pid {holder})") };
+            let who = if holder.is_empty() {
+                String::new()
+            } else {
+                format!(" (pid {holder})")
+            };
             if !wait {
                 return Err(format!(
                     "another qbuild{who} is building in {}; not waiting (--no-wait)",
@@ -31,9 +35,12 @@ pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, String> {
                 ));
             }
             eprintln!("qbuild: waiting for another qbuild{who} to finish in this folder...");
-            file.lock().map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+            file.lock()
+                .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(format!("cannot lock {}: {e}", path.display())),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(format!("cannot lock {}: {e}", path.display()))
+        }
     }
     let _ = file.set_len(0);
     let _ = write!(file, "{}", std::process::id());

@@ -37,7 +37,11 @@ impl Progress for Plain {
     fn started(&mut self, _label: &str) {}
     fn finished(&mut self, done: usize, total: usize, label: &str, ok: bool, took: Duration) {
         let fail = if ok { "" } else { " FAILED" };
-        let _ = writeln!(std::io::stderr(), "[{done}/{total}] {label} ({}){fail}", secs(took));
+        let _ = writeln!(
+            std::io::stderr(),
+            "[{done}/{total}] {label} ({}){fail}",
+            secs(took)
+        );
     }
     fn message(&mut self, text: &str) {
         let _ = writeln!(std::io::stderr(), "{text}");
@@ -66,8 +70,10 @@ pub struct Fancy {
 impl Fancy {
     fn new() -> Fancy {
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(10));
-        let style = ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let style = ProgressStyle::with_template(
+            "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
         Fancy { bar, running: 0 }
     }
@@ -76,14 +82,16 @@ impl Fancy {
 impl Progress for Fancy {
     fn started(&mut self, label: &str) {
         self.running += 1;
-        self.bar.set_message(format!("{} running: {label}", self.running));
+        self.bar
+            .set_message(format!("{} running: {label}", self.running));
     }
     fn finished(&mut self, done: usize, total: usize, label: &str, ok: bool, took: Duration) {
         self.running = self.running.saturating_sub(1);
         self.bar.set_length(total as u64);
         self.bar.set_position(done as u64);
         let fail = if ok { "" } else { " FAILED" };
-        self.bar.println(format!("[{done}/{total}] {label} ({}){fail}", secs(took)));
+        self.bar
+            .println(format!("[{done}/{total}] {label} ({}){fail}", secs(took)));
     }
     fn message(&mut self, text: &str) {
         self.bar.println(text);

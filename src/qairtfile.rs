@@ -115,13 +115,13 @@ struct Parser<'s> {
     src: &'s Source,
 }
 
-/// Read and parse a Qairtfile from disk.
-pub fn load(path: &Path) -> Result<Qairtfile, Diagnostic> {
+/// Read and parse a Qairtfile from disk; diagnostics name it as `shown`.
+pub fn load(path: &Path, shown: &Path) -> Result<Qairtfile, Diagnostic> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        Diagnostic::plain(format!("cannot read {}: {e}", path.display()))
+        Diagnostic::plain(format!("cannot read {}: {e}", shown.display()))
             .with_hint("pass the Qairtfile with -f FILE, or run in its folder (-C DIR)")
     })?;
-    parse(Source::new(path, text))
+    parse(Source::new(shown, text))
 }
 
 /// Parse Qairtfile text; every error names file, line and column.
@@ -149,7 +149,8 @@ pub fn parse(source: Source) -> Result<Qairtfile, Diagnostic> {
                 for (k, v) in p.table(value, "[vars]")? {
                     let name = p.ident(k)?;
                     if RESERVED.contains(&name.text.as_str()) {
-                        return Err(p.err(&name.span, format!("`{}` is reserved", name.text))
+                        return Err(p
+                            .err(&name.span, format!("`{}` is reserved", name.text))
                             .with_hint("qbuild defines it; pick another variable name"));
                     }
                     file.vars.push((name, p.value(v)?));
@@ -200,7 +201,11 @@ pub fn parse(source: Source) -> Result<Qairtfile, Diagnostic> {
                     _ => "variables go under [vars]",
                 };
                 let d = p.unknown_key(key, other, TOP_KEYS);
-                return Err(if d.hint.is_some() { d } else { d.with_hint(hint) });
+                return Err(if d.hint.is_some() {
+                    d
+                } else {
+                    d.with_hint(hint)
+                });
             }
         }
     }
@@ -212,7 +217,12 @@ impl<'s> Parser<'s> {
         self.src.error(span.clone(), msg)
     }
 
-    fn unknown_key(&self, key: &Spanned<std::borrow::Cow<'_, str>>, name: &str, known: &[&str]) -> Diagnostic {
+    fn unknown_key(
+        &self,
+        key: &Spanned<std::borrow::Cow<'_, str>>,
+        name: &str,
+        known: &[&str],
+    ) -> Diagnostic {
         let d = self.err(&key.span(), format!("unknown key `{name}`"));
         match closest(name, known.iter().copied()) {
             Some(c) => d.with_hint(format!("did you mean `{c}`?")),
@@ -285,7 +295,10 @@ impl<'s> Parser<'s> {
             DeValue::Array(a) => a.iter().map(|e| self.string(e, what)).collect(),
             other => Err(self.err(
                 &v.span(),
-                format!("{what} must be a list of strings, found {}", other.type_str()),
+                format!(
+                    "{what} must be a list of strings, found {}",
+                    other.type_str()
+                ),
             )),
         }
     }
@@ -299,10 +312,12 @@ impl<'s> Parser<'s> {
         };
         match v.get_ref() {
             DeValue::String(s) => scalar(s.to_string()),
-            DeValue::Integer(i) => match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
-                Ok(n) => scalar(n.to_string()),
-                Err(_) => Err(self.err(&v.span(), "integer out of range")),
-            },
+            DeValue::Integer(i) => {
+                match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
+                    Ok(n) => scalar(n.to_string()),
+                    Err(_) => Err(self.err(&v.span(), "integer out of range")),
+                }
+            }
             DeValue::Float(f) => scalar(f.as_str().to_string()),
             DeValue::Boolean(b) => scalar(b.to_string()),
             DeValue::Datetime(d) => scalar(d.to_string()),
@@ -311,8 +326,10 @@ impl<'s> Parser<'s> {
                 for e in a.iter() {
                     match e.get_ref() {
                         DeValue::Array(_) | DeValue::Table(_) => {
-                            return Err(self
-                                .err(&e.span(), "lists hold strings or numbers, not lists or tables"))
+                            return Err(self.err(
+                                &e.span(),
+                                "lists hold strings or numbers, not lists or tables",
+                            ))
                         }
                         _ => items.push(self.value(e)?),
                     }
@@ -328,8 +345,9 @@ impl<'s> Parser<'s> {
                     }
                 }
                 let Some(rv) = range else {
-                    return Err(self
-                        .err(&v.span(), "a table value must be `{ range = [FROM, TO] }`"));
+                    return Err(
+                        self.err(&v.span(), "a table value must be `{ range = [FROM, TO] }`")
+                    );
                 };
                 match rv.get_ref() {
                     DeValue::Array(a) if a.len() == 2 => Ok(RawValue::Range(
@@ -337,8 +355,10 @@ impl<'s> Parser<'s> {
                         Box::new(self.value(&a[1])?),
                         v.span(),
                     )),
-                    _ => Err(self
-                        .err(&rv.span(), "range takes two bounds: `{ range = [1, 4] }` is 1, 2, 3, 4")),
+                    _ => Err(self.err(
+                        &rv.span(),
+                        "range takes two bounds: `{ range = [1, 4] }` is 1, 2, 3, 4",
+                    )),
                 }
             }
         }
@@ -362,12 +382,19 @@ impl<'s> Parser<'s> {
             DeValue::Table(_) => Ok(vec![self.kv_list(v, what)?]),
             other => Err(self.err(
                 &v.span(),
-                format!("{what} must be a list of tables, found {}", other.type_str()),
+                format!(
+                    "{what} must be a list of tables, found {}",
+                    other.type_str()
+                ),
             )),
         }
     }
 
-    fn rule(&self, k: &Spanned<std::borrow::Cow<'_, str>>, v: &V<'_>) -> Result<RuleDef, Diagnostic> {
+    fn rule(
+        &self,
+        k: &Spanned<std::borrow::Cow<'_, str>>,
+        v: &V<'_>,
+    ) -> Result<RuleDef, Diagnostic> {
         let name = self.ident(k)?;
         if RESERVED.contains(&name.text.as_str()) {
             return Err(self.err(&name.span, format!("`{}` cannot name a rule", name.text)));
@@ -447,19 +474,28 @@ impl<'s> Parser<'s> {
             }
             (None, None, Some(c)) => {
                 if outputs.len() != 1 {
-                    return Err(self
-                        .err(&outputs_span, "a `content` rule writes exactly one output"));
+                    return Err(
+                        self.err(&outputs_span, "a `content` rule writes exactly one output")
+                    );
                 }
                 RawAction::Content(c)
             }
             (None, None, None) => {
                 return Err(self
-                    .err(&rule_span, format!("rule `{}` has nothing to do", name.text))
-                    .with_hint("give it `command = \"...\"`, `argv = [...]` or `content = \"...\"`"))
+                    .err(
+                        &rule_span,
+                        format!("rule `{}` has nothing to do", name.text),
+                    )
+                    .with_hint(
+                        "give it `command = \"...\"`, `argv = [...]` or `content = \"...\"`",
+                    ))
             }
             _ => {
                 return Err(self
-                    .err(&rule_span, format!("rule `{}` has more than one action", name.text))
+                    .err(
+                        &rule_span,
+                        format!("rule `{}` has more than one action", name.text),
+                    )
                     .with_hint("use exactly one of `command`, `argv`, `content`"))
             }
         };

@@ -35,7 +35,11 @@ impl KeyParts {
 pub fn action_text(a: &Action) -> String {
     match a {
         Action::Shell(s) => s.clone(),
-        Action::Argv(v) => v.iter().map(|s| crate::expand::shell_quote(s)).collect::<Vec<_>>().join(" "),
+        Action::Argv(v) => v
+            .iter()
+            .map(|s| crate::expand::shell_quote(s))
+            .collect::<Vec<_>>()
+            .join(" "),
         Action::Write(c) => format!("write {c:?}"),
     }
 }
@@ -45,14 +49,31 @@ pub fn action_text(a: &Action) -> String {
 pub enum Reason {
     NeverBuilt,
     OutputMissing(String),
-    OutputChanged { path: String, was: Hash, now: Hash },
-    InputChanged { path: String, was: Option<Hash>, now: Hash },
+    OutputChanged {
+        path: String,
+        was: Hash,
+        now: Hash,
+    },
+    InputChanged {
+        path: String,
+        was: Option<Hash>,
+        now: Hash,
+    },
     InputRemoved(String),
     /// Dry run: an input is the output of a job that would run first.
     InputWillRebuild(String),
-    CommandChanged { was: String, now: String },
-    EnvChanged { was: Vec<(String, String)>, now: Vec<(String, String)> },
-    ToolchainChanged { was: Vec<(String, String)>, now: Vec<(String, String)> },
+    CommandChanged {
+        was: String,
+        now: String,
+    },
+    EnvChanged {
+        was: Vec<(String, String)>,
+        now: Vec<(String, String)>,
+    },
+    ToolchainChanged {
+        was: Vec<(String, String)>,
+        now: Vec<(String, String)>,
+    },
     OutputsChanged,
     /// The key differs but the readable record is gone (should not happen in practice).
     KeyChanged,
@@ -68,12 +89,23 @@ impl fmt::Display for Reason {
             Reason::NeverBuilt => write!(f, "never built"),
             Reason::OutputMissing(p) => write!(f, "output {p} is missing"),
             Reason::OutputChanged { path, was, now } => {
-                write!(f, "output {path} changed since it was built ({} -> {})", short(was), short(now))
+                write!(
+                    f,
+                    "output {path} changed since it was built ({} -> {})",
+                    short(was),
+                    short(now)
+                )
             }
-            Reason::InputChanged { path, was: Some(w), now } => {
+            Reason::InputChanged {
+                path,
+                was: Some(w),
+                now,
+            } => {
                 write!(f, "input {path} changed ({} -> {})", short(w), short(now))
             }
-            Reason::InputChanged { path, was: None, .. } => write!(f, "input {path} is new"),
+            Reason::InputChanged {
+                path, was: None, ..
+            } => write!(f, "input {path} is new"),
             Reason::InputRemoved(p) => write!(f, "input {p} is no longer declared"),
             Reason::InputWillRebuild(p) => write!(f, "input {p} will be rebuilt"),
             Reason::CommandChanged { was, now } => {
@@ -81,7 +113,12 @@ impl fmt::Display for Reason {
             }
             Reason::EnvChanged { was, now } => write!(f, "environment changed: {was:?} -> {now:?}"),
             Reason::ToolchainChanged { was, now } => {
-                let fmtv = |v: &Vec<(String, String)>| v.iter().map(|(k, x)| format!("{k} {x}")).collect::<Vec<_>>().join(", ");
+                let fmtv = |v: &Vec<(String, String)>| {
+                    v.iter()
+                        .map(|(k, x)| format!("{k} {x}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
                 write!(f, "toolchain changed: {} -> {}", fmtv(was), fmtv(now))
             }
             Reason::OutputsChanged => write!(f, "the declared outputs changed"),
@@ -95,7 +132,12 @@ pub fn command_diff(was: &str, now: &str) -> String {
     let a: Vec<&str> = was.split_whitespace().collect();
     let b: Vec<&str> = now.split_whitespace().collect();
     let pre = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
-    let suf = a[pre..].iter().rev().zip(b[pre..].iter().rev()).take_while(|(x, y)| x == y).count();
+    let suf = a[pre..]
+        .iter()
+        .rev()
+        .zip(b[pre..].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
     let ctx = |words: &[&str]| words.join(" ");
     let left = if pre > 0 { "… " } else { "" };
     let right = if suf > 0 { " …" } else { "" };
@@ -141,7 +183,10 @@ pub fn decide(
         } else {
             reasons.push(Reason::KeyChanged);
         }
-        return Decision { stale: true, reasons };
+        return Decision {
+            stale: true,
+            reasons,
+        };
     }
     let now = outputs_now();
     for (i, path) in parts.outputs.iter().enumerate() {
@@ -228,22 +273,62 @@ mod tests {
         let old = parts("q --act_bitwidth 16", 1);
         let new = parts("q --act_bitwidth 8", 1);
         assert_ne!(old.key(), new.key());
-        let rec = JobRecord { key: old.key(), outputs: vec![[9; 32]], duration_ms: 1 };
-        let d = decide(&new, &new.key(), Some(&rec), &mut || vec![Some([9; 32])], &mut || Some(old.clone()), true);
+        let rec = JobRecord {
+            key: old.key(),
+            outputs: vec![[9; 32]],
+            duration_ms: 1,
+        };
+        let d = decide(
+            &new,
+            &new.key(),
+            Some(&rec),
+            &mut || vec![Some([9; 32])],
+            &mut || Some(old.clone()),
+            true,
+        );
         assert!(d.stale);
         assert!(matches!(&d.reasons[0], Reason::CommandChanged { .. }));
-        assert!(d.reasons[0].to_string().contains("- … 16"), "{}", d.reasons[0]);
+        assert!(
+            d.reasons[0].to_string().contains("- … 16"),
+            "{}",
+            d.reasons[0]
+        );
     }
 
     #[test]
     fn up_to_date_needs_same_outputs() {
         let p = parts("x", 1);
-        let rec = JobRecord { key: p.key(), outputs: vec![[9; 32]], duration_ms: 1 };
-        let same = decide(&p, &p.key(), Some(&rec), &mut || vec![Some([9; 32])], &mut || None, true);
+        let rec = JobRecord {
+            key: p.key(),
+            outputs: vec![[9; 32]],
+            duration_ms: 1,
+        };
+        let same = decide(
+            &p,
+            &p.key(),
+            Some(&rec),
+            &mut || vec![Some([9; 32])],
+            &mut || None,
+            true,
+        );
         assert!(!same.stale);
-        let edited = decide(&p, &p.key(), Some(&rec), &mut || vec![Some([8; 32])], &mut || None, true);
+        let edited = decide(
+            &p,
+            &p.key(),
+            Some(&rec),
+            &mut || vec![Some([8; 32])],
+            &mut || None,
+            true,
+        );
         assert!(matches!(edited.reasons[0], Reason::OutputChanged { .. }));
-        let gone = decide(&p, &p.key(), Some(&rec), &mut || vec![None], &mut || None, true);
+        let gone = decide(
+            &p,
+            &p.key(),
+            Some(&rec),
+            &mut || vec![None],
+            &mut || None,
+            true,
+        );
         assert_eq!(gone.reasons, vec![Reason::OutputMissing("out".into())]);
     }
 }

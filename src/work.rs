@@ -177,7 +177,8 @@ pub fn build(
     let mut state = vec![State::Skipped; g.jobs.len()];
     let mut pending = vec![0u32; g.jobs.len()];
     let mut ready = VecDeque::new();
-    for &j in &g.topo {
+    // Start in declaration order (topo order only matters for the counts set here).
+    for j in (0..g.jobs.len()).map(|i| JobId(i as u32)) {
         if !want[j.idx()] {
             continue;
         }
@@ -293,7 +294,11 @@ impl Work<'_> {
     /// Prereq: `j` is Ready. Decides it: up to date, stale (queued / would run), or skipped.
     fn check(&mut self, j: JobId) {
         let job = &self.g.jobs[j.idx()];
-        if job.deps.iter().any(|d| matches!(self.state[d.idx()], State::Failed | State::Skipped)) {
+        if job
+            .deps
+            .iter()
+            .any(|d| matches!(self.state[d.idx()], State::Failed | State::Skipped))
+        {
             return self.settle(j, State::Skipped);
         }
         let mut inputs = Vec::with_capacity(job.ins.len());
@@ -392,7 +397,8 @@ impl Work<'_> {
     }
 
     fn fail_before_start(&mut self, j: JobId, why: &str) {
-        self.progress.message(&format!("FAILED: {}\n  {why}", self.label(j)));
+        self.progress
+            .message(&format!("FAILED: {}\n  {why}", self.label(j)));
         let ev = json!({
             "event": "job_finished",
             "rule": self.rule_name(j),
@@ -456,10 +462,22 @@ impl Work<'_> {
 
     fn start(&mut self, j: JobId, tx: mpsc::Sender<Done>) {
         let job = &self.g.jobs[j.idx()];
-        let outputs: Vec<PathBuf> = job.spec.outputs.iter().map(|o| self.workdir.join(o)).collect();
+        let outputs: Vec<PathBuf> = job
+            .spec
+            .outputs
+            .iter()
+            .map(|o| self.workdir.join(o))
+            .collect();
         self.pre_stat.insert(
             j,
-            outputs.iter().map(|p| fs::symlink_metadata(p).ok().map(|m| StatKey::from_meta(&m, 0))).collect(),
+            outputs
+                .iter()
+                .map(|p| {
+                    fs::symlink_metadata(p)
+                        .ok()
+                        .map(|m| StatKey::from_meta(&m, 0))
+                })
+                .collect(),
         );
         for o in &outputs {
             if let Some(dir) = o.parent() {
@@ -518,7 +536,9 @@ impl Work<'_> {
                 match h {
                     Ok(Some(h)) => hashes.push(*h),
                     Ok(None) => {
-                        failure = Some(format!("the command succeeded but did not write the declared output {path}"));
+                        failure = Some(format!(
+                            "the command succeeded but did not write the declared output {path}"
+                        ));
                         break;
                     }
                     Err(e) => {
@@ -537,7 +557,10 @@ impl Work<'_> {
                 text.push_str(&format!("\n  command: {cmd}"));
             }
             if !removed.is_empty() {
-                text.push_str(&format!("\n  removed partial output(s): {}", removed.join(", ")));
+                text.push_str(&format!(
+                    "\n  removed partial output(s): {}",
+                    removed.join(", ")
+                ));
             }
             let tail = exec::tail(&log, 20);
             if !tail.is_empty() {
@@ -551,7 +574,8 @@ impl Work<'_> {
             }
             text.push_str(&format!("  log: {}", log.display()));
             let (done, total) = self.counts(1);
-            self.progress.finished(done, total, &job.spec.label, false, d.took);
+            self.progress
+                .finished(done, total, &job.spec.label, false, d.took);
             if self.summary.interrupted.is_none() {
                 self.progress.message(&text);
             }
@@ -568,7 +592,10 @@ impl Work<'_> {
             self.keys.remove(&j);
             self.settle(j, State::Failed);
         } else {
-            let (key, parts) = self.keys.remove(&j).ok_or_else(|| WorkError::Io("internal: ran a job without a key".into()))?;
+            let (key, parts) = self
+                .keys
+                .remove(&j)
+                .ok_or_else(|| WorkError::Io("internal: ran a job without a key".into()))?;
             let rec = JobRecord {
                 key,
                 outputs: hashes.clone(),
@@ -582,7 +609,8 @@ impl Work<'_> {
                 self.now[f.idx()] = Now::Hash(*h);
             }
             let (done, total) = self.counts(1);
-            self.progress.finished(done, total, &job.spec.label, true, d.took);
+            self.progress
+                .finished(done, total, &job.spec.label, true, d.took);
             if self.opts.verbose {
                 let tail = exec::tail(&log, usize::MAX);
                 if !tail.is_empty() {
@@ -609,7 +637,10 @@ impl Work<'_> {
     fn counts(&self, extra: usize) -> (usize, usize) {
         let s = &self.summary;
         let done = s.ran + s.failed + extra;
-        let total = self.total.saturating_sub(s.up_to_date + s.skipped + s.would_run).max(done);
+        let total = self
+            .total
+            .saturating_sub(s.up_to_date + s.skipped + s.would_run)
+            .max(done);
         (done, total)
     }
 
@@ -649,7 +680,10 @@ use crate::expand::Action;
 
 /// Where a job's log goes: `.qbuild/logs/<first output>.log`.
 pub fn log_path(workdir: &Path, first_output: &str) -> PathBuf {
-    workdir.join(".qbuild").join("logs").join(format!("{first_output}.log"))
+    workdir
+        .join(".qbuild")
+        .join("logs")
+        .join(format!("{first_output}.log"))
 }
 
 /// Render a duration for messages.
