@@ -15,6 +15,22 @@ const KIND_FILE: u8 = 0;
 const KIND_DIR: u8 = 1;
 const KIND_LINK: u8 = 2;
 
+/// An artifact's two hashes: `content` is what readers see (through links), `ident` is what
+/// its producer made (a link's text). They differ only for symlinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Art {
+    pub content: Hash,
+    pub ident: Hash,
+}
+
+/// A link's identity: its text alone.
+pub fn link_identity(text: &Path) -> Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(b"qbuild-link-text\0");
+    h.update(text.as_os_str().as_encoded_bytes());
+    *h.finalize().as_bytes()
+}
+
 /// Hashes artifacts under a work folder; safe to share between threads.
 pub struct Artifacts<'a> {
     pub workdir: PathBuf,
@@ -42,15 +58,26 @@ impl<'a> Artifacts<'a> {
         self.workdir.join(rel)
     }
 
-    /// The content hash of `rel` now, or `None` if it does not exist.
+    /// The content hash of `rel` now (what readers see), or `None` if it does not exist.
     pub fn current(&self, rel: &str) -> io::Result<Option<Hash>> {
+        Ok(self.current_art(rel)?.map(|a| a.content))
+    }
+
+    /// Content and identity of `rel` now, or `None` if it does not exist.
+    pub fn current_art(&self, rel: &str) -> io::Result<Option<Art>> {
         let path = self.abs(rel);
         let meta = match fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        self.hash_with_meta(rel, &path, &meta, 0).map(Some)
+        let content = self.hash_with_meta(rel, &path, &meta, 0)?;
+        let ident = if meta.file_type().is_symlink() {
+            link_identity(&fs::read_link(&path)?)
+        } else {
+            content
+        };
+        Ok(Some(Art { content, ident }))
     }
 
     fn hash_with_meta(
@@ -69,11 +96,22 @@ impl<'a> Artifacts<'a> {
         let ft = meta.file_type();
         if ft.is_symlink() {
             let text = fs::read_link(path)?;
+            if text.is_absolute() && !key.starts_with('/') {
+                return Err(io::Error::other(format!(
+                    "{key} is an absolute symlink (-> {}); links inside the work folder must be relative so the folder can move",
+                    text.display()
+                )));
+            }
             let target = path.parent().unwrap_or(Path::new("/")).join(&text);
             let target_key = crate::expand::normalize(&key_for(&self.workdir, &target));
             let th = match fs::symlink_metadata(&target) {
                 Ok(tm) => Some(self.hash_with_meta(&target_key, &target, &tm, depth + 1)?),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(io::Error::other(format!(
+                        "dangling symlink: {key} -> {} (the target does not exist)",
+                        text.display()
+                    )))
+                }
                 Err(e) => return Err(e),
             };
             return Ok(hash_link(&text, th.as_ref()));

@@ -69,12 +69,18 @@ pub fn run(
     workdir: &Path,
     env: &[(String, String)],
     log: &Path,
+    append: bool,
     running: &Running,
 ) -> io::Result<Outcome> {
     if let Some(dir) = log.parent() {
         fs::create_dir_all(dir)?;
     }
-    let logf = fs::File::create(log)?;
+    let logf = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(log)?;
     let mut cmd = match action {
         Action::Write(content) => {
             // qbuild writes the file itself; still a job, with the same bookkeeping.
@@ -82,6 +88,31 @@ pub fn run(
                 .first()
                 .ok_or_else(|| io::Error::other("a content rule needs one output"))?;
             fs::write(out, content.as_bytes())?;
+            return Ok(Outcome::Success);
+        }
+        Action::Link(text) => {
+            let out = outputs
+                .first()
+                .ok_or_else(|| io::Error::other("a link job needs one output"))?;
+            match fs::symlink_metadata(out) {
+                Ok(m) if m.file_type().is_symlink() => fs::remove_file(out)?,
+                Ok(_) => {
+                    return Err(io::Error::other(format!(
+                        "{} exists and is not a symlink; qbuild will not replace it",
+                        out.display()
+                    )))
+                }
+                Err(_) => {}
+            }
+            std::os::unix::fs::symlink(text, out)?;
+            // A link that points at nothing is an error, named with its target.
+            if fs::metadata(out).is_err() {
+                let _ = fs::remove_file(out);
+                return Err(io::Error::other(format!(
+                    "dangling symlink: {} -> {text} (the target does not exist)",
+                    out.display()
+                )));
+            }
             return Ok(Outcome::Success);
         }
         Action::Shell(s) => {

@@ -73,6 +73,8 @@ pub enum Action {
     Argv(Vec<String>),
     /// qbuild writes this text to the single output.
     Write(String),
+    /// qbuild makes the single output a symlink with this (relative) text.
+    Link(String),
 }
 
 /// One rule instance: a command with its declared inputs and outputs.
@@ -88,13 +90,35 @@ pub struct JobSpec {
     pub action: Action,
     pub env: Vec<(String, String)>,
     pub pool: Option<u32>,
+    /// Files that must be built first but are not part of the key (a link's target).
+    pub order_only: Vec<String>,
+    /// A command run after the job succeeds; its failure fails the job.
+    pub check: Option<String>,
+    /// The toolchain version is part of this job's key.
+    pub toolchain: bool,
+    /// Empty output files are fine (else an empty output fails the job).
+    pub allow_empty: bool,
 }
 
 #[derive(Debug, Clone)]
 pub struct RuleInfo {
     pub name: String,
     pub name_span: std::ops::Range<usize>,
+    /// The `inputs` key's value (or the name when absent), for diagnostics.
+    pub inputs_span: std::ops::Range<usize>,
     pub outputs: Vec<Str>,
+}
+
+/// The checked `[toolchain]` section, interpolated.
+#[derive(Debug, Clone)]
+pub struct Toolchain {
+    pub name: String,
+    pub root: String,
+    pub version_file: String,
+    pub min_version: Option<String>,
+    pub tools: Vec<String>,
+    /// Where `[toolchain]` is, for errors.
+    pub span: std::ops::Range<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -112,6 +136,9 @@ pub struct Model {
     pub pools: Vec<Pool>,
     pub default: Vec<Str>,
     pub aliases: Vec<(Str, Vec<Str>)>,
+    pub toolchain: Option<Toolchain>,
+    /// Global variables no rule, variable or toolchain used (for `--check`).
+    pub unused_vars: Vec<Str>,
 }
 
 // ---------------------------------------------------------------- templates
@@ -696,11 +723,59 @@ pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
         rules.push(RuleInfo {
             name: rule.name.text.clone(),
             name_span: rule.name.span.clone(),
+            inputs_span: match (rule.inputs.first(), rule.inputs.last()) {
+                (Some(a), Some(b)) => a.span.start..b.span.end,
+                _ => rule.name.span.clone(),
+            },
             outputs: rule.outputs.clone(),
         });
         expand_rule(&mut g, ri as u32, rule, &pools, &mut jobs)?;
     }
+    let toolchain = match &q.toolchain {
+        None => None,
+        Some(t) => {
+            let mut e = Eval {
+                g: &mut g,
+                scope: None,
+                stack: Vec::new(),
+            };
+            let mut one = |s: &Str| -> Result<String, Diagnostic> {
+                let tpl = parse_template(src, s)?;
+                e.render(&tpl, Mode::Scalar { quote: false })
+            };
+            let root = normalize(&one(&t.root)?);
+            let version_file = match &t.version_file {
+                Some(v) => one(v)?,
+                None => "sdk.yaml".to_string(),
+            };
+            let min_version = t.min_version.as_ref().map(&mut one).transpose()?;
+            let name = match &t.name {
+                Some(n) => one(n)?,
+                None => "sdk".to_string(),
+            };
+            let mut tools = Vec::new();
+            for tool in &t.tools {
+                tools.push(one(tool)?);
+            }
+            Some(Toolchain {
+                name,
+                root,
+                version_file,
+                min_version,
+                tools,
+                span: t.key_span.clone(),
+            })
+        }
+    };
+    let unused_vars = q
+        .vars
+        .iter()
+        .filter(|(k, _)| !g.memo.contains_key(&k.text))
+        .map(|(k, _)| k.clone())
+        .collect();
     Ok(Model {
+        toolchain,
+        unused_vars,
         source: src.clone(),
         rules,
         jobs,
@@ -712,6 +787,55 @@ pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
             .map(|a| (a.name.clone(), a.targets.clone()))
             .collect(),
     })
+}
+
+fn instance_label(rule: &RuleDef, assignment: &[(Rc<str>, Rc<str>)]) -> String {
+    let mut l = rule.name.text.clone();
+    for (k, v) in assignment {
+        l.push(' ');
+        l.push_str(k);
+        l.push('=');
+        l.push_str(v);
+    }
+    l
+}
+
+/// Check and normalise a path qbuild will write: inside the work folder, not in `.qbuild/`.
+fn output_path(src: &Source, s: &Str, p: &str, what: &str) -> Result<String, Diagnostic> {
+    let n = normalize(p);
+    if p.is_empty() || n == "." {
+        return Err(src.error(s.span.clone(), format!("an {what} path is empty")));
+    }
+    if n.starts_with('/') || n == ".." || n.starts_with("../") {
+        return Err(src
+            .error(
+                s.span.clone(),
+                format!("{what} `{p}` is outside the work folder"),
+            )
+            .with_hint("outputs are relative paths inside the folder that holds the Qairtfile"));
+    }
+    if n == ".qbuild" || n.starts_with(".qbuild/") {
+        return Err(src.error(
+            s.span.clone(),
+            format!("{what} `{p}` is inside qbuild's own state folder"),
+        ));
+    }
+    Ok(n)
+}
+
+/// The relative text of a link at `link` pointing at `to` (both normalised, work-relative).
+pub fn relative_link(link: &str, to: &str) -> String {
+    let from: Vec<&str> = link.split('/').collect();
+    let from_dir = &from[..from.len().saturating_sub(1)];
+    let target: Vec<&str> = to.split('/').collect();
+    let common = from_dir
+        .iter()
+        .zip(&target)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut parts: Vec<&str> = vec![".."; from_dir.len() - common];
+    parts.extend(&target[common..]);
+    parts.join("/")
 }
 
 fn matches(
@@ -814,7 +938,23 @@ fn expand_rule<'a>(
             .iter()
             .map(|s| parse_template(src, s))
             .collect::<Result<_, _>>()?,
+        RawAction::LinksOnly => Vec::new(),
     };
+    let links_t: Vec<(Template, Template)> = rule
+        .links
+        .iter()
+        .map(|l| Ok((parse_template(src, &l.link)?, parse_template(src, &l.to)?)))
+        .collect::<Result<_, Diagnostic>>()?;
+    let tools_t: Vec<Template> = rule
+        .tools
+        .iter()
+        .map(|s| parse_template(src, s))
+        .collect::<Result<_, _>>()?;
+    let check_t = rule
+        .check
+        .as_ref()
+        .map(|c| parse_template(src, c))
+        .transpose()?;
     let env_t: Vec<(String, Template)> = rule
         .env
         .iter()
@@ -895,24 +1035,71 @@ fn expand_rule<'a>(
             let mut output_template = Vec::new();
             for (ti, t) in outputs_t.iter().enumerate() {
                 for p in e.expand(t, Mode::List)? {
-                    let n = normalize(&p);
-                    if p.is_empty() || n == "." {
-                        return Err(src.error(t.str.span.clone(), "an output path is empty"));
-                    }
-                    if n.starts_with('/') || n == ".." || n.starts_with("../") {
-                        return Err(src
-                            .error(t.str.span.clone(), format!("output `{p}` is outside the work folder"))
-                            .with_hint("outputs are relative paths inside the folder that holds the Qairtfile"));
-                    }
-                    if n == ".qbuild" || n.starts_with(".qbuild/") {
-                        return Err(src.error(
-                            t.str.span.clone(),
-                            format!("output `{p}` is inside qbuild's own state folder"),
-                        ));
-                    }
-                    outputs.push(n);
+                    outputs.push(output_path(src, &t.str, &p, "output")?);
                     output_template.push(ti as u16);
                 }
+            }
+            for t in &tools_t {
+                for p in e.expand(t, Mode::List)? {
+                    if p.is_empty() {
+                        return Err(src.error(t.str.span.clone(), "a tool path is empty"));
+                    }
+                    inputs.push(normalize(&p));
+                }
+            }
+            // Each link is a job of its own: its identity is its text, and it waits for its
+            // target (order only) so readers through it see built content.
+            let label_base = instance_label(rule, &assignment);
+            for (lt, tt) in &links_t {
+                let links = e.expand(lt, Mode::List)?;
+                let tos = e.expand(tt, Mode::List)?;
+                if tos.len() != 1 && tos.len() != links.len() {
+                    return Err(src.error(
+                        tt.str.span.clone(),
+                        format!(
+                            "{} link path(s) but {} target(s): give one target, or one per link",
+                            links.len(),
+                            tos.len()
+                        ),
+                    ));
+                }
+                for (k, l) in links.iter().enumerate() {
+                    let link = output_path(src, &lt.str, l, "link")?;
+                    let to_raw = &tos[if tos.len() == 1 { 0 } else { k }];
+                    let to = normalize(to_raw);
+                    if to.starts_with('/')
+                        || to == ".."
+                        || to.starts_with("../")
+                        || to_raw.is_empty()
+                    {
+                        return Err(src
+                            .error(tt.str.span.clone(), format!("link target `{to_raw}` is outside the work folder"))
+                            .with_hint("links point inside the work folder, and qbuild writes them relative, so the folder can move"));
+                    }
+                    if to == link {
+                        return Err(src.error(
+                            tt.str.span.clone(),
+                            format!("link `{link}` points at itself"),
+                        ));
+                    }
+                    jobs.push(JobSpec {
+                        rule: ri,
+                        label: format!("link {link} ({label_base})"),
+                        inputs: Vec::new(),
+                        outputs: vec![link.clone()],
+                        output_template: vec![u16::MAX],
+                        action: Action::Link(relative_link(&link, &to)),
+                        env: Vec::new(),
+                        pool: None,
+                        order_only: vec![to],
+                        check: None,
+                        toolchain: false,
+                        allow_empty: true,
+                    });
+                }
+            }
+            if matches!(rule.action, RawAction::LinksOnly) {
+                continue;
             }
             if outputs.is_empty() {
                 return Err(src.error(
@@ -945,6 +1132,11 @@ fn expand_rule<'a>(
                     }
                     Action::Argv(argv)
                 }
+                RawAction::LinksOnly => continue,
+            };
+            let check = match &check_t {
+                Some(t) => Some(e.render(t, Mode::Scalar { quote: true })?),
+                None => None,
             };
             let mut env = Vec::new();
             for (k, t) in &env_t {
@@ -952,16 +1144,7 @@ fn expand_rule<'a>(
             }
             let label = match &desc_t {
                 Some(t) => e.render(t, Mode::Scalar { quote: false })?,
-                None => {
-                    let mut l = rule.name.text.clone();
-                    for (k, v) in &assignment {
-                        l.push(' ');
-                        l.push_str(k);
-                        l.push('=');
-                        l.push_str(v);
-                    }
-                    l
-                }
+                None => label_base,
             };
             JobSpec {
                 rule: ri,
@@ -972,6 +1155,10 @@ fn expand_rule<'a>(
                 action,
                 env,
                 pool,
+                order_only: Vec::new(),
+                check,
+                toolchain: rule.toolchain,
+                allow_empty: rule.allow_empty,
             }
         };
         jobs.push(job);

@@ -38,7 +38,9 @@ pub struct Job {
     pub spec: JobSpec,
     pub ins: Vec<FileId>,
     pub outs: Vec<FileId>,
-    /// Jobs producing this job's inputs, deduplicated.
+    /// Built before this job, but not part of its key (a link's target).
+    pub order: Vec<FileId>,
+    /// Jobs producing this job's inputs and order-only files, deduplicated.
     pub deps: Vec<JobId>,
 }
 
@@ -107,10 +109,16 @@ impl Graph {
                 outs.push(f);
             }
             let ins: Vec<FileId> = spec.inputs.iter().map(|i| intern(i, &mut files)).collect();
+            let order: Vec<FileId> = spec
+                .order_only
+                .iter()
+                .map(|i| intern(i, &mut files))
+                .collect();
             jobs.push(Job {
                 spec,
                 ins,
                 outs,
+                order,
                 deps: Vec::new(),
             });
         }
@@ -119,10 +127,11 @@ impl Graph {
             g.add_node(());
         }
         let mut dependents = vec![Vec::new(); jobs.len()];
-        for ji in 0..jobs.len() {
-            let mut deps: Vec<JobId> = jobs[ji]
+        for (ji, job) in jobs.iter_mut().enumerate() {
+            let mut deps: Vec<JobId> = job
                 .ins
                 .iter()
+                .chain(&job.order)
                 .filter_map(|f| files[f.idx()].producer)
                 .collect();
             deps.sort_unstable();
@@ -131,7 +140,7 @@ impl Graph {
                 g.add_edge(NodeIndex::new(d.idx()), NodeIndex::new(ji), ());
                 dependents[d.idx()].push(JobId(ji as u32));
             }
-            jobs[ji].deps = deps;
+            job.deps = deps;
         }
         // tarjan_scc returns components in reverse topological order.
         let sccs = tarjan_scc(&g);

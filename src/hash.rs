@@ -75,9 +75,9 @@ pub fn coarse_now_ns() -> i64 {
     if rc != 0 {
         return 0;
     }
-    (ts.tv_sec as i64)
+    ts.tv_sec
         .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as i64)
+        .saturating_add(ts.tv_nsec)
 }
 
 /// Counts bytes actually read for hashing (reported as `hashed_bytes`).

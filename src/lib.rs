@@ -12,6 +12,7 @@ pub mod lock;
 pub mod progress;
 pub mod qairtfile;
 pub mod stale;
+pub mod toolchain;
 pub mod work;
 
 use std::io::{IsTerminal, Write};
@@ -78,10 +79,25 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         vec!["all".to_string()]
     };
     let jobs = graph.resolve_targets(&targets, &cwd, &workdir)?;
+    let toolchain = match &graph.model.toolchain {
+        Some(tc) => Some(toolchain::verify(tc, &workdir, &graph.model.source)?),
+        None => None,
+    };
     if args.check {
+        check_sources(&graph, &workdir)?;
+        if let Some(v) = graph.model.unused_vars.first() {
+            return Err(graph
+                .model
+                .source
+                .error(
+                    v.span.clone(),
+                    format!("variable `{}` is never used", v.text),
+                )
+                .with_hint("remove it, or use it"));
+        }
         eprintln!(
             "qbuild: {} is valid: {} rules, {} jobs, {} files",
-            file.display(),
+            args.file.display(),
             graph.model.rules.len(),
             graph.jobs.len(),
             graph.files.len()
@@ -115,7 +131,9 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         dry_run: args.dry_run,
         explain: args.explain,
         verbose: args.verbose,
-        toolchain: Vec::new(),
+        toolchain: toolchain
+            .map(|t| vec![(t.name, t.version)])
+            .unwrap_or_default(),
     };
     let json = args.json;
     let mut progress = progress::for_terminal(json && !std::io::stderr().is_terminal());
@@ -174,6 +192,32 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         None if summary.ok() => EXIT_OK,
         None => EXIT_FAILED,
     })
+}
+
+/// `--check`: every input is either written by some rule or exists on disk.
+fn check_sources(g: &Graph, workdir: &Path) -> Result<(), Diagnostic> {
+    for job in &g.jobs {
+        for f in &job.ins {
+            let file = &g.files[f.idx()];
+            if file.producer.is_none()
+                && std::fs::symlink_metadata(workdir.join(&file.path)).is_err()
+            {
+                let rule = &g.model.rules[job.spec.rule as usize];
+                return Err(g
+                    .model
+                    .source
+                    .error(
+                        rule.inputs_span.clone(),
+                        format!(
+                            "input `{}` of `{}` does not exist and no rule writes it",
+                            file.path, job.spec.label
+                        ),
+                    )
+                    .with_hint("create it, fix the path, or add a rule whose outputs include it"));
+            }
+        }
+    }
+    Ok(())
 }
 
 extern "C" fn on_signal(sig: libc::c_int) {

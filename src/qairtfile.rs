@@ -44,12 +44,32 @@ pub struct Case {
     pub span: Span,
 }
 
-/// What a rule does: run a shell string, run an argv, or have qbuild write a file's content.
+/// What a rule does: run a shell string, run an argv, have qbuild write a file's content,
+/// or nothing but the rule's `links`.
 #[derive(Debug, Clone)]
 pub enum RawAction {
     Shell(Str),
     Argv(Vec<Str>),
     Content(Str),
+    LinksOnly,
+}
+
+/// `links = [{ link = "PATH", to = "TARGET" }]`: symlinks qbuild creates (relative).
+#[derive(Debug, Clone)]
+pub struct LinkDef {
+    pub link: Str,
+    pub to: Str,
+}
+
+/// `[toolchain]`: the SDK every `toolchain = true` rule depends on.
+#[derive(Debug, Clone)]
+pub struct ToolchainDef {
+    pub key_span: Span,
+    pub name: Option<Str>,
+    pub root: Str,
+    pub version_file: Option<Str>,
+    pub min_version: Option<Str>,
+    pub tools: Vec<Str>,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +83,11 @@ pub struct RuleDef {
     pub outputs: Vec<Str>,
     pub outputs_span: Span,
     pub action: RawAction,
+    pub links: Vec<LinkDef>,
+    pub tools: Vec<Str>,
+    pub check: Option<Str>,
+    pub toolchain: bool,
+    pub allow_empty: bool,
     pub pool: Option<Str>,
     pub env: Vec<(Str, Str)>,
     pub description: Option<Str>,
@@ -89,9 +114,11 @@ pub struct Qairtfile {
     pub pools: Vec<PoolDef>,
     pub default: Vec<Str>,
     pub aliases: Vec<AliasDef>,
+    pub toolchain: Option<ToolchainDef>,
 }
 
-const TOP_KEYS: &[&str] = &["vars", "rule", "pool", "default", "alias"];
+const TOP_KEYS: &[&str] = &["vars", "rule", "pool", "default", "alias", "toolchain"];
+const TOOLCHAIN_KEYS: &[&str] = &["name", "root", "version_file", "min_version", "tools"];
 const RULE_KEYS: &[&str] = &[
     "matrix",
     "exclude",
@@ -105,11 +132,17 @@ const RULE_KEYS: &[&str] = &[
     "pool",
     "env",
     "description",
+    "links",
+    "tools",
+    "check",
+    "toolchain",
+    "allow_empty",
 ];
 /// Names qbuild gives meaning to; a user variable cannot take them.
 pub const RESERVED: &[&str] = &["inputs", "outputs", "env", "all"];
 
 type V<'a> = Spanned<DeValue<'a>>;
+type Key<'i> = Spanned<std::borrow::Cow<'i, str>>;
 
 struct Parser<'s> {
     src: &'s Source,
@@ -142,6 +175,7 @@ pub fn parse(source: Source) -> Result<Qairtfile, Diagnostic> {
         pools: Vec::new(),
         default: Vec::new(),
         aliases: Vec::new(),
+        toolchain: None,
     };
     for (key, value) in doc.get_ref().iter() {
         match key.get_ref().as_ref() {
@@ -188,6 +222,35 @@ pub fn parse(source: Source) -> Result<Qairtfile, Diagnostic> {
                 }
             }
             "default" => file.default = p.str_list(value, "default")?,
+            "toolchain" => {
+                let mut name = None;
+                let mut root = None;
+                let mut version_file = None;
+                let mut min_version = None;
+                let mut tools = Vec::new();
+                for (k, v) in p.table(value, "[toolchain]")? {
+                    match k.get_ref().as_ref() {
+                        "name" => name = Some(p.string(v, "name")?),
+                        "root" => root = Some(p.string(v, "root")?),
+                        "version_file" => version_file = Some(p.string(v, "version_file")?),
+                        "min_version" => min_version = Some(p.scalar_text(v, "min_version")?),
+                        "tools" => tools = p.str_list(v, "tools")?,
+                        other => return Err(p.unknown_key(k, other, TOOLCHAIN_KEYS)),
+                    }
+                }
+                let root = root.ok_or_else(|| {
+                    p.err(&key.span(), "[toolchain] has no `root`")
+                        .with_hint("root = \"${env:QNN_SDK_ROOT:-sim-sdk}\"")
+                })?;
+                file.toolchain = Some(ToolchainDef {
+                    key_span: key.span(),
+                    name,
+                    root,
+                    version_file,
+                    min_version,
+                    tools,
+                });
+            }
             "alias" => {
                 for (k, v) in p.table(value, "[alias]")? {
                     let name = p.string_key(k);
@@ -234,7 +297,7 @@ impl<'s> Parser<'s> {
         &self,
         v: &'a V<'i>,
         what: &str,
-    ) -> Result<Vec<(&'a Spanned<std::borrow::Cow<'i, str>>, &'a V<'i>)>, Diagnostic> {
+    ) -> Result<Vec<(&'a Key<'i>, &'a V<'i>)>, Diagnostic> {
         match v.get_ref() {
             DeValue::Table(t) => Ok(t.iter().collect()),
             other => Err(self.err(
@@ -287,6 +350,20 @@ impl<'s> Parser<'s> {
                 format!("{what} must be a string, found {}", other.type_str()),
             )),
         }
+    }
+
+    /// A string, or a number/float written bare (`min_version = 2.28`), as text.
+    fn scalar_text(&self, v: &V<'_>, what: &str) -> Result<Str, Diagnostic> {
+        match self.value(v)? {
+            RawValue::Scalar(s) => Ok(s),
+            _ => Err(self.err(&v.span(), format!("{what} must be a string"))),
+        }
+    }
+
+    fn bool(&self, v: &V<'_>, what: &str) -> Result<bool, Diagnostic> {
+        v.get_ref()
+            .as_bool()
+            .ok_or_else(|| self.err(&v.span(), format!("{what} must be true or false")))
     }
 
     fn str_list(&self, v: &V<'_>, what: &str) -> Result<Vec<Str>, Diagnostic> {
@@ -411,6 +488,11 @@ impl<'s> Parser<'s> {
         let mut pool = None;
         let mut env = Vec::new();
         let mut description = None;
+        let mut links = Vec::new();
+        let mut tools = Vec::new();
+        let mut check = None;
+        let mut toolchain = false;
+        let mut allow_empty = false;
         for (key, val) in self.table(v, "a rule")? {
             match key.get_ref().as_ref() {
                 "matrix" => matrix = self.kv_list(val, "matrix")?,
@@ -448,6 +530,35 @@ impl<'s> Parser<'s> {
                 "content" => content = Some(self.string(val, "content")?),
                 "pool" => pool = Some(self.string(val, "pool")?),
                 "description" => description = Some(self.string(val, "description")?),
+                "tools" => tools = self.str_list(val, "tools")?,
+                "check" => check = Some(self.string(val, "check")?),
+                "toolchain" => toolchain = self.bool(val, "toolchain")?,
+                "allow_empty" => allow_empty = self.bool(val, "allow_empty")?,
+                "links" => {
+                    let items: Vec<&V<'_>> = match val.get_ref() {
+                        DeValue::Array(a) => a.iter().collect(),
+                        _ => vec![val],
+                    };
+                    for item in items {
+                        let mut link = None;
+                        let mut to = None;
+                        for (lk, lv) in self.table(item, "a link")? {
+                            match lk.get_ref().as_ref() {
+                                "link" => link = Some(self.string(lv, "link")?),
+                                "to" => to = Some(self.string(lv, "to")?),
+                                other => return Err(self.unknown_key(lk, other, &["link", "to"])),
+                            }
+                        }
+                        match (link, to) {
+                            (Some(link), Some(to)) => links.push(LinkDef { link, to }),
+                            _ => {
+                                return Err(self
+                                    .err(&item.span(), "a link needs `link` (its path) and `to` (what it points at)")
+                                    .with_hint("links = [{ link = \"splits/a.encodings\", to = \"onnx/a.encodings\" }]"))
+                            }
+                        }
+                    }
+                }
                 "env" => {
                     for (ek, ev) in self.table(val, "env")? {
                         env.push((self.string_key(ek), self.string(ev, "an env value")?));
@@ -457,11 +568,16 @@ impl<'s> Parser<'s> {
             }
         }
         let rule_span = name.span.clone();
-        let (outputs, outputs_span) = outputs.ok_or_else(|| {
-            self.err(&rule_span, format!("rule `{}` has no `outputs`", name.text))
-                .with_hint("every rule declares what it writes: outputs = [\"path\", ...]")
-        })?;
-        if outputs.is_empty() {
+        let links_only =
+            command.is_none() && argv.is_none() && content.is_none() && !links.is_empty();
+        let (outputs, outputs_span) = match outputs {
+            None if links_only => (Vec::new(), rule_span.clone()),
+            o => o.ok_or_else(|| {
+                self.err(&rule_span, format!("rule `{}` has no `outputs`", name.text))
+                    .with_hint("every rule declares what it writes: outputs = [\"path\", ...]")
+            })?,
+        };
+        if outputs.is_empty() && !links_only {
             return Err(self.err(&outputs_span, "`outputs` is empty"));
         }
         let action = match (command, argv, content) {
@@ -480,6 +596,7 @@ impl<'s> Parser<'s> {
                 }
                 RawAction::Content(c)
             }
+            (None, None, None) if links_only => RawAction::LinksOnly,
             (None, None, None) => {
                 return Err(self
                     .err(
@@ -509,6 +626,11 @@ impl<'s> Parser<'s> {
             outputs,
             outputs_span,
             action,
+            links,
+            tools,
+            check,
+            toolchain,
+            allow_empty,
             pool,
             env,
             description,

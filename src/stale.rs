@@ -41,6 +41,7 @@ pub fn action_text(a: &Action) -> String {
             .collect::<Vec<_>>()
             .join(" "),
         Action::Write(c) => format!("write {c:?}"),
+        Action::Link(t) => format!("symlink -> {t}"),
     }
 }
 

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use serde_json::json;
 
-use crate::artifact::{settle_racy, Artifacts};
+use crate::artifact::{link_identity, settle_racy, Art, Artifacts};
 use crate::db::{job_id, Db, DbError, JobRecord};
 use crate::exec::{self, Outcome, Running};
 use crate::graph::{Graph, JobId};
-use crate::hash::{Hash, HashStats, StatEntry, StatKey};
+use crate::hash::{hash_link, Hash, HashStats, StatEntry, StatKey};
 use crate::progress::{secs, Progress};
 use crate::stale::{action_text, decide, KeyParts, Reason};
 
@@ -82,7 +82,7 @@ enum State {
 enum Now {
     Unknown,
     Missing,
-    Hash(Hash),
+    Have(Art),
     /// Dry run: its producer would run, so its content is not known.
     WillRebuild,
     Error(String),
@@ -91,7 +91,7 @@ enum Now {
 struct Done {
     job: JobId,
     result: io::Result<Outcome>,
-    outputs: Vec<io::Result<Option<Hash>>>,
+    outputs: Vec<io::Result<Option<Art>>>,
     stats: Vec<(String, StatEntry)>,
     took: Duration,
 }
@@ -149,7 +149,7 @@ pub fn build(
     let mut touched = vec![false; g.files.len()];
     for (j, job) in g.jobs.iter().enumerate() {
         if want[j] {
-            for f in job.ins.iter().chain(&job.outs) {
+            for f in job.ins.iter().chain(&job.outs).chain(&job.order) {
                 touched[f.idx()] = true;
             }
         }
@@ -159,8 +159,8 @@ pub fn build(
     let hashed: Vec<(usize, Now)> = ids
         .par_iter()
         .map(|i| {
-            let now = match arts.current(&g.files[*i].path) {
-                Ok(Some(h)) => Now::Hash(h),
+            let now = match arts.current_art(&g.files[*i].path) {
+                Ok(Some(a)) => Now::Have(a),
                 Ok(None) => Now::Missing,
                 Err(e) => Now::Error(e.to_string()),
             };
@@ -306,7 +306,7 @@ impl Work<'_> {
         for f in &job.ins {
             let path = &self.g.files[f.idx()].path;
             match &self.now[f.idx()] {
-                Now::Hash(h) => inputs.push((path.clone(), *h)),
+                Now::Have(a) => inputs.push((path.clone(), a.content)),
                 Now::WillRebuild => reasons.push(Reason::InputWillRebuild(path.clone())),
                 Now::Missing | Now::Unknown => {
                     let why = if self.g.files[f.idx()].producer.is_some() {
@@ -329,7 +329,11 @@ impl Work<'_> {
         let parts = KeyParts {
             action: action_text(&job.spec.action),
             env: job.spec.env.clone(),
-            toolchain: self.opts.toolchain.clone(),
+            toolchain: if job.spec.toolchain {
+                self.opts.toolchain.clone()
+            } else {
+                Vec::new()
+            },
             inputs,
             outputs: job.spec.outputs.clone(),
         };
@@ -346,7 +350,7 @@ impl Work<'_> {
             &mut || {
                 outs.iter()
                     .map(|f| match &now[f.idx()] {
-                        Now::Hash(h) => Some(*h),
+                        Now::Have(a) => Some(a.ident),
                         _ => None,
                     })
                     .collect()
@@ -357,13 +361,31 @@ impl Work<'_> {
         if d.stale {
             self.stale(j, Some((key, parts)), d.reasons);
         } else {
-            if let Some(rec) = self.records.get(&id) {
-                for (f, h) in job.outs.iter().zip(&rec.outputs) {
-                    self.now[f.idx()] = Now::Hash(*h);
-                }
-            }
+            // Outputs are as recorded; their content hashes from the scan stand, except a
+            // link's, which follows its target (possibly rebuilt this run).
+            self.refresh_link(j);
             self.settle(j, State::UpToDate);
         }
+    }
+
+    /// For a link job: its output's content is its text plus what its target holds now.
+    fn refresh_link(&mut self, j: JobId) {
+        let job = &self.g.jobs[j.idx()];
+        let Action::Link(text) = &job.spec.action else {
+            return;
+        };
+        let (Some(out), Some(target)) = (job.outs.first(), job.order.first()) else {
+            return;
+        };
+        let target_content = match &self.now[target.idx()] {
+            Now::Have(a) => Some(a.content),
+            _ => None,
+        };
+        let text = Path::new(text);
+        self.now[out.idx()] = Now::Have(Art {
+            content: hash_link(text, target_content.as_ref()),
+            ident: link_identity(text),
+        });
     }
 
     fn stale(&mut self, j: JobId, key: Option<(Hash, KeyParts)>, reasons: Vec<Reason>) {
@@ -494,16 +516,39 @@ impl Work<'_> {
         let procs = self.procs.clone();
         let stats = self.stats.clone();
         let rels = job.spec.outputs.clone();
+        let allow_empty = job.spec.allow_empty;
+        let check = job.spec.check.clone();
         std::thread::spawn(move || {
             let t0 = Instant::now();
-            let result = exec::run(&action, &outputs, &workdir, &env, &log, &procs);
+            let mut result = exec::run(&action, &outputs, &workdir, &env, &log, false, &procs);
             let mut hashes = Vec::new();
             let mut entries = Vec::new();
             if matches!(result, Ok(Outcome::Success)) {
-                // Outputs are new: hash them without the cache, here in the worker.
+                result = sanity_check(
+                    &outputs,
+                    &rels,
+                    allow_empty,
+                    check.as_deref(),
+                    &workdir,
+                    &log,
+                    &procs,
+                );
+            }
+            if matches!(result, Ok(Outcome::Success)) {
+                // Outputs are new: hash them without the cache, here in the worker. A link's
+                // content is derived from its target on the main thread instead.
                 let empty = HashMap::new();
                 let arts = Artifacts::new(&workdir, &empty, &stats);
-                hashes = rels.iter().map(|r| arts.current(r)).collect();
+                hashes = rels
+                    .iter()
+                    .map(|r| match action {
+                        Action::Link(ref t) => Ok(Some(Art {
+                            content: [0; 32],
+                            ident: link_identity(Path::new(t)),
+                        })),
+                        _ => arts.current_art(r),
+                    })
+                    .collect();
                 entries = arts.take_updates();
             }
             let _ = tx.send(Done {
@@ -526,7 +571,7 @@ impl Work<'_> {
         let job = &self.g.jobs[j.idx()];
         let log = log_path(&self.workdir, &job.spec.outputs[0]);
         let mut failure: Option<String> = match &d.result {
-            Err(e) => Some(format!("could not run: {e}")),
+            Err(e) => Some(e.to_string()),
             Ok(Outcome::Success) => None,
             Ok(o) => Some(format!("command {o}")),
         };
@@ -534,7 +579,7 @@ impl Work<'_> {
         if failure.is_none() {
             for (path, h) in job.spec.outputs.iter().zip(&d.outputs) {
                 match h {
-                    Ok(Some(h)) => hashes.push(*h),
+                    Ok(Some(a)) => hashes.push(*a),
                     Ok(None) => {
                         failure = Some(format!(
                             "the command succeeded but did not write the declared output {path}"
@@ -598,16 +643,17 @@ impl Work<'_> {
                 .ok_or_else(|| WorkError::Io("internal: ran a job without a key".into()))?;
             let rec = JobRecord {
                 key,
-                outputs: hashes.clone(),
+                outputs: hashes.iter().map(|a| a.ident).collect(),
                 duration_ms: took_ms,
             };
             let id = job_id(&job.spec.outputs);
             self.db.record_job(&id, &rec, &parts, &d.stats)?;
             recorded = true;
             self.stat_updates.extend(d.stats);
-            for (f, h) in job.outs.iter().zip(&hashes) {
-                self.now[f.idx()] = Now::Hash(*h);
+            for (f, a) in job.outs.iter().zip(&hashes) {
+                self.now[f.idx()] = Now::Have(*a);
             }
+            self.refresh_link(j);
             let (done, total) = self.counts(1);
             self.progress
                 .finished(done, total, &job.spec.label, true, d.took);
@@ -677,6 +723,49 @@ impl Work<'_> {
 }
 
 use crate::expand::Action;
+
+/// After a command succeeded: every declared output exists, files are non-empty (unless
+/// allowed), and the rule's `check` command passes.
+fn sanity_check(
+    outputs: &[PathBuf],
+    rels: &[String],
+    allow_empty: bool,
+    check: Option<&str>,
+    workdir: &Path,
+    log: &Path,
+    procs: &Running,
+) -> io::Result<Outcome> {
+    for (p, rel) in outputs.iter().zip(rels) {
+        match fs::symlink_metadata(p) {
+            Err(_) => {
+                return Err(io::Error::other(format!(
+                    "the command succeeded but did not write the declared output {rel}"
+                )))
+            }
+            Ok(m) if m.is_file() && m.len() == 0 && !allow_empty => {
+                return Err(io::Error::other(format!(
+                    "the declared output {rel} is empty (set `allow_empty = true` on the rule if that is right)"
+                )))
+            }
+            Ok(_) => {}
+        }
+    }
+    match check {
+        None => Ok(Outcome::Success),
+        Some(c) => match exec::run(
+            &Action::Shell(c.to_string()),
+            outputs,
+            workdir,
+            &[],
+            log,
+            true,
+            procs,
+        )? {
+            Outcome::Success => Ok(Outcome::Success),
+            o => Err(io::Error::other(format!("its check `{c}` {o}"))),
+        },
+    }
+}
 
 /// Where a job's log goes: `.qbuild/logs/<first output>.log`.
 pub fn log_path(workdir: &Path, first_output: &str) -> PathBuf {
