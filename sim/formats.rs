@@ -1,7 +1,7 @@
 //! Reading and validating the sim file formats, and hashing inputs (always streaming).
 
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read, Seek};
 use std::path::Path;
 
 use crate::SimError;
@@ -282,10 +282,19 @@ pub fn read_header<R: BufRead>(
         match parsed {
             Some(kv) => fields.push(kv),
             None => {
-                return Err(SimError::Failed(format!(
-                    "{shown}:{lineno}: malformed header line '{}' (expected 'key: value')",
-                    show_bytes(&line, 60)
-                )))
+                // A line cut off by the end of the file is a truncated header.
+                let at_eof = r.fill_buf().map_err(|e| read_err(shown, &e))?.is_empty();
+                return Err(SimError::Failed(if at_eof {
+                    format!(
+                        "{shown}:{lineno}: unexpected end of file in the header \
+                         (the file is truncated)"
+                    )
+                } else {
+                    format!(
+                        "{shown}:{lineno}: malformed header line '{}' (expected 'key: value')",
+                        show_bytes(&line, 60)
+                    )
+                }));
             }
         }
     }
@@ -302,6 +311,17 @@ pub fn open_sim(
     let mut r = BufReader::with_capacity(1 << 20, f);
     let h = read_header(&mut r, shown, accepted)?;
     Ok((h, r))
+}
+
+/// Bytes left from the reader's position (the first payload byte after `open_sim`) to the
+/// end of the file. Regular files use their size; anything else is read through.
+pub fn remaining_bytes(r: &mut BufReader<File>, shown: &str) -> Result<u64, SimError> {
+    let meta = r.get_ref().metadata().map_err(|e| read_err(shown, &e))?;
+    if meta.is_file() {
+        let pos = r.stream_position().map_err(|e| read_err(shown, &e))?;
+        return Ok(meta.len().saturating_sub(pos));
+    }
+    io::copy(r, &mut io::sink()).map_err(|e| read_err(shown, &e))
 }
 
 /// Number of payload lines (a final line without `\n` counts) and blake3 of the payload.

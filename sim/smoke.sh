@@ -1,7 +1,8 @@
 #!/bin/sh
 # End-to-end check of qairt-sim through the sim-sdk wrappers: the whole LLM compile chain
 # (ARs 1 and 128, CL 4096, 4 splits) in temp dirs, then determinism, path independence,
-# split locality, error exits, failure injection, payload scaling and wrapper lookup.
+# split locality, error exits, qairt-dlc-info, failure injection, payload scaling and wrapper
+# lookup.
 #
 #   sim/smoke.sh                  # builds target/release/qairt-sim first
 #   SMOKE_NO_BUILD=1 sim/smoke.sh # uses whatever binary the wrappers find
@@ -199,6 +200,15 @@ f1=models_ar_n/ar1-cl4096/converted_model/ar1-cl4096_2_of_4.dlc
 expect 1 "$BIN/qnn-context-binary-generator" --backend libQnnHtp.so --model libQnnModelDlc.so \
     --output_dir out --binary_file x --dlc_path "$f1"
 grep -q "not a quantized DLC" "$tmp/err" || fail "float DLC to context binary"
+q1=models_ar_n/ar128-cl4096/compiled_model/ar128-cl4096_2_of_4.dlc
+expect 0 "$BIN/qairt-dlc-info" -i "$q1"
+for want in 'kind: quantized DLC (QSIM-QDLC v1)' 'graph: ar128-cl4096_2_of_4' \
+    'act_bitwidth: 16' 'bias_bitwidth: 32' 'payload-bytes: 4096'; do
+    grep -qxF "$want" "$tmp/out" || fail "qairt-dlc-info summary lacks '$want'"
+done
+head -c 4000 "$q1" >trunc.dlc
+expect 1 "$BIN/qairt-dlc-info" --input_dlc trunc.dlc
+grep -q "^qairt-dlc-info: error: 'trunc.dlc' is truncated" "$tmp/err" || fail "truncated DLC message"
 
 QAIRT_SIM_FAIL=inject expect 1 "$BIN/qairt-converter" --input_network models/llama3.onnx -o inject/x.dlc
 grep -q "^qairt-sim: injected failure for inject/x.dlc$" "$tmp/err" || fail "injection message"

@@ -997,3 +997,236 @@ fn relative_dirs_in_output_names() {
     assert_eq!(enc["qairt_sim"]["graph"], "g");
     assert!(enc["activation_encodings"]["x"].is_array());
 }
+
+/// Run qairt-dlc-info on `file`, returning its stdout lines.
+fn dlc_info(d: &Scratch, file: &str) -> Result<Vec<String>, SimError> {
+    let mut ctx = Ctx::default();
+    run_in(&mut ctx, "qairt-dlc-info", &v(&["-i", &d.s(file)]))?;
+    Ok(ctx.report)
+}
+
+fn dlc_info_failed(d: &Scratch, file: &str) -> String {
+    match dlc_info(d, file) {
+        Err(SimError::Failed(m)) => m,
+        other => panic!("qairt-dlc-info {file}: expected a failure, got {other:?}"),
+    }
+}
+
+/// Sources plus `f.dlc` (converted) and `q.dlc` (quantized, 16/32) in a scratch dir.
+fn dlc_fixture(tag: &str) -> Scratch {
+    let d = Scratch::new(tag);
+    sources(&d, "s");
+    ok(
+        "qairt-converter",
+        &v(&["-i", &d.s("s/llama3.onnx"), "-o", &d.s("f.dlc")]),
+    );
+    ok(
+        "qairt-quantizer",
+        &v(&[
+            "--input_dlc",
+            &d.s("f.dlc"),
+            "--input_list",
+            &d.s("s/input_list.txt"),
+            "--output_dlc",
+            &d.s("q.dlc"),
+            "--act_bitwidth",
+            "16",
+            "--bias_bitwidth",
+            "32",
+        ]),
+    );
+    d
+}
+
+/// Names in a directory, sorted.
+fn listing(dir: &Path) -> Vec<OsString> {
+    let mut names: Vec<OsString> = fs::read_dir(dir)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn dlc_info_valid_dlc() {
+    let d = dlc_fixture("info-dlc");
+    let before = listing(&d.0);
+    let f = d.read("f.dlc");
+    assert_eq!(
+        dlc_info(&d, "f.dlc").expect("dlc info"),
+        v(&[
+            &format!("file: {}", d.s("f.dlc")),
+            "kind: DLC (QSIM-DLC v1)",
+            "graph: llama3",
+            "payload-bytes: 4096",
+        ])
+    );
+    // It writes nothing.
+    assert_eq!(listing(&d.0), before);
+    assert_eq!(d.read("f.dlc"), f);
+    // The recorded payload size follows QAIRT_SIM_SCALE and is checked against the file.
+    let mut big = Ctx {
+        payload: 12345,
+        ..Ctx::default()
+    };
+    run_in(
+        &mut big,
+        "qairt-converter",
+        &v(&["-i", &d.s("s/llama3.onnx"), "-o", &d.s("big.dlc")]),
+    )
+    .expect("convert");
+    let out = dlc_info(&d, "big.dlc").expect("big info");
+    assert_eq!(out.last().map(String::as_str), Some("payload-bytes: 12345"));
+}
+
+#[test]
+fn dlc_info_valid_qdlc() {
+    let d = dlc_fixture("info-qdlc");
+    let before = listing(&d.0);
+    let mut ctx = Ctx::default();
+    run_in(
+        &mut ctx,
+        "qairt-dlc-info",
+        &v(&["--input_dlc", &d.s("q.dlc")]),
+    )
+    .expect("qdlc info");
+    assert_eq!(
+        ctx.report,
+        v(&[
+            &format!("file: {}", d.s("q.dlc")),
+            "kind: quantized DLC (QSIM-QDLC v1)",
+            "graph: llama3",
+            "act_bitwidth: 16",
+            "bias_bitwidth: 32",
+            "payload-bytes: 4096",
+        ])
+    );
+    assert_eq!(listing(&d.0), before);
+}
+
+#[test]
+fn dlc_info_truncated_qdlc() {
+    let d = dlc_fixture("info-trunc");
+    let q = d.read("q.dlc");
+    // One byte short of the payload.
+    d.write("t1.dlc", &q[..q.len() - 1]);
+    let m = dlc_info_failed(&d, "t1.dlc");
+    assert!(
+        m.contains(&d.s("t1.dlc")) && m.contains("is truncated") && m.contains("only 4095"),
+        "{m}"
+    );
+    // Cut inside a header line, and between header lines.
+    d.write("t2.dlc", &q[..40]);
+    let m = dlc_info_failed(&d, "t2.dlc");
+    assert!(
+        m.contains(&d.s("t2.dlc")) && m.contains("unexpected end of file in the header"),
+        "{m}"
+    );
+    let second_line = q.iter().position(|&b| b == b'\n').expect("magic") + 1;
+    d.write("t3.dlc", &q[..second_line]);
+    let m = dlc_info_failed(&d, "t3.dlc");
+    assert!(m.contains("unexpected end of file in the header"), "{m}");
+    // Cut right after the header: no payload at all.
+    let header_end = q.windows(2).position(|w| w == b"\n\n").expect("header") + 2;
+    d.write("t4.dlc", &q[..header_end]);
+    let m = dlc_info_failed(&d, "t4.dlc");
+    assert!(m.contains("is truncated") && m.contains("only 0"), "{m}");
+    // What an injected failure leaves behind.
+    let mut ctx = Ctx {
+        fail: Some("inject".to_string()),
+        ..Ctx::default()
+    };
+    run_in(
+        &mut ctx,
+        "qairt-quantizer",
+        &v(&[
+            "--input_dlc",
+            &d.s("f.dlc"),
+            "--input_list",
+            &d.s("s/input_list.txt"),
+            "--output_dlc",
+            &d.s("inject.dlc"),
+        ]),
+    )
+    .expect_err("injected");
+    let m = dlc_info_failed(&d, "inject.dlc");
+    assert!(m.contains("unexpected end of file in the header"), "{m}");
+    // Extra bytes after the payload are reported too.
+    let mut long = q.clone();
+    long.push(b'x');
+    d.write("long.dlc", &long);
+    let m = dlc_info_failed(&d, "long.dlc");
+    assert!(
+        m.contains("4097 payload bytes") && m.contains("trailing"),
+        "{m}"
+    );
+}
+
+#[test]
+fn dlc_info_garbage_and_malformed() {
+    let d = dlc_fixture("info-bad");
+    // Binary garbage.
+    d.write(
+        "junk.dlc",
+        [0x7fu8, b'E', b'L', b'F', 0, 1, 2, 0xff, b'\n', 9],
+    );
+    let m = dlc_info_failed(&d, "junk.dlc");
+    assert!(
+        m.contains(&d.s("junk.dlc")) && m.contains("not a QSIM-DLC v1 file"),
+        "{m}"
+    );
+    d.write("text.dlc", "hello\nworld\n");
+    let m = dlc_info_failed(&d, "text.dlc");
+    assert!(m.contains("first line: 'hello'"), "{m}");
+    d.write("empty.dlc", "");
+    assert!(dlc_info_failed(&d, "empty.dlc").contains("is empty"));
+    // Sim files of other kinds, missing files, directories.
+    let m = dlc_info_failed(&d, "s/llama3.onnx");
+    assert!(m.contains("is a QSIM-ONNX v1 file"), "{m}");
+    assert!(dlc_info_failed(&d, "missing.dlc").contains("missing.dlc"));
+    assert!(dlc_info_failed(&d, "s").contains("is a directory"));
+    // Header fields must parse.
+    let text = String::from_utf8_lossy(&d.read("q.dlc")).into_owned();
+    let edit = |name: &str, from: &str, to: &str| {
+        assert!(text.contains(from), "{from}");
+        d.write(name, text.replacen(from, to, 1));
+        dlc_info_failed(&d, name)
+    };
+    let m = edit("nosize.dlc", "payload-bytes: 4096\n", "");
+    assert!(m.contains("missing header field 'payload-bytes'"), "{m}");
+    let m = edit(
+        "badsize.dlc",
+        "payload-bytes: 4096\n",
+        "payload-bytes: 4k\n",
+    );
+    assert!(
+        m.contains("payload-bytes: '4k' is not a whole number"),
+        "{m}"
+    );
+    let m = edit(
+        "signed.dlc",
+        "payload-bytes: 4096\n",
+        "payload-bytes: +4096\n",
+    );
+    assert!(m.contains("not a whole number"), "{m}");
+    let m = edit("badbits.dlc", "act_bitwidth: 16\n", "act_bitwidth: 12\n");
+    assert!(m.contains("act_bitwidth: 12 is not one of 8, 16"), "{m}");
+    let m = edit("nobias.dlc", "bias_bitwidth: 32\n", "");
+    assert!(m.contains("missing header field 'bias_bitwidth'"), "{m}");
+    let m = edit(
+        "dup.dlc",
+        "graph: llama3\n",
+        "graph: llama3\ngraph: other\n",
+    );
+    assert!(m.contains("'graph' appears more than once"), "{m}");
+    let m = edit("hdr.dlc", "graph: llama3\n", "graph llama3\n");
+    assert!(m.contains("hdr.dlc:3: malformed header line"), "{m}");
+    // Usage errors.
+    let u = usage("qairt-dlc-info", &v(&[]));
+    assert!(u.contains("missing required flag --input_dlc"), "{u}");
+    let u = usage("qairt-dlc-info", &v(&[&d.s("q.dlc")]));
+    assert!(u.contains("unexpected argument"), "{u}");
+    let u = usage("qairt-dlc-info", &v(&["-i", "a.dlc", "-o", "b"]));
+    assert!(u.contains("unknown flag '-o'"), "{u}");
+}

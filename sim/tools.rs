@@ -1,4 +1,4 @@
-//! The six simulated QAIRT tools.
+//! The seven simulated QAIRT tools.
 
 use std::ffi::{OsStr, OsString};
 use std::io::BufRead;
@@ -10,7 +10,8 @@ use crate::cli::{self, Args, Flag, Kind, Parsed};
 use crate::emit::{begin, Ctx, Out, Planned};
 use crate::formats::{
     count_lines, hash_file, hash_tree, io_msg, json_kind, line_label, open_input, open_sim,
-    read_encodings, read_json, scan_lines, Key, CTXBIN_MAGIC, DLC_MAGIC, ONNX_MAGIC, QDLC_MAGIC,
+    read_encodings, read_json, remaining_bytes, scan_lines, Header, Key, CTXBIN_MAGIC, DLC_MAGIC,
+    ONNX_MAGIC, QDLC_MAGIC,
 };
 use crate::SimError;
 
@@ -60,6 +61,12 @@ pub const TOOLS: &[Tool] = &[
         about: "build one weight-shared context binary from quantized DLCs",
         flags: CTXBIN_FLAGS,
         run: context_binary,
+    },
+    Tool {
+        name: "qairt-dlc-info",
+        about: "check a DLC or quantized DLC and print a summary (writes nothing)",
+        flags: DLC_INFO_FLAGS,
+        run: dlc_info,
     },
 ];
 
@@ -935,4 +942,85 @@ fn context_binary(ctx: &mut Ctx, a: &Args) -> Result<(), SimError> {
     )?;
     out.xof_raw(&key, ctx.payload)?;
     out.finish(ctx)
+}
+
+// ---------------------------------------------------------------- dlc-info
+
+const DLC_INFO_FLAGS: &[Flag] =
+    &[Flag::path("--input_dlc", "DLC", "DLC or quantized DLC to inspect").aliases(&["-i"])];
+
+/// A required header field holding a whole number.
+fn header_number(hdr: &Header, shown: &str, key: &str) -> Result<u64, SimError> {
+    let Some(v) = hdr.get(key) else {
+        return Err(SimError::Failed(format!(
+            "'{shown}': missing header field '{key}'"
+        )));
+    };
+    match v.parse::<u64>() {
+        Ok(n) if v.bytes().all(|c| c.is_ascii_digit()) => Ok(n),
+        _ => Err(SimError::Failed(format!(
+            "'{shown}': header field {key}: '{}' is not a whole number",
+            cli::sanitize(v)
+        ))),
+    }
+}
+
+/// A required bitwidth header field, one of `allowed`.
+fn header_bitwidth(hdr: &Header, shown: &str, key: &str, allowed: &[u64]) -> Result<u64, SimError> {
+    let n = header_number(hdr, shown, key)?;
+    if allowed.contains(&n) {
+        return Ok(n);
+    }
+    let list: Vec<String> = allowed.iter().map(u64::to_string).collect();
+    Err(SimError::Failed(format!(
+        "'{shown}': header field {key}: {n} is not one of {}",
+        list.join(", ")
+    )))
+}
+
+fn dlc_info(ctx: &mut Ctx, a: &Args) -> Result<(), SimError> {
+    let (path, shown) = path_arg(ctx, a, "--input_dlc")?;
+    let shown = cli::sanitize(&shown);
+    let (hdr, mut r) = open_sim(&path, &shown, &[DLC_MAGIC, QDLC_MAGIC])?;
+    for (i, (k, _)) in hdr.fields.iter().enumerate() {
+        if hdr.fields[..i].iter().any(|(prev, _)| prev == k) {
+            return Err(SimError::Failed(format!(
+                "'{shown}': header field '{k}' appears more than once"
+            )));
+        }
+    }
+    let quantized = hdr.magic == QDLC_MAGIC;
+    let want = header_number(&hdr, &shown, "payload-bytes")?;
+    let bits = if quantized {
+        Some((
+            header_bitwidth(&hdr, &shown, "act_bitwidth", &[8, 16])?,
+            header_bitwidth(&hdr, &shown, "bias_bitwidth", &[8, 32])?,
+        ))
+    } else {
+        None
+    };
+    let got = remaining_bytes(&mut r, &shown)?;
+    if got < want {
+        return Err(SimError::Failed(format!(
+            "'{shown}' is truncated: its header records payload-bytes: {want}, \
+             but only {got} payload bytes follow"
+        )));
+    }
+    if got > want {
+        return Err(SimError::Failed(format!(
+            "'{shown}' has {got} payload bytes, more than the payload-bytes: {want} \
+             its header records (trailing data)"
+        )));
+    }
+    let kind = if quantized { "quantized DLC" } else { "DLC" };
+    ctx.report.push(format!("file: {shown}"));
+    ctx.report.push(format!("kind: {kind} ({})", hdr.magic));
+    ctx.report
+        .push(format!("graph: {}", cli::sanitize(&hdr.graph())));
+    if let Some((act, bias)) = bits {
+        ctx.report.push(format!("act_bitwidth: {act}"));
+        ctx.report.push(format!("bias_bitwidth: {bias}"));
+    }
+    ctx.report.push(format!("payload-bytes: {got}"));
+    Ok(())
 }

@@ -63,6 +63,17 @@ impl<'a> Artifacts<'a> {
         Ok(self.current_art(rel)?.map(|a| a.content))
     }
 
+    /// Identity of `rel` now (a link's text, else its content hash), or `None` if absent.
+    pub fn identity(&self, rel: &str) -> io::Result<Option<Hash>> {
+        let path = self.abs(rel);
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => Ok(Some(link_identity(&fs::read_link(&path)?))),
+            Ok(_) => self.current(rel),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Content and identity of `rel` now, or `None` if it does not exist.
     pub fn current_art(&self, rel: &str) -> io::Result<Option<Art>> {
         let path = self.abs(rel);

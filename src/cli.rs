@@ -53,6 +53,15 @@ pub struct Args {
     /// Print the job graph of the targets in Graphviz DOT.
     #[arg(long)]
     pub graph: bool,
+    /// Remove the outputs qbuild made for the targets (default: all), nothing else.
+    #[arg(long)]
+    pub clean: bool,
+    /// Show what is stale and why, without running anything.
+    #[arg(long)]
+    pub status: bool,
+    /// Write a Chrome trace-event JSON of the build (open it in Perfetto).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
     /// Fail at once instead of waiting when another build holds the work folder.
     #[arg(long = "no-wait")]
     pub no_wait: bool,

@@ -1,6 +1,7 @@
 //! qbuild: an incremental build system for the QAIRT LLM compile pipeline; `run` is the whole program behind a thin `main`.
 
 pub mod artifact;
+pub mod clean;
 pub mod cli;
 pub mod db;
 pub mod diag;
@@ -121,6 +122,24 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
     let db = db::Db::open(&state_dir, &mut warn).map_err(|e| Diagnostic::plain(e.to_string()))?;
     install_signal_handlers();
 
+    if args.clean {
+        // Without targets, --clean means everything.
+        let jobs = if args.targets.is_empty() {
+            (0..graph.jobs.len())
+                .map(|i| graph::JobId(i as u32))
+                .collect()
+        } else {
+            jobs
+        };
+        let done = clean::clean(&graph, &workdir, &db, &jobs)
+            .map_err(|e| Diagnostic::plain(e.to_string()))?;
+        for (p, why) in &done.kept {
+            eprintln!("qbuild: kept {p}: {why}");
+        }
+        eprintln!("qbuild: removed {} output(s)", done.removed.len());
+        return Ok(EXIT_OK);
+    }
+
     let opts = work::Options {
         jobs: args.jobs.unwrap_or_else(|| {
             std::thread::available_parallelism()
@@ -128,8 +147,8 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
                 .unwrap_or(1)
         }),
         keep_going: args.keep_going,
-        dry_run: args.dry_run,
-        explain: args.explain,
+        dry_run: args.dry_run || args.status,
+        explain: args.explain || args.status,
         verbose: args.verbose,
         toolchain: toolchain
             .map(|t| vec![(t.name, t.version)])
@@ -156,6 +175,10 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
     )
     .map_err(|e| Diagnostic::plain(e.to_string()))?;
     progress.done();
+    if let Some(path) = &args.trace {
+        write_trace(path, &summary.spans)
+            .map_err(|e| Diagnostic::plain(format!("--trace {}: {e}", path.display())))?;
+    }
     let status = if summary.ok() { "ok" } else { "failed" };
     emit(serde_json::json!({
         "event": "build_finished",
@@ -167,7 +190,13 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         "would_run": summary.would_run,
         "hashed_bytes": summary.hashed_bytes,
     }));
-    let verb = if opts.dry_run { "would run" } else { "ran" };
+    let verb = if args.status {
+        "stale:"
+    } else if opts.dry_run {
+        "would run"
+    } else {
+        "ran"
+    };
     let count = if opts.dry_run {
         summary.would_run
     } else {
@@ -231,6 +260,27 @@ fn install_signal_handlers() {
             libc::signal(sig, on_signal as *const () as libc::sighandler_t);
         }
     }
+}
+
+/// A Chrome trace-event file (Perfetto, chrome://tracing): one complete event per job.
+fn write_trace(path: &Path, spans: &[work::Span]) -> std::io::Result<()> {
+    let events: Vec<serde_json::Value> = spans
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "name": s.label,
+                "cat": s.rule,
+                "ph": "X",
+                "ts": s.start_us,
+                "dur": s.dur_us,
+                "pid": 1,
+                "tid": s.slot,
+                "args": { "ok": s.ok },
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" });
+    std::fs::write(path, doc.to_string())
 }
 
 fn print_list(g: &Graph) {

@@ -38,8 +38,20 @@ pub struct Options {
     pub toolchain: Vec<(String, String)>,
 }
 
+/// One finished job for `--trace`: when (µs since the build started), how long, which slot.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub label: String,
+    pub rule: String,
+    pub start_us: u64,
+    pub dur_us: u64,
+    pub slot: usize,
+    pub ok: bool,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct Summary {
+    pub spans: Vec<Span>,
     pub ran: usize,
     pub up_to_date: usize,
     pub failed: usize,
@@ -93,6 +105,7 @@ struct Done {
     result: io::Result<Outcome>,
     outputs: Vec<io::Result<Option<Art>>>,
     stats: Vec<(String, StatEntry)>,
+    started: Instant,
     took: Duration,
 }
 
@@ -120,6 +133,12 @@ struct Work<'a> {
     stat_updates: Vec<(String, StatEntry)>,
     procs: Running,
     stats: Arc<HashStats>,
+    t0: Instant,
+    /// Which trace slot each running job holds; `slots[i]` is true while slot i is busy.
+    slot_of: HashMap<JobId, usize>,
+    slots: Vec<bool>,
+    /// Folders known to lie inside (or outside) the work folder.
+    inside: HashMap<PathBuf, bool>,
 }
 
 /// Build the given targets. Returns what happened; errors are only for qbuild's own state.
@@ -212,6 +231,10 @@ pub fn build(
         stat_updates,
         procs: Running::default(),
         stats,
+        t0: Instant::now(),
+        slot_of: HashMap::new(),
+        slots: Vec::new(),
+        inside: HashMap::new(),
     };
     w.run()?;
     Ok(w.summary)
@@ -484,6 +507,12 @@ impl Work<'_> {
 
     fn start(&mut self, j: JobId, tx: mpsc::Sender<Done>) {
         let job = &self.g.jobs[j.idx()];
+        for rel in &job.spec.outputs {
+            if !crate::clean::physically_inside(&self.workdir, rel, &mut self.inside) {
+                let why = format!("output {rel} would be written outside the work folder (a folder on its path is a symlink leading out); refusing to run");
+                return self.fail_before_start(j, &why);
+            }
+        }
         let outputs: Vec<PathBuf> = job
             .spec
             .outputs
@@ -508,6 +537,15 @@ impl Work<'_> {
         }
         self.state[j.idx()] = State::Running;
         self.running += 1;
+        let slot = match self.slots.iter().position(|busy| !busy) {
+            Some(i) => i,
+            None => {
+                self.slots.push(false);
+                self.slots.len() - 1
+            }
+        };
+        self.slots[slot] = true;
+        self.slot_of.insert(j, slot);
         self.progress.started(&job.spec.label);
         let action = job.spec.action.clone();
         let env = job.spec.env.clone();
@@ -556,6 +594,7 @@ impl Work<'_> {
                 result,
                 outputs: hashes,
                 stats: entries,
+                started: t0,
                 took: t0.elapsed(),
             });
         });
@@ -565,6 +604,18 @@ impl Work<'_> {
     fn finish(&mut self, d: Done) -> Result<bool, WorkError> {
         let j = d.job;
         self.running -= 1;
+        let slot = self.slot_of.remove(&j).unwrap_or(0);
+        if let Some(b) = self.slots.get_mut(slot) {
+            *b = false;
+        }
+        self.summary.spans.push(Span {
+            label: self.g.jobs[j.idx()].spec.label.clone(),
+            rule: self.rule_name(j).to_string(),
+            start_us: d.started.saturating_duration_since(self.t0).as_micros() as u64,
+            dur_us: d.took.as_micros() as u64,
+            slot,
+            ok: matches!(d.result, Ok(Outcome::Success)),
+        });
         if let Some(p) = self.g.jobs[j.idx()].spec.pool {
             self.pool_used[p as usize] -= 1;
         }

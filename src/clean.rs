@@ -1,0 +1,100 @@
+//! `--clean`: removes the outputs qbuild recorded as its own, still holding the bytes it wrote, and nothing else.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::artifact::Artifacts;
+use crate::db::{job_id, Db, DbError};
+use crate::graph::{Graph, JobId};
+use crate::hash::HashStats;
+
+/// Whether `rel` (a path inside the work folder) really lies inside it once the symlinks of
+/// its existing parent folders are resolved. `cache` remembers answers per folder.
+pub fn physically_inside(workdir: &Path, rel: &str, cache: &mut HashMap<PathBuf, bool>) -> bool {
+    let Ok(root) = workdir.canonicalize() else {
+        return false;
+    };
+    let full = workdir.join(rel);
+    let mut dir = full
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| workdir.to_path_buf());
+    loop {
+        if let Some(ans) = cache.get(&dir) {
+            return *ans;
+        }
+        match dir.canonicalize() {
+            Ok(c) => {
+                let ans = c.starts_with(&root);
+                cache.insert(dir, ans);
+                return ans;
+            }
+            // Not there yet: whatever gets created will sit under the nearest existing folder.
+            Err(_) => match dir.parent() {
+                Some(p) if dir != workdir => dir = p.to_path_buf(),
+                _ => return false,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Cleaned {
+    pub removed: Vec<String>,
+    pub kept: Vec<(String, String)>,
+}
+
+/// Remove the recorded outputs of the given jobs. An output is removed only if qbuild
+/// recorded it as produced and it still has the recorded bytes (a file put there since is
+/// kept), and only if it lies inside the work folder; a symlink is removed, never followed.
+pub fn clean(g: &Graph, workdir: &Path, db: &Db, jobs: &[JobId]) -> Result<Cleaned, DbError> {
+    let records = db.load_jobs()?;
+    let cache = db.load_stat()?;
+    let stats = HashStats::default();
+    let arts = Artifacts::new(workdir, &cache, &stats);
+    let mut inside = HashMap::new();
+    let mut out = Cleaned::default();
+    let mut forget = Vec::new();
+    for &j in jobs {
+        let spec = &g.jobs[j.idx()].spec;
+        let id = job_id(&spec.outputs);
+        let Some(rec) = records.get(&id) else {
+            continue;
+        };
+        for (i, rel) in spec.outputs.iter().enumerate() {
+            let path = workdir.join(rel);
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if !physically_inside(workdir, rel, &mut inside) {
+                out.kept.push((
+                    rel.clone(),
+                    "it lies outside the work folder (through a symlinked folder)".into(),
+                ));
+                continue;
+            }
+            let now = arts.identity(rel).ok().flatten();
+            if now.is_none() || now != rec.outputs.get(i).copied() {
+                out.kept
+                    .push((rel.clone(), "it changed since qbuild wrote it".into()));
+                continue;
+            }
+            let res = if meta.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            match res {
+                Ok(()) => out.removed.push(rel.clone()),
+                Err(e) => out.kept.push((rel.clone(), e.to_string())),
+            }
+        }
+        forget.push(id);
+    }
+    for id in forget {
+        db.forget_job(&id)?;
+    }
+    db.flush()?;
+    Ok(out)
+}
