@@ -62,6 +62,9 @@ pub struct Args {
     /// Write a Chrome trace-event JSON of the build (open it in Perfetto).
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
+    /// Build, then watch the sources and the Qairtfile and rebuild on every change.
+    #[arg(long)]
+    pub watch: bool,
     /// Fail at once instead of waiting when another build holds the work folder.
     #[arg(long = "no-wait")]
     pub no_wait: bool,

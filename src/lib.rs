@@ -14,6 +14,7 @@ pub mod progress;
 pub mod qairtfile;
 pub mod stale;
 pub mod toolchain;
+pub mod watch;
 pub mod work;
 
 use std::io::{IsTerminal, Write};
@@ -58,6 +59,156 @@ fn absolute(p: &Path) -> PathBuf {
     PathBuf::from(expand::normalize(&joined.to_string_lossy()))
 }
 
+/// Where this run works: resolved once from the arguments.
+pub struct Session {
+    pub args: cli::Args,
+    /// The folder qbuild was started in (target paths may be relative to it).
+    pub cwd: PathBuf,
+    /// The Qairtfile, absolute.
+    pub file: PathBuf,
+    pub workdir: PathBuf,
+}
+
+/// A loaded Qairtfile: the graph, the jobs the targets need, the verified toolchain.
+pub struct Loaded {
+    pub graph: Graph,
+    pub jobs: Vec<graph::JobId>,
+    pub toolchain: Option<toolchain::Verified>,
+}
+
+impl Session {
+    /// Parse, expand and check the Qairtfile; resolve the targets; verify the toolchain.
+    pub fn load(&self) -> Result<Loaded, Diagnostic> {
+        let graph = load_graph(&self.file, &self.args.file)?;
+        let targets: Vec<String> = if !self.args.targets.is_empty() {
+            self.args.targets.clone()
+        } else if !graph.model.default.is_empty() {
+            graph.model.default.iter().map(|s| s.text.clone()).collect()
+        } else {
+            vec!["all".to_string()]
+        };
+        let jobs = graph.resolve_targets(&targets, &self.cwd, &self.workdir)?;
+        let toolchain = match &graph.model.toolchain {
+            Some(tc) => Some(toolchain::verify(tc, &self.workdir, &graph.model.source)?),
+            None => None,
+        };
+        Ok(Loaded {
+            graph,
+            jobs,
+            toolchain,
+        })
+    }
+
+    pub fn options(&self, toolchain: Option<&toolchain::Verified>) -> work::Options {
+        let a = &self.args;
+        work::Options {
+            jobs: a.jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            }),
+            keep_going: a.keep_going,
+            dry_run: a.dry_run || a.status,
+            explain: a.explain || a.status,
+            verbose: a.verbose,
+            toolchain: toolchain
+                .map(|t| vec![(t.name.clone(), t.version.clone())])
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Run one build of a loaded Qairtfile; returns the summary and the exit code.
+    pub fn build(&self, loaded: &Loaded, db: &db::Db) -> Result<(work::Summary, i32), Diagnostic> {
+        let args = &self.args;
+        let opts = self.options(loaded.toolchain.as_ref());
+        let json = args.json;
+        let mut progress = progress::for_terminal(json && !std::io::stderr().is_terminal());
+        let mut emit = json_emitter(json);
+        let summary = work::build(
+            &loaded.graph,
+            &self.workdir,
+            db,
+            &loaded.jobs,
+            &opts,
+            progress.as_mut(),
+            &mut emit,
+        )
+        .map_err(|e| Diagnostic::plain(e.to_string()))?;
+        progress.done();
+        if let Some(path) = &args.trace {
+            write_trace(path, &summary.spans)
+                .map_err(|e| Diagnostic::plain(format!("--trace {}: {e}", path.display())))?;
+        }
+        let status = if summary.ok() { "ok" } else { "failed" };
+        emit(serde_json::json!({
+            "event": "build_finished",
+            "status": status,
+            "ran": summary.ran,
+            "up_to_date": summary.up_to_date,
+            "failed": summary.failed,
+            "skipped": summary.skipped,
+            "would_run": summary.would_run,
+            "hashed_bytes": summary.hashed_bytes,
+        }));
+        let verb = if args.status {
+            "stale:"
+        } else if opts.dry_run {
+            "would run"
+        } else {
+            "ran"
+        };
+        let count = if opts.dry_run {
+            summary.would_run
+        } else {
+            summary.ran
+        };
+        let mut line = format!("qbuild: {verb} {count}, {} up to date", summary.up_to_date);
+        if summary.failed > 0 {
+            line.push_str(&format!(", {} failed", summary.failed));
+        }
+        if summary.skipped > 0 {
+            line.push_str(&format!(
+                ", {} not run (a dependency failed)",
+                summary.skipped
+            ));
+        }
+        if count == 0 && summary.failed == 0 && !opts.dry_run {
+            line = format!("qbuild: nothing to do, {} up to date", summary.up_to_date);
+        }
+        eprintln!("{line}");
+        let code = match summary.interrupted {
+            Some(sig) => 128 + sig,
+            None if summary.ok() => EXIT_OK,
+            None => EXIT_FAILED,
+        };
+        Ok((summary, code))
+    }
+
+    /// Take the work-folder lock and open the state database.
+    pub fn open_state(&self) -> Result<(lock::Lock, db::Db), Diagnostic> {
+        let state_dir = self.workdir.join(".qbuild");
+        std::fs::create_dir_all(&state_dir).map_err(|e| {
+            Diagnostic::plain(format!("cannot create {}: {e}", state_dir.display()))
+        })?;
+        let lock = lock::acquire(&state_dir, !self.args.no_wait).map_err(Diagnostic::plain)?;
+        let mut warn = |m: String| eprintln!("qbuild: warning: {m}");
+        let db =
+            db::Db::open(&state_dir, &mut warn).map_err(|e| Diagnostic::plain(e.to_string()))?;
+        Ok((lock, db))
+    }
+}
+
+/// Writes one JSON object per line to stdout when `--json` is on.
+pub fn json_emitter(json: bool) -> impl FnMut(serde_json::Value) {
+    move |v: serde_json::Value| {
+        if json {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{v}");
+            let _ = out.flush();
+        }
+    }
+}
+
 fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
     let cwd = std::env::current_dir()
         .map_err(|e| Diagnostic::plain(format!("cannot read the current folder: {e}")))?;
@@ -66,26 +217,24 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
             .map_err(|e| Diagnostic::plain(format!("-C {}: {e}", d.display())))?;
     }
     let file = absolute(&args.file);
-    let graph = load_graph(&file, &args.file)?;
     let workdir = file
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("/"));
-    // Paths on the command line are relative to the folder qbuild was started in.
-    let targets: Vec<String> = if !args.targets.is_empty() {
-        args.targets.clone()
-    } else if !graph.model.default.is_empty() {
-        graph.model.default.iter().map(|s| s.text.clone()).collect()
-    } else {
-        vec!["all".to_string()]
+    let session = Session {
+        args,
+        cwd,
+        file,
+        workdir,
     };
-    let jobs = graph.resolve_targets(&targets, &cwd, &workdir)?;
-    let toolchain = match &graph.model.toolchain {
-        Some(tc) => Some(toolchain::verify(tc, &workdir, &graph.model.source)?),
-        None => None,
-    };
+    if session.args.watch {
+        install_signal_handlers();
+        return watch::run(&session);
+    }
+    let loaded = session.load()?;
+    let (graph, args) = (&loaded.graph, &session.args);
     if args.check {
-        check_sources(&graph, &workdir)?;
+        check_sources(graph, &session.workdir)?;
         if let Some(v) = graph.model.unused_vars.first() {
             return Err(graph
                 .model
@@ -106,32 +255,25 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         return Ok(EXIT_OK);
     }
     if args.list {
-        print_list(&graph);
+        print_list(graph);
         return Ok(EXIT_OK);
     }
     if args.graph {
-        print_dot(&graph, &jobs);
+        print_dot(graph, &loaded.jobs);
         return Ok(EXIT_OK);
     }
-
-    let state_dir = workdir.join(".qbuild");
-    std::fs::create_dir_all(&state_dir)
-        .map_err(|e| Diagnostic::plain(format!("cannot create {}: {e}", state_dir.display())))?;
-    let _lock = lock::acquire(&state_dir, !args.no_wait).map_err(Diagnostic::plain)?;
-    let mut warn = |m: String| eprintln!("qbuild: warning: {m}");
-    let db = db::Db::open(&state_dir, &mut warn).map_err(|e| Diagnostic::plain(e.to_string()))?;
+    let (_lock, db) = session.open_state()?;
     install_signal_handlers();
-
     if args.clean {
         // Without targets, --clean means everything.
-        let jobs = if args.targets.is_empty() {
+        let jobs: Vec<graph::JobId> = if args.targets.is_empty() {
             (0..graph.jobs.len())
                 .map(|i| graph::JobId(i as u32))
                 .collect()
         } else {
-            jobs
+            loaded.jobs.clone()
         };
-        let done = clean::clean(&graph, &workdir, &db, &jobs)
+        let done = clean::clean(graph, &session.workdir, &db, &jobs)
             .map_err(|e| Diagnostic::plain(e.to_string()))?;
         for (p, why) in &done.kept {
             eprintln!("qbuild: kept {p}: {why}");
@@ -139,88 +281,10 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         eprintln!("qbuild: removed {} output(s)", done.removed.len());
         return Ok(EXIT_OK);
     }
-
-    let opts = work::Options {
-        jobs: args.jobs.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        }),
-        keep_going: args.keep_going,
-        dry_run: args.dry_run || args.status,
-        explain: args.explain || args.status,
-        verbose: args.verbose,
-        toolchain: toolchain
-            .map(|t| vec![(t.name, t.version)])
-            .unwrap_or_default(),
-    };
-    let json = args.json;
-    let mut progress = progress::for_terminal(json && !std::io::stderr().is_terminal());
-    let stdout = std::io::stdout();
-    let mut emit = |v: serde_json::Value| {
-        if json {
-            let mut out = stdout.lock();
-            let _ = writeln!(out, "{v}");
-            let _ = out.flush();
-        }
-    };
-    let summary = work::build(
-        &graph,
-        &workdir,
-        &db,
-        &jobs,
-        &opts,
-        progress.as_mut(),
-        &mut emit,
-    )
-    .map_err(|e| Diagnostic::plain(e.to_string()))?;
-    progress.done();
-    if let Some(path) = &args.trace {
-        write_trace(path, &summary.spans)
-            .map_err(|e| Diagnostic::plain(format!("--trace {}: {e}", path.display())))?;
-    }
-    let status = if summary.ok() { "ok" } else { "failed" };
-    emit(serde_json::json!({
-        "event": "build_finished",
-        "status": status,
-        "ran": summary.ran,
-        "up_to_date": summary.up_to_date,
-        "failed": summary.failed,
-        "skipped": summary.skipped,
-        "would_run": summary.would_run,
-        "hashed_bytes": summary.hashed_bytes,
-    }));
-    let verb = if args.status {
-        "stale:"
-    } else if opts.dry_run {
-        "would run"
-    } else {
-        "ran"
-    };
-    let count = if opts.dry_run {
-        summary.would_run
-    } else {
-        summary.ran
-    };
-    let mut line = format!("qbuild: {verb} {count}, {} up to date", summary.up_to_date);
-    if summary.failed > 0 {
-        line.push_str(&format!(", {} failed", summary.failed));
-    }
-    if summary.skipped > 0 {
-        line.push_str(&format!(
-            ", {} not run (a dependency failed)",
-            summary.skipped
-        ));
-    }
-    if count == 0 && summary.failed == 0 && !opts.dry_run {
-        line = format!("qbuild: nothing to do, {} up to date", summary.up_to_date);
-    }
-    eprintln!("{line}");
-    Ok(match summary.interrupted {
-        Some(sig) => 128 + sig,
-        None if summary.ok() => EXIT_OK,
-        None => EXIT_FAILED,
-    })
+    let (_, code) = session.build(&loaded, &db)?;
+    // The graph can be big; the process is ending, so skip freeing it piece by piece.
+    std::mem::forget(loaded);
+    Ok(code)
 }
 
 /// `--check`: every input is either written by some rule or exists on disk.
@@ -253,7 +317,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
     work::INTERRUPT.store(sig, Ordering::SeqCst);
 }
 
-fn install_signal_handlers() {
+pub fn install_signal_handlers() {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
         unsafe {
