@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -62,16 +62,24 @@ impl std::fmt::Display for Outcome {
     }
 }
 
-/// Run one action to completion in `workdir`, its stdout and stderr appended to `log`.
+/// Where a command's output goes: always its log; with `tee`, our stderr too, live.
+#[derive(Debug, Clone, Copy)]
+pub struct LogMode {
+    pub append: bool,
+    pub tee: bool,
+}
+
+/// Run one action to completion in `workdir`, its stdout and stderr written to `log`.
 pub fn run(
     action: &Action,
     outputs: &[PathBuf],
     workdir: &Path,
     env: &[(String, String)],
     log: &Path,
-    append: bool,
+    mode: LogMode,
     running: &Running,
 ) -> io::Result<Outcome> {
+    let append = mode.append;
     if let Some(dir) = log.parent() {
         fs::create_dir_all(dir)?;
     }
@@ -129,10 +137,31 @@ pub fn run(
             c
         }
     };
+    // With tee, the command writes into a pipe that a thread copies to the log and stderr.
+    let mut copier = None;
+    let (out, err): (Stdio, Stdio) = if mode.tee {
+        let (mut reader, writer) = io::pipe()?;
+        let mut logf = logf;
+        copier = Some(std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let _ = logf.write_all(&buf[..n]);
+                        let _ = io::stderr().write_all(&buf[..n]);
+                    }
+                }
+            }
+        }));
+        (writer.try_clone()?.into(), writer.into())
+    } else {
+        (logf.try_clone()?.into(), logf.into())
+    };
     cmd.current_dir(workdir)
         .stdin(Stdio::null())
-        .stdout(logf.try_clone()?)
-        .stderr(logf)
+        .stdout(out)
+        .stderr(err)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .process_group(0);
     // SAFETY: prctl is async-signal-safe; it asks the kernel to kill the child if qbuild dies.
@@ -149,6 +178,8 @@ pub fn run(
         };
         io::Error::new(e.kind(), format!("cannot start {what}: {e}"))
     })?;
+    // Close our ends of the pipe so the copier sees end-of-file when the command is done.
+    drop(cmd);
     let pgid = child.id() as i32;
     running.add(pgid);
     let status = child.wait();
@@ -158,6 +189,9 @@ pub fn run(
         libc::kill(-pgid, libc::SIGKILL);
     }
     running.remove(pgid);
+    if let Some(c) = copier {
+        let _ = c.join();
+    }
     let status = status?;
     Ok(if status.success() {
         Outcome::Success

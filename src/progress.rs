@@ -1,21 +1,31 @@
-//! Build progress behind one seam: a plain line per finished job (CI, pipes, tests) or an indicatif bar on a terminal.
+//! Build progress behind one seam: a plain line per finished job (CI, pipes, tests) or indicatif bars on a terminal, with an ETA learned from past durations.
 
+use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub trait Progress {
-    /// A job started running.
-    fn started(&mut self, label: &str);
-    /// A job that ran has ended; `done` of `total` jobs are now settled.
-    fn finished(&mut self, done: usize, total: usize, label: &str, ok: bool, took: Duration);
+    /// A job started; `expected` is how long it took last time, if known.
+    fn started(&mut self, label: &str, expected: Option<Duration>);
+    /// A job that ran has ended; `done` of `total` jobs to run are finished; `eta` estimates
+    /// the time left from past durations.
+    fn finished(
+        &mut self,
+        done: usize,
+        total: usize,
+        label: &str,
+        ok: bool,
+        took: Duration,
+        eta: Option<Duration>,
+    );
     /// A message for the user (warnings, failures), printed without garbling the display.
     fn message(&mut self, text: &str);
     fn done(&mut self);
 }
 
-/// Choose the display: a bar only when stderr is a terminal and not told otherwise.
+/// Choose the display: bars only when stderr is a terminal (and `QBUILD_PLAIN` is unset).
 pub fn for_terminal(quiet: bool) -> Box<dyn Progress> {
     if quiet {
         Box::new(Quiet)
@@ -34,8 +44,16 @@ pub fn secs(d: Duration) -> String {
 pub struct Plain;
 
 impl Progress for Plain {
-    fn started(&mut self, _label: &str) {}
-    fn finished(&mut self, done: usize, total: usize, label: &str, ok: bool, took: Duration) {
+    fn started(&mut self, _label: &str, _expected: Option<Duration>) {}
+    fn finished(
+        &mut self,
+        done: usize,
+        total: usize,
+        label: &str,
+        ok: bool,
+        took: Duration,
+        _eta: Option<Duration>,
+    ) {
         let fail = if ok { "" } else { " FAILED" };
         let _ = writeln!(
             std::io::stderr(),
@@ -53,50 +71,94 @@ impl Progress for Plain {
 pub struct Quiet;
 
 impl Progress for Quiet {
-    fn started(&mut self, _label: &str) {}
-    fn finished(&mut self, _d: usize, _t: usize, _l: &str, _ok: bool, _took: Duration) {}
+    fn started(&mut self, _label: &str, _expected: Option<Duration>) {}
+    fn finished(
+        &mut self,
+        _d: usize,
+        _t: usize,
+        _l: &str,
+        _ok: bool,
+        _took: Duration,
+        _eta: Option<Duration>,
+    ) {
+    }
     fn message(&mut self, text: &str) {
         let _ = writeln!(std::io::stderr(), "{text}");
     }
     fn done(&mut self) {}
 }
 
-/// An indicatif bar: done / total, jobs running, the last finished job.
+/// indicatif: an overall bar (done / total, running, ETA) and a line per running job with
+/// its elapsed and expected time. Redraws are throttled by indicatif (10 Hz).
 pub struct Fancy {
+    multi: MultiProgress,
     bar: ProgressBar,
-    running: usize,
+    jobs: HashMap<String, ProgressBar>,
 }
 
 impl Fancy {
     fn new() -> Fancy {
-        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(10));
-        let style = ProgressStyle::with_template(
-            "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
+        let bar = multi.add(ProgressBar::new(0));
+        let style = ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
-        Fancy { bar, running: 0 }
+        Fancy {
+            multi,
+            bar,
+            jobs: HashMap::new(),
+        }
     }
 }
 
 impl Progress for Fancy {
-    fn started(&mut self, label: &str) {
-        self.running += 1;
-        self.bar
-            .set_message(format!("{} running: {label}", self.running));
+    fn started(&mut self, label: &str, expected: Option<Duration>) {
+        let pb = self.multi.add(ProgressBar::new_spinner());
+        let tail = match expected {
+            Some(e) => format!(" / ~{}", secs(e)),
+            None => String::new(),
+        };
+        let style =
+            ProgressStyle::with_template(&format!("  {{spinner}} {{msg}} {{elapsed}}{tail}"))
+                .unwrap_or_else(|_| ProgressStyle::default_spinner());
+        pb.set_style(style);
+        pb.set_message(label.to_string());
+        pb.enable_steady_tick(Duration::from_millis(200));
+        self.jobs.insert(label.to_string(), pb);
+        self.bar.set_message(format!("{} running", self.jobs.len()));
     }
-    fn finished(&mut self, done: usize, total: usize, label: &str, ok: bool, took: Duration) {
-        self.running = self.running.saturating_sub(1);
+    fn finished(
+        &mut self,
+        done: usize,
+        total: usize,
+        label: &str,
+        ok: bool,
+        took: Duration,
+        eta: Option<Duration>,
+    ) {
+        if let Some(pb) = self.jobs.remove(label) {
+            pb.finish_and_clear();
+            self.multi.remove(&pb);
+        }
         self.bar.set_length(total as u64);
         self.bar.set_position(done as u64);
-        let fail = if ok { "" } else { " FAILED" };
+        let eta = eta
+            .map(|e| format!(", ETA {}", secs(e)))
+            .unwrap_or_default();
         self.bar
+            .set_message(format!("{} running{eta}", self.jobs.len()));
+        let fail = if ok { "" } else { " FAILED" };
+        let _ = self
+            .multi
             .println(format!("[{done}/{total}] {label} ({}){fail}", secs(took)));
     }
     fn message(&mut self, text: &str) {
-        self.bar.println(text);
+        let _ = self.multi.println(text);
     }
     fn done(&mut self) {
+        for (_, pb) in self.jobs.drain() {
+            pb.finish_and_clear();
+        }
         self.bar.finish_and_clear();
     }
 }

@@ -546,7 +546,8 @@ impl Work<'_> {
         };
         self.slots[slot] = true;
         self.slot_of.insert(j, slot);
-        self.progress.started(&job.spec.label);
+        let expected = self.expected(j);
+        self.progress.started(&job.spec.label, expected);
         let action = job.spec.action.clone();
         let env = job.spec.env.clone();
         let workdir = self.workdir.clone();
@@ -556,9 +557,14 @@ impl Work<'_> {
         let rels = job.spec.outputs.clone();
         let allow_empty = job.spec.allow_empty;
         let check = job.spec.check.clone();
+        let verbose = self.opts.verbose;
         std::thread::spawn(move || {
             let t0 = Instant::now();
-            let mut result = exec::run(&action, &outputs, &workdir, &env, &log, false, &procs);
+            let mode = exec::LogMode {
+                append: false,
+                tee: verbose,
+            };
+            let mut result = exec::run(&action, &outputs, &workdir, &env, &log, mode, &procs);
             let mut hashes = Vec::new();
             let mut entries = Vec::new();
             if matches!(result, Ok(Outcome::Success)) {
@@ -569,6 +575,7 @@ impl Work<'_> {
                     check.as_deref(),
                     &workdir,
                     &log,
+                    mode,
                     &procs,
                 );
             }
@@ -670,8 +677,9 @@ impl Work<'_> {
             }
             text.push_str(&format!("  log: {}", log.display()));
             let (done, total) = self.counts(1);
+            let eta = self.eta(j);
             self.progress
-                .finished(done, total, &job.spec.label, false, d.took);
+                .finished(done, total, &job.spec.label, false, d.took, eta);
             if self.summary.interrupted.is_none() {
                 self.progress.message(&text);
             }
@@ -706,14 +714,9 @@ impl Work<'_> {
             }
             self.refresh_link(j);
             let (done, total) = self.counts(1);
+            let eta = self.eta(j);
             self.progress
-                .finished(done, total, &job.spec.label, true, d.took);
-            if self.opts.verbose {
-                let tail = exec::tail(&log, usize::MAX);
-                if !tail.is_empty() {
-                    self.progress.message(&tail);
-                }
-            }
+                .finished(done, total, &job.spec.label, true, d.took, eta);
             let ev = json!({
                 "event": "job_finished",
                 "rule": self.rule_name(j),
@@ -727,6 +730,29 @@ impl Work<'_> {
         }
         self.pre_stat.remove(&j);
         Ok(recorded)
+    }
+
+    /// How long `j` took the last time it ran, from its record.
+    fn expected(&self, j: JobId) -> Option<Duration> {
+        let id = job_id(&self.g.jobs[j.idx()].spec.outputs);
+        self.records
+            .get(&id)
+            .map(|r| Duration::from_millis(r.duration_ms))
+    }
+
+    /// Time left: the past durations of the jobs still queued or running (other than
+    /// `finishing`), spread over the job slots. `None` when nothing is known.
+    fn eta(&self, finishing: JobId) -> Option<Duration> {
+        let mut total = Duration::ZERO;
+        let mut known = false;
+        let running = self.slot_of.keys().copied().filter(|j| *j != finishing);
+        for j in self.queued.iter().copied().chain(running) {
+            if let Some(e) = self.expected(j) {
+                total += e;
+                known = true;
+            }
+        }
+        known.then(|| total / self.opts.jobs.max(1) as u32)
     }
 
     /// Progress numbers: jobs run so far (plus `extra` about to settle) of the jobs that need
@@ -784,6 +810,7 @@ fn sanity_check(
     check: Option<&str>,
     workdir: &Path,
     log: &Path,
+    mode: exec::LogMode,
     procs: &Running,
 ) -> io::Result<Outcome> {
     for (p, rel) in outputs.iter().zip(rels) {
@@ -809,7 +836,10 @@ fn sanity_check(
             workdir,
             &[],
             log,
-            true,
+            exec::LogMode {
+                append: true,
+                ..mode
+            },
             procs,
         )? {
             Outcome::Success => Ok(Outcome::Success),
