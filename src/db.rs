@@ -76,7 +76,30 @@ impl Db {
         }
     }
 
+    /// Set this database aside (after it proved unreadable) and open a fresh one.
+    pub fn reset(
+        self,
+        state_dir: &Path,
+        why: &str,
+        warn: &mut dyn FnMut(String),
+    ) -> Result<Db, DbError> {
+        let path = self.path.clone();
+        drop(self);
+        let aside = state_dir.join(format!("state.sled.broken-{}", std::process::id()));
+        warn(format!(
+            "the state database {} is unreadable ({why}); moved it to {} and starting fresh: everything will rebuild",
+            path.display(),
+            aside.display()
+        ));
+        std::fs::rename(&path, &aside).map_err(|e| DbError::Io {
+            path: path.clone(),
+            msg: format!("cannot move it aside: {e}"),
+        })?;
+        Self::try_open(&path).map_err(|msg| DbError::Io { path, msg })
+    }
+
     fn try_open(path: &Path) -> Result<Db, String> {
+        let existed = path.join("db").exists();
         // sled can panic on some corrupt files; treat a panic as unreadable.
         let opened = std::panic::catch_unwind(|| {
             sled::Config::new()
@@ -92,6 +115,9 @@ impl Db {
         };
         match db.get(b"format") {
             Ok(Some(v)) if v.as_ref() == FORMAT => {}
+            Ok(None) if existed => {
+                return Err("its header record is gone (the store was damaged)".into());
+            }
             Ok(None) if db.tree_names().len() <= 1 && db.is_empty() => {
                 db.insert(b"format", FORMAT).map_err(|e| e.to_string())?;
             }

@@ -10,24 +10,49 @@ use std::sync::{Arc, Mutex};
 
 use crate::expand::Action;
 
-/// Process groups of running commands, so a signal can stop all of them.
+/// Process groups of running commands, so a signal can stop all of them. With a state
+/// folder, the set is also kept in `.qbuild/running`, so that if qbuild is killed outright
+/// the next run can stop what it left behind before those commands write anything more.
 #[derive(Clone, Default)]
-pub struct Running(Arc<Mutex<HashSet<i32>>>);
+pub struct Running {
+    groups: Arc<Mutex<HashSet<i32>>>,
+    file: Option<Arc<PathBuf>>,
+}
 
 impl Running {
+    pub fn persisted(state_dir: &Path) -> Running {
+        Running {
+            groups: Arc::default(),
+            file: Some(Arc::new(state_dir.join("running"))),
+        }
+    }
+
+    fn save(&self, s: &HashSet<i32>) {
+        let Some(file) = &self.file else {
+            return;
+        };
+        let text: String = s
+            .iter()
+            .map(|g| format!("{g} {}\n", start_time(*g).unwrap_or(0)))
+            .collect();
+        let _ = fs::write(&**file, text);
+    }
+
     fn add(&self, pgid: i32) {
-        if let Ok(mut s) = self.0.lock() {
+        if let Ok(mut s) = self.groups.lock() {
             s.insert(pgid);
+            self.save(&s);
         }
     }
     fn remove(&self, pgid: i32) {
-        if let Ok(mut s) = self.0.lock() {
+        if let Ok(mut s) = self.groups.lock() {
             s.remove(&pgid);
+            self.save(&s);
         }
     }
     /// Send `sig` to every running command's whole process group.
     pub fn signal_all(&self, sig: i32) {
-        if let Ok(s) = self.0.lock() {
+        if let Ok(s) = self.groups.lock() {
             for pgid in s.iter() {
                 // SAFETY: kill(2) with a negative pid signals a process group; no memory involved.
                 unsafe {
@@ -36,6 +61,67 @@ impl Running {
             }
         }
     }
+}
+
+/// A process's (process group, start time) from /proc/PID/stat (fields 5 and 22).
+fn proc_stat(pid: i32) -> Option<(i32, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields after it follow the last ')'.
+    let rest: Vec<&str> = stat
+        .get(stat.rfind(')')? + 2..)?
+        .split_whitespace()
+        .collect();
+    Some((rest.get(2)?.parse().ok()?, rest.get(19)?.parse().ok()?))
+}
+
+fn start_time(pid: i32) -> Option<u64> {
+    proc_stat(pid).map(|(_, t)| t)
+}
+
+/// Whether any live process is in group `pgid` and started no earlier than `start`
+/// (the group's leader may be gone while its children live on).
+fn group_alive(pgid: i32, start: u64) -> bool {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(proc_stat)
+        .any(|(g, t)| g == pgid && t >= start)
+}
+
+/// Stop the process groups a killed qbuild left running (recorded in `.qbuild/running`),
+/// checking each leader's start time so a reused pid is never hit. Returns how many.
+pub fn reap_orphans(state_dir: &Path) -> usize {
+    let path = state_dir.join("running");
+    let Ok(text) = fs::read_to_string(&path) else {
+        return 0;
+    };
+    let mut n = 0;
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        let (Some(Ok(pgid)), Some(Ok(start))) = (
+            it.next().map(str::parse::<i32>),
+            it.next().map(str::parse::<u64>),
+        ) else {
+            continue;
+        };
+        if pgid <= 1 || start == 0 || !group_alive(pgid, start) {
+            continue;
+        }
+        // SAFETY: signalling a process group we started, identified by pgid and start time.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+        for _ in 0..200 {
+            if !group_alive(pgid, start) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        n += 1;
+    }
+    let _ = fs::remove_file(&path);
+    n
 }
 
 /// How a command ended.

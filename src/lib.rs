@@ -117,14 +117,50 @@ impl Session {
         }
     }
 
-    /// Run one build of a loaded Qairtfile; returns the summary and the exit code.
-    pub fn build(&self, loaded: &Loaded, db: &db::Db) -> Result<(work::Summary, i32), Diagnostic> {
+    /// Run one build; if the state database proves unreadable, set it aside and build
+    /// again from a fresh one (everything reruns; nothing untrustworthy is used).
+    pub fn build(
+        &self,
+        loaded: &Loaded,
+        db: &mut Option<db::Db>,
+    ) -> Result<(work::Summary, i32), Diagnostic> {
+        let current = db
+            .as_ref()
+            .ok_or_else(|| Diagnostic::plain("internal: no state database"))?;
+        match self.build_once(loaded, current) {
+            Err(BuildFailure::Corrupt(why)) => {
+                let old = db
+                    .take()
+                    .ok_or_else(|| Diagnostic::plain("internal: no state database"))?;
+                let mut warn = |m: String| eprintln!("qbuild: warning: {m}");
+                let fresh = old
+                    .reset(&self.workdir.join(".qbuild"), &why, &mut warn)
+                    .map_err(|e| Diagnostic::plain(e.to_string()))?;
+                let out = self.build_once(loaded, &fresh);
+                *db = Some(fresh);
+                out.map_err(|e| match e {
+                    BuildFailure::Corrupt(w) => {
+                        Diagnostic::plain(format!("the fresh state database failed too: {w}"))
+                    }
+                    BuildFailure::Other(d) => d,
+                })
+            }
+            Err(BuildFailure::Other(d)) => Err(d),
+            Ok(r) => Ok(r),
+        }
+    }
+
+    fn build_once(
+        &self,
+        loaded: &Loaded,
+        db: &db::Db,
+    ) -> Result<(work::Summary, i32), BuildFailure> {
         let args = &self.args;
         let opts = self.options(loaded.toolchain.as_ref());
         let json = args.json;
         let mut progress = progress::for_terminal(json && !std::io::stderr().is_terminal());
         let mut emit = json_emitter(json);
-        let summary = work::build(
+        let summary = match work::build(
             &loaded.graph,
             &self.workdir,
             db,
@@ -132,12 +168,19 @@ impl Session {
             &opts,
             progress.as_mut(),
             &mut emit,
-        )
-        .map_err(|e| Diagnostic::plain(e.to_string()))?;
+        ) {
+            Ok(s) => s,
+            Err(work::WorkError::Corrupt(why)) => return Err(BuildFailure::Corrupt(why)),
+            Err(e) => return Err(BuildFailure::Other(Diagnostic::plain(e.to_string()))),
+        };
         progress.done();
         if let Some(path) = &args.trace {
-            write_trace(path, &summary.spans)
-                .map_err(|e| Diagnostic::plain(format!("--trace {}: {e}", path.display())))?;
+            write_trace(path, &summary.spans).map_err(|e| {
+                BuildFailure::Other(Diagnostic::plain(format!(
+                    "--trace {}: {e}",
+                    path.display()
+                )))
+            })?;
         }
         let status = if summary.ok() { "ok" } else { "failed" };
         emit(serde_json::json!({
@@ -191,11 +234,22 @@ impl Session {
             Diagnostic::plain(format!("cannot create {}: {e}", state_dir.display()))
         })?;
         let lock = lock::acquire(&state_dir, !self.args.no_wait).map_err(Diagnostic::plain)?;
+        let orphans = exec::reap_orphans(&state_dir);
+        if orphans > 0 {
+            eprintln!(
+                "qbuild: stopped {orphans} command(s) left running by a qbuild that was killed"
+            );
+        }
         let mut warn = |m: String| eprintln!("qbuild: warning: {m}");
         let db =
             db::Db::open(&state_dir, &mut warn).map_err(|e| Diagnostic::plain(e.to_string()))?;
         Ok((lock, db))
     }
+}
+
+enum BuildFailure {
+    Corrupt(String),
+    Other(Diagnostic),
 }
 
 /// Writes one JSON object per line to stdout when `--json` is on.
@@ -263,6 +317,7 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         return Ok(EXIT_OK);
     }
     let (_lock, db) = session.open_state()?;
+    let mut db = Some(db);
     install_signal_handlers();
     if args.clean {
         // Without targets, --clean means everything.
@@ -273,7 +328,10 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         } else {
             loaded.jobs.clone()
         };
-        let done = clean::clean(graph, &session.workdir, &db, &jobs)
+        let db = db
+            .as_ref()
+            .ok_or_else(|| Diagnostic::plain("internal: no state database"))?;
+        let done = clean::clean(graph, &session.workdir, db, &jobs)
             .map_err(|e| Diagnostic::plain(e.to_string()))?;
         for (p, why) in &done.kept {
             eprintln!("qbuild: kept {p}: {why}");
@@ -281,7 +339,7 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         eprintln!("qbuild: removed {} output(s)", done.removed.len());
         return Ok(EXIT_OK);
     }
-    let (_, code) = session.build(&loaded, &db)?;
+    let (_, code) = session.build(&loaded, &mut db)?;
     // The graph can be big; the process is ending, so skip freeing it piece by piece.
     std::mem::forget(loaded);
     Ok(code)

@@ -68,6 +68,7 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
     })
     .map_err(|e| Diagnostic::plain(format!("cannot watch files: {e}")))?;
     let (_lock, db) = s.open_state()?;
+    let mut db = Some(db);
     let mut emit = crate::json_emitter(s.args.json);
     let mut watching: HashSet<(PathBuf, bool)> = HashSet::new();
     loop {
@@ -118,7 +119,7 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
             }
         }
         if let Some(l) = &loaded {
-            s.build(l, &db)?;
+            s.build(l, &mut db)?;
         }
         eprintln!(
             "qbuild: watching {} file(s) and {} folder(s); Ctrl-C to stop",

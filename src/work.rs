@@ -74,6 +74,8 @@ pub enum WorkError {
     Db(#[from] DbError),
     #[error("{0}")]
     Io(String),
+    #[error("the state database is unreadable: {0}")]
+    Corrupt(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,14 +157,20 @@ pub fn build(
     let total = want.iter().filter(|w| **w).count();
     let stats = Arc::new(HashStats::default());
 
-    // Load state with two scans, in parallel.
-    let (stat_cache, records) = std::thread::scope(|s| {
-        let a = s.spawn(|| db.load_stat());
-        let b = db.load_jobs();
-        (a.join().unwrap_or_else(|_| Ok(HashMap::new())), b)
-    });
-    let stat_cache = stat_cache?;
-    let records = records?;
+    // Load state with two scans, in parallel. A store that errors or panics while being
+    // read is corrupt: the caller sets it aside and starts fresh.
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        std::thread::scope(|s| {
+            let a = s.spawn(|| db.load_stat());
+            let b = db.load_jobs();
+            (a.join(), b)
+        })
+    }));
+    let (stat_cache, records) = match loaded {
+        Ok((Ok(Ok(st)), Ok(rec))) => (st, rec),
+        Ok((Ok(Err(e)), _)) | Ok((_, Err(e))) => return Err(WorkError::Corrupt(e.to_string())),
+        Ok((Err(_), _)) | Err(_) => return Err(WorkError::Corrupt("reading it panicked".into())),
+    };
 
     // Every file a wanted job touches, hashed (through the stat cache) in parallel.
     let mut touched = vec![false; g.files.len()];
@@ -229,7 +237,7 @@ pub fn build(
         stopping: false,
         summary: Summary::default(),
         stat_updates,
-        procs: Running::default(),
+        procs: Running::persisted(&workdir.join(".qbuild")),
         stats,
         t0: Instant::now(),
         slot_of: HashMap::new(),
