@@ -579,8 +579,7 @@ impl Work<'_> {
                 result = sanity_check(
                     &outputs,
                     &rels,
-                    allow_empty,
-                    check.as_deref(),
+                    (allow_empty, check.as_deref()),
                     &workdir,
                     &log,
                     mode,
@@ -814,8 +813,7 @@ use crate::expand::Action;
 fn sanity_check(
     outputs: &[PathBuf],
     rels: &[String],
-    allow_empty: bool,
-    check: Option<&str>,
+    (allow_empty, check): (bool, Option<&str>),
     workdir: &Path,
     log: &Path,
     mode: exec::LogMode,
