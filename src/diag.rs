@@ -125,7 +125,12 @@ impl fmt::Display for Diagnostic {
             None => write!(f, "error: {}", self.message)?,
         }
         if let Some(h) = &self.hint {
-            write!(f, "\n  = hint: {h}")?;
+            // Align `=` with the `|` margin, as rustc does.
+            let pad = self
+                .location
+                .as_ref()
+                .map_or(1, |l| l.line.to_string().len());
+            write!(f, "\n{} = hint: {h}", " ".repeat(pad))?;
         }
         Ok(())
     }

@@ -89,14 +89,14 @@ impl Graph {
                         prev_job.outs.iter().position(|x| *x == f).unwrap_or(0),
                     );
                     let loc = model.source.locate(there);
-                    let same = prev.idx() == ji;
-                    let d = model.source.error(
-                        here,
-                        format!(
-                            "two {} write `{o}`",
-                            if same { "outputs of one job" } else { "rules" }
-                        ),
-                    );
+                    let what = if prev.idx() == ji {
+                        "two outputs of one job"
+                    } else if prev_job.spec.rule == spec.rule {
+                        "two instances of one rule"
+                    } else {
+                        "two rules"
+                    };
+                    let d = model.source.error(here, format!("{what} write `{o}`"));
                     return Err(d.with_hint(format!(
                         "`{}` already writes it (at {}:{}:{}); every path has one producer",
                         prev_job.spec.label,

@@ -264,12 +264,13 @@ pub fn json_emitter(json: bool) -> impl FnMut(serde_json::Value) {
 }
 
 fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
-    let cwd = std::env::current_dir()
-        .map_err(|e| Diagnostic::plain(format!("cannot read the current folder: {e}")))?;
+    // -C first: like make and ninja, every other path is then relative to DIR.
     if let Some(d) = &args.dir {
         std::env::set_current_dir(d)
             .map_err(|e| Diagnostic::plain(format!("-C {}: {e}", d.display())))?;
     }
+    let cwd = std::env::current_dir()
+        .map_err(|e| Diagnostic::plain(format!("cannot read the current folder: {e}")))?;
     let file = absolute(&args.file);
     let workdir = file
         .parent()

@@ -150,10 +150,25 @@ struct Parser<'s> {
 
 /// Read and parse a Qairtfile from disk; diagnostics name it as `shown`.
 pub fn load(path: &Path, shown: &Path) -> Result<Qairtfile, Diagnostic> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let bytes = std::fs::read(path).map_err(|e| {
         Diagnostic::plain(format!("cannot read {}: {e}", shown.display()))
             .with_hint("pass the Qairtfile with -f FILE, or run in its folder (-C DIR)")
     })?;
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            // Point at the first byte that is not UTF-8.
+            let at = e.utf8_error().valid_up_to();
+            let good = String::from_utf8_lossy(&e.as_bytes()[..at]).into_owned();
+            let line = good.matches('\n').count() + 1;
+            let column = good.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            return Err(Diagnostic::plain(format!(
+                "{}:{line}:{column}: the Qairtfile is not valid UTF-8 here",
+                shown.display()
+            ))
+            .with_hint("save it as UTF-8 text"));
+        }
+    };
     parse(Source::new(shown, text))
 }
 
@@ -254,6 +269,14 @@ pub fn parse(source: Source) -> Result<Qairtfile, Diagnostic> {
             "alias" => {
                 for (k, v) in p.table(value, "[alias]")? {
                     let name = p.string_key(k);
+                    if RESERVED.contains(&name.text.as_str()) {
+                        return Err(p
+                            .err(
+                                &name.span,
+                                format!("`{}` is reserved and cannot be an alias", name.text),
+                            )
+                            .with_hint("`all` always means every job"));
+                    }
                     let targets = p.str_list(v, "an alias")?;
                     file.aliases.push(AliasDef { name, targets });
                 }

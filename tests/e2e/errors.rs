@@ -1,0 +1,268 @@
+//! Bad Qairtfiles: exit status 2, `Qairtfile:LINE:COL`, a caret and a hint, and nothing run
+//! (after just's tests/error_messages.rs). Every case also declares a harmless rule that
+//! would create `ran.txt`, so "nothing ran" is observable.
+
+use crate::support::Space;
+
+/// A rule that would run if qbuild ran anything.
+const HARMLESS: &str = "[rule.ok]\noutputs = [\"ran.txt\"]\ncommand = \"echo ran > ran.txt\"\n";
+
+/// Run qbuild on `qairtfile`; check it refused it before running anything; return stderr.
+#[track_caller]
+fn refuse(qairtfile: &str) -> String {
+    let s = Space::new();
+    s.write("Qairtfile", qairtfile);
+    let out = s.run(["all"]);
+    out.assert_code(2);
+    assert_eq!(
+        out.stdout, "",
+        "no events for a Qairtfile that was refused\n{out}"
+    );
+    assert_eq!(
+        s.files(),
+        vec!["Qairtfile".to_string()],
+        "nothing may run or be written\n{out}"
+    );
+    assert!(
+        !s.exists(".qbuild"),
+        "no state for a refused Qairtfile\n{out}"
+    );
+    assert!(!out.stderr.contains("panicked"), "{out}");
+    out.stderr
+}
+
+/// The message's first line and position, for the cases not compared verbatim.
+#[track_caller]
+fn refuse_at(qairtfile: &str, message: &str, position: &str) -> String {
+    let err = refuse(qairtfile);
+    let first = err.lines().next().unwrap_or_default();
+    assert_eq!(first, format!("error: {message}"), "\n{err}");
+    assert!(
+        err.contains(&format!("--> {position}\n")),
+        "expected the position {position}\n{err}"
+    );
+    err
+}
+
+#[test]
+fn unknown_variable() {
+    let q = format!(
+        "[vars]\nnum_splits = 4\n\n{HARMLESS}\n[rule.split]\nmatrix = {{ split = [1, 2] }}\noutputs = [\"s/part_${{split}}_of_${{num_split}}.txt\"]\ncommand = \"touch ${{outputs}}\"\n"
+    );
+    assert_eq!(
+        refuse(&q),
+        "error: unknown variable `num_split`
+  --> Qairtfile:10:32
+   |
+10 | outputs = [\"s/part_${split}_of_${num_split}.txt\"]
+   |                                ^^^^^^^^^^^^
+   = hint: did you mean `num_splits`?
+"
+    );
+}
+
+#[test]
+fn toml_syntax_error() {
+    let q = format!("{HARMLESS}\n[rule.bad]\noutputs = [\"x.txt\"]\ncommand = \"echo x > x.txt\n");
+    assert_eq!(
+        refuse(&q),
+        "error: invalid TOML: invalid basic string, expected `\"`
+ --> Qairtfile:7:26
+  |
+7 | command = \"echo x > x.txt
+  |                          ^
+"
+    );
+}
+
+#[test]
+fn dependency_cycle_between_two_rules() {
+    let q = format!(
+        "{HARMLESS}
+[rule.a]
+inputs = [\"b.txt\"]
+outputs = [\"a.txt\"]
+command = \"cat b.txt > a.txt\"
+
+[rule.b]
+inputs = [\"a.txt\"]
+outputs = [\"b.txt\"]
+command = \"cat a.txt > b.txt\"
+"
+    );
+    assert_eq!(
+        refuse(&q),
+        "error: dependency cycle: a -> b -> a
+ --> Qairtfile:5:7
+  |
+5 | [rule.a]
+  |       ^
+  = hint: `a` (which writes `a.txt`) ends up depending on its own output
+"
+    );
+}
+
+#[test]
+fn two_rules_write_one_path() {
+    let q = format!(
+        "{HARMLESS}
+[rule.a]
+outputs = [\"out.txt\"]
+command = \"echo a > out.txt\"
+
+[rule.b]
+outputs = [\"./sub/../out.txt\"]
+command = \"echo b > out.txt\"
+"
+    );
+    assert_eq!(
+        refuse(&q),
+        "error: two rules write `out.txt`
+  --> Qairtfile:10:12
+   |
+10 | outputs = [\"./sub/../out.txt\"]
+   |            ^^^^^^^^^^^^^^^^^^
+   = hint: `a` already writes it (at Qairtfile:6:12); every path has one producer
+"
+    );
+}
+
+#[test]
+fn output_outside_the_work_folder() {
+    let q = format!("{HARMLESS}\n[rule.a]\noutputs = [\"../x\"]\ncommand = \"echo a > ../x\"\n");
+    assert_eq!(
+        refuse(&q),
+        "error: output `../x` is outside the work folder
+ --> Qairtfile:6:12
+  |
+6 | outputs = [\"../x\"]
+  |            ^^^^^^
+  = hint: outputs are relative paths inside the folder that holds the Qairtfile
+"
+    );
+    // Escaping through a subfolder, and absolute.
+    refuse_at(
+        &format!("{HARMLESS}\n[rule.a]\noutputs = [\"sub/../../x\"]\ncommand = \"true\"\n"),
+        "output `sub/../../x` is outside the work folder",
+        "Qairtfile:6:12",
+    );
+    refuse_at(
+        &format!("{HARMLESS}\n[rule.a]\ncommand = \"true\"\noutputs = [\"/tmp/qbuild-e2e-abs\"]\n"),
+        "output `/tmp/qbuild-e2e-abs` is outside the work folder",
+        "Qairtfile:7:12",
+    );
+}
+
+#[test]
+fn output_inside_the_state_folder() {
+    refuse_at(
+        &format!("{HARMLESS}\n[rule.a]\noutputs = [\".qbuild/x\"]\ncommand = \"true\"\n"),
+        "output `.qbuild/x` is inside qbuild's own state folder",
+        "Qairtfile:6:12",
+    );
+}
+
+#[test]
+fn two_instances_of_one_rule_write_one_path() {
+    // The matrix gives two jobs with the same output; the error names the first writer.
+    let err = refuse(&format!(
+        "{HARMLESS}\n[rule.a]\nmatrix = {{ split = [1, 2] }}\noutputs = [\"out.txt\"]\ncommand = \"true\"\n"
+    ));
+    assert!(
+        err.starts_with("error: two instances of one rule write `out.txt`"),
+        "{err}"
+    );
+    assert!(err.contains("--> Qairtfile:7:12\n"), "{err}");
+    assert!(err.contains("`a split=1` already writes it"), "{err}");
+}
+
+#[test]
+fn variable_cycle() {
+    let err = refuse_at(
+        &format!("[vars]\na = \"${{b}}\"\nb = \"${{a}}\"\n\n{HARMLESS}\n[rule.x]\noutputs = [\"x_${{a}}\"]\ncommand = \"true\"\n"),
+        "variable cycle: a -> b -> a",
+        "Qairtfile:3:6",
+    );
+    assert!(err.contains("3 | b = \"${a}\""), "{err}");
+}
+
+#[test]
+fn unknown_keys_get_a_hint() {
+    let err = refuse_at(
+        &format!("{HARMLESS}\n[rules.a]\noutputs = [\"x\"]\ncommand = \"true\"\n"),
+        "unknown key `rules`",
+        "Qairtfile:5:2",
+    );
+    assert!(err.contains("hint: did you mean `rule`?"), "{err}");
+    let err = refuse_at(
+        &format!("{HARMLESS}\n[rule.a]\noutputs = [\"x\"]\ncomand = \"true\"\n"),
+        "unknown key `comand`",
+        "Qairtfile:7:1",
+    );
+    assert!(err.contains("hint: did you mean `command`?"), "{err}");
+}
+
+#[test]
+fn rules_need_outputs_and_one_action() {
+    refuse_at(
+        &format!("{HARMLESS}\n[rule.a]\ncommand = \"true\"\n"),
+        "rule `a` has no `outputs`",
+        "Qairtfile:5:7",
+    );
+    refuse_at(
+        &format!(
+            "{HARMLESS}\n[rule.a]\noutputs = [\"x\"]\ncommand = \"true\"\nargv = [\"true\"]\n"
+        ),
+        "rule `a` has more than one action",
+        "Qairtfile:5:7",
+    );
+}
+
+#[test]
+fn a_bad_qairtfile_never_panics() {
+    // Odd inputs: each must be refused with status 2 (not a panic, status 101).
+    for q in [
+        "\u{feff}[rule",
+        "[rule.a]\noutputs = []\ncommand = \"true\"\n",
+        "[rule.a]\noutputs = [\"x\"]\ncommand = \"${\"\n",
+        "[rule.a]\nmatrix = { s = { range = [1, \"z\"] } }\noutputs = [\"x${s}\"]\ncommand = \"true\"\n",
+        "[rule.a]\noutputs = [\"x${inputs[7]}\"]\ncommand = \"true\"\n",
+        "[pool]\nq = -1\n[rule.a]\noutputs = [\"x\"]\ncommand = \"true\"\n",
+        "[rule.a]\npool = \"nope\"\noutputs = [\"x\"]\ncommand = \"true\"\n",
+        "[rule.a]\noutputs = [\"x\"]\ncommand = \"echo ${env:QBUILD_E2E_SURELY_UNSET}\"\n",
+    ] {
+        let s = Space::new();
+        s.write("Qairtfile", q);
+        let out = s.run(["all"]);
+        assert_eq!(out.code, 2, "Qairtfile:\n{q}\n{out}");
+        assert!(out.stderr.starts_with("error: "), "{out}");
+        assert!(!s.exists("x"), "{out}");
+    }
+}
+
+#[test]
+fn a_non_utf8_qairtfile_is_refused() {
+    let s = Space::new();
+    s.write("Qairtfile", b"\xff\xfe[rule.a]\n");
+    let out = s.run(["all"]);
+    out.assert_code(2);
+    assert!(out.stderr.starts_with("error: "), "{out}");
+}
+
+#[test]
+fn an_unknown_target_is_refused_with_a_hint() {
+    let s = Space::new();
+    s.write("Qairtfile", HARMLESS);
+    let out = s.run(["okk"]);
+    out.assert_code(2);
+    assert!(out.stderr.contains("unknown target `okk`"), "{out}");
+    assert!(out.stderr.contains("did you mean `ok`?"), "{out}");
+    assert!(!s.exists("ran.txt"));
+}
+
+/// Regression: an alias named `all` was accepted and silently ignored.
+#[test]
+fn alias_named_all_is_refused() {
+    let err = refuse(&format!("{HARMLESS}\n[alias]\nall = [\"x\"]\n"));
+    assert!(err.contains("`all` is reserved"), "{err}");
+}

@@ -1,0 +1,12 @@
+//! End-to-end tests: the real `qbuild` binary (and the `qairt-sim` toolchain) in temporary
+//! work folders. `cargo test --test e2e`; `QBUILD_KEEP=1` keeps the folders for debugging.
+//!
+//! - `demo`: the demo pipeline (Qairtfile.example): what reruns after each kind of change,
+//!   targets, failures, dry runs.
+//! - `errors`: bad Qairtfiles, with their messages verbatim.
+//! - `prop`: random DAGs with random edits against a model of the staleness rules.
+
+mod demo;
+mod errors;
+mod prop;
+mod support;
