@@ -48,9 +48,17 @@ pub struct Cleaned {
 /// Remove the recorded outputs of the given jobs. An output is removed only if qbuild
 /// recorded it as produced and it still has the recorded bytes (a file put there since is
 /// kept), and only if it lies inside the work folder; a symlink is removed, never followed.
-pub fn clean(g: &Graph, workdir: &Path, db: &Db, jobs: &[JobId]) -> Result<Cleaned, DbError> {
-    let records = db.load_jobs()?;
-    let cache = db.load_stat()?;
+/// With `dry`, nothing is removed or forgotten: `removed` lists what would be.
+pub fn clean(
+    g: &Graph,
+    workdir: &Path,
+    db: &Db,
+    jobs: &[JobId],
+    dry: bool,
+) -> Result<Cleaned, DbError> {
+    let mut state = db.load()?;
+    let records = std::mem::take(&mut state.jobs);
+    let cache = std::mem::take(&mut state.stat);
     let stats = HashStats::default();
     let arts = Artifacts::new(workdir, &cache, &stats);
     let mut inside = HashMap::new();
@@ -80,6 +88,10 @@ pub fn clean(g: &Graph, workdir: &Path, db: &Db, jobs: &[JobId]) -> Result<Clean
                     .push((rel.clone(), "it changed since qbuild wrote it".into()));
                 continue;
             }
+            if dry {
+                out.removed.push(rel.clone());
+                continue;
+            }
             let res = if meta.is_dir() {
                 fs::remove_dir_all(&path)
             } else {
@@ -92,9 +104,17 @@ pub fn clean(g: &Graph, workdir: &Path, db: &Db, jobs: &[JobId]) -> Result<Clean
         }
         forget.push(id);
     }
-    for id in forget {
-        db.forget_job(&id)?;
+    drop(arts);
+    if dry {
+        return Ok(out);
     }
-    db.flush()?;
+    let mut records = records;
+    for id in &forget {
+        records.remove(id);
+    }
+    db.compact(&crate::db::State {
+        stat: cache,
+        jobs: records,
+    })?;
     Ok(out)
 }

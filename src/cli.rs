@@ -63,7 +63,7 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
     /// Build, then watch the sources and the Qairtfile and rebuild on every change.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["check", "list", "graph", "clean", "status", "dry_run"])]
     pub watch: bool,
     /// Fail at once instead of waiting when another build holds the work folder.
     #[arg(long = "no-wait")]

@@ -6,9 +6,20 @@ use std::path::{Path, PathBuf};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::hash::{Hash, StatEntry};
+use crate::journal::{Entry, Journal};
 
 /// Bumped whenever the on-disk encoding changes; an older database is set aside, not trusted.
-pub const FORMAT: &[u8] = b"qbuild-state-v1";
+pub const FORMAT: &[u8] = b"qbuild-state-v2";
+
+/// Key of the snapshot value in the default tree.
+const SNAPSHOT: &[u8] = b"snapshot";
+
+/// Everything a run loads: the stat cache and the job records.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    pub stat: HashMap<String, StatEntry>,
+    pub jobs: HashMap<Hash, JobRecord>,
+}
 
 /// What qbuild remembers about a job's last successful run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,9 +42,8 @@ pub enum DbError {
 pub struct Db {
     path: PathBuf,
     db: sled::Db,
-    stat: sled::Tree,
-    jobs: sled::Tree,
     explain: sled::Tree,
+    journal: Journal,
 }
 
 fn cfg() -> bincode::config::Configuration {
@@ -71,6 +81,10 @@ impl Db {
                         msg: format!("cannot move it aside: {e}"),
                     })?;
                 }
+                let journal = state_dir.join("journal");
+                if journal.exists() {
+                    let _ = std::fs::rename(&journal, aside.with_extension("journal"));
+                }
                 Self::try_open(&path).map_err(|msg| DbError::Io { path, msg })
             }
         }
@@ -95,6 +109,11 @@ impl Db {
             path: path.clone(),
             msg: format!("cannot move it aside: {e}"),
         })?;
+        // The journal belongs to the broken store: set it aside too, trust nothing of it.
+        let journal = path.with_file_name("journal");
+        if journal.exists() {
+            let _ = std::fs::rename(&journal, aside.with_extension("journal"));
+        }
         Self::try_open(&path).map_err(|msg| DbError::Io { path, msg })
     }
 
@@ -133,9 +152,8 @@ impl Db {
         let t = |name: &str| db.open_tree(name).map_err(|e| e.to_string());
         Ok(Db {
             path: path.to_path_buf(),
-            stat: t("stat")?,
-            jobs: t("jobs")?,
             explain: t("explain")?,
+            journal: Journal::new(&path.with_file_name("journal")),
             db,
         })
     }
@@ -147,22 +165,49 @@ impl Db {
         }
     }
 
-    /// Load the whole stat cache with one scan (much cheaper than a point get per file).
-    /// Entries that do not decode are dropped, so they get re-hashed.
-    pub fn load_stat(&self) -> Result<HashMap<String, StatEntry>, DbError> {
-        scan(&self.stat).map_err(|e| self.err(e))
+    /// Load the stat cache and every job record: the last snapshot (one value, decoded in
+    /// one go) overlaid with the journal (jobs finished since).
+    pub fn load(&self) -> Result<State, DbError> {
+        let mut state = match self.db.get(SNAPSHOT).map_err(|e| self.err(e))? {
+            Some(v) => decode::<State>(&v).ok_or_else(|| DbError::Io {
+                path: self.path.clone(),
+                msg: "its snapshot does not decode".into(),
+            })?,
+            None => State::default(),
+        };
+        for e in self.journal.read().map_err(|e| self.io(e))? {
+            state.stat.extend(e.stats);
+            state.jobs.insert(e.id, e.record);
+        }
+        Ok(state)
     }
 
-    /// Load every job record with one scan.
-    pub fn load_jobs(&self) -> Result<HashMap<Hash, JobRecord>, DbError> {
-        let mut out = HashMap::with_capacity(self.jobs.len());
-        for kv in self.jobs.iter() {
-            let (k, v) = kv.map_err(|e| self.err(e))?;
-            if let (Ok(id), Some(rec)) = (<Hash>::try_from(k.as_ref()), decode::<JobRecord>(&v)) {
-                out.insert(id, rec);
-            }
+    /// Whether jobs were recorded since the last snapshot.
+    pub fn journal_pending(&self) -> bool {
+        !self.journal.is_empty()
+    }
+
+    /// Make `state` (which must already hold every journal entry) the new snapshot, move
+    /// the journal's readable keys into the explain tree, flush, then empty the journal.
+    /// A crash in between leaves journal entries that repeat the snapshot: harmless.
+    pub fn compact(&self, state: &State) -> Result<(), DbError> {
+        self.db
+            .insert(SNAPSHOT, encode(state))
+            .map_err(|e| self.err(e))?;
+        let mut batch = sled::Batch::default();
+        for e in self.journal.read().map_err(|e| self.io(e))? {
+            batch.insert(&e.id, e.explain);
         }
-        Ok(out)
+        self.explain.apply_batch(batch).map_err(|e| self.err(e))?;
+        self.flush()?;
+        self.journal.clear().map_err(|e| self.io(e))
+    }
+
+    fn io(&self, e: std::io::Error) -> DbError {
+        DbError::Io {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        }
     }
 
     /// The readable twin of a job's key, for explanations.
@@ -170,7 +215,7 @@ impl Db {
         self.explain.get(id).ok().flatten().and_then(|v| decode(&v))
     }
 
-    /// Record a finished job (its record, the readable key, and its outputs' stat entries).
+    /// Record a finished job: one journal append (record, readable key, outputs' stats).
     pub fn record_job<T: Serialize>(
         &self,
         id: &Hash,
@@ -178,55 +223,19 @@ impl Db {
         explain: &T,
         stats: &[(String, StatEntry)],
     ) -> Result<(), DbError> {
-        self.put_stats(stats)?;
-        self.explain
-            .insert(id, encode(explain))
-            .map_err(|e| self.err(e))?;
-        // The job record goes last: if we die before it lands, the job simply reruns.
-        self.jobs.insert(id, encode(rec)).map_err(|e| self.err(e))?;
-        Ok(())
-    }
-
-    /// Forget a job (its outputs were removed or it failed mid-way).
-    pub fn forget_job(&self, id: &Hash) -> Result<(), DbError> {
-        self.jobs.remove(id).map_err(|e| self.err(e))?;
-        Ok(())
-    }
-
-    pub fn put_stats(&self, stats: &[(String, StatEntry)]) -> Result<(), DbError> {
-        if stats.is_empty() {
-            return Ok(());
-        }
-        let mut b = sled::Batch::default();
-        for (p, e) in stats {
-            b.insert(p.as_bytes(), encode(e));
-        }
-        self.stat.apply_batch(b).map_err(|e| self.err(e))
-    }
-
-    pub fn remove_stats(&self, paths: &[String]) -> Result<(), DbError> {
-        let mut b = sled::Batch::default();
-        for p in paths {
-            b.remove(p.as_bytes());
-        }
-        self.stat.apply_batch(b).map_err(|e| self.err(e))
+        let e = Entry {
+            id: *id,
+            record: rec.clone(),
+            explain: encode(explain),
+            stats: stats.to_vec(),
+        };
+        self.journal.append(&e).map_err(|e| self.io(e))
     }
 
     /// Make everything written so far durable (survives kill -9 and power loss).
     pub fn flush(&self) -> Result<(), DbError> {
         self.db.flush().map(|_| ()).map_err(|e| self.err(e))
     }
-}
-
-fn scan<T: DeserializeOwned>(tree: &sled::Tree) -> Result<HashMap<String, T>, sled::Error> {
-    let mut out = HashMap::with_capacity(tree.len());
-    for kv in tree.iter() {
-        let (k, v) = kv?;
-        if let (Ok(p), Some(e)) = (std::str::from_utf8(&k), decode::<T>(&v)) {
-            out.insert(p.to_string(), e);
-        }
-    }
-    Ok(out)
 }
 
 /// The database id of a job: a hash of its declared output paths.

@@ -165,16 +165,6 @@ pub fn run(
     mode: LogMode,
     running: &Running,
 ) -> io::Result<Outcome> {
-    let append = mode.append;
-    if let Some(dir) = log.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    let logf = fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(append)
-        .truncate(!append)
-        .open(log)?;
     let mut cmd = match action {
         Action::Write(content) => {
             // qbuild writes the file itself; still a job, with the same bookkeeping.
@@ -223,40 +213,19 @@ pub fn run(
             c
         }
     };
-    // With tee, the command writes into a pipe that a thread copies to the log and stderr.
-    let mut copier = None;
-    let (out, err): (Stdio, Stdio) = if mode.tee {
-        let (mut reader, writer) = io::pipe()?;
-        let mut logf = logf;
-        copier = Some(std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            loop {
-                match reader.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        let _ = logf.write_all(&buf[..n]);
-                        let _ = io::stderr().write_all(&buf[..n]);
-                    }
-                }
-            }
-        }));
-        (writer.try_clone()?.into(), writer.into())
-    } else {
-        (logf.try_clone()?.into(), logf.into())
-    };
+    // The command writes into a pipe; a thread copies it to the log (created only when
+    // there is output, so quiet commands cost no file) and, with tee, to stderr.
+    let (reader, writer) = io::pipe()?;
+    let log_path = log.to_path_buf();
+    let copier = std::thread::spawn(move || copy_output(reader, &log_path, mode));
     cmd.current_dir(workdir)
         .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
+        .stdout(writer.try_clone()?)
+        .stderr(writer)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .process_group(0);
-    // SAFETY: prctl is async-signal-safe; it asks the kernel to kill the child if qbuild dies.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    // No pre_exec hook (it would force fork over posix_spawn): a qbuild killed outright
+    // leaves its groups in `.qbuild/running`, and the next run stops them first.
     let mut child = cmd.spawn().map_err(|e| {
         let what = match action {
             Action::Argv(v) => v.first().cloned().unwrap_or_default(),
@@ -270,14 +239,12 @@ pub fn run(
     running.add(pgid);
     let status = child.wait();
     // Whatever the leader did, leave no stragglers of this job behind.
-    // SAFETY: as above.
+    // SAFETY: kill(2) on the job's own process group; no memory involved.
     unsafe {
         libc::kill(-pgid, libc::SIGKILL);
     }
     running.remove(pgid);
-    if let Some(c) = copier {
-        let _ = c.join();
-    }
+    let _ = copier.join();
     let status = status?;
     Ok(if status.success() {
         Outcome::Success
@@ -287,6 +254,41 @@ pub fn run(
             signal: status.signal(),
         }
     })
+}
+
+/// Copy a command's output to its log, creating the log on the first byte. Without output
+/// the log is removed (a stale one from an earlier run would mislead), unless appending.
+fn copy_output(mut reader: io::PipeReader, log: &Path, mode: LogMode) {
+    let mut buf = [0u8; 8192];
+    let mut file: Option<fs::File> = None;
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if file.is_none() {
+                    if let Some(dir) = log.parent() {
+                        let _ = fs::create_dir_all(dir);
+                    }
+                    file = fs::OpenOptions::new()
+                        .create(true)
+                        .write(true)
+                        .append(mode.append)
+                        .truncate(!mode.append)
+                        .open(log)
+                        .ok();
+                }
+                if let Some(f) = file.as_mut() {
+                    let _ = f.write_all(&buf[..n]);
+                }
+                if mode.tee {
+                    let _ = io::stderr().write_all(&buf[..n]);
+                }
+            }
+        }
+    }
+    if file.is_none() && !mode.append {
+        let _ = fs::remove_file(log);
+    }
 }
 
 /// The last `n` lines of a log file (reads at most the last 64 KiB).

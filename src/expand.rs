@@ -87,6 +87,9 @@ pub struct JobSpec {
     pub outputs: Vec<String>,
     /// For each output, which template of the rule's `outputs` produced it (for diagnostics).
     pub output_template: Vec<u16>,
+    /// For each input, which template produced it: `inputs` entries first, then `tools`.
+    /// For a link job, the index (in `links`) of its definition.
+    pub input_template: Vec<u16>,
     pub action: Action,
     pub env: Vec<(String, String)>,
     pub pool: Option<u32>,
@@ -104,8 +107,9 @@ pub struct JobSpec {
 pub struct RuleInfo {
     pub name: String,
     pub name_span: std::ops::Range<usize>,
-    /// The `inputs` key's value (or the name when absent), for diagnostics.
-    pub inputs_span: std::ops::Range<usize>,
+    pub inputs: Vec<Str>,
+    pub tools: Vec<Str>,
+    pub links: Vec<(Str, Str)>,
     pub outputs: Vec<Str>,
 }
 
@@ -119,6 +123,19 @@ pub struct Toolchain {
     pub tools: Vec<String>,
     /// Where `[toolchain]` is, for errors.
     pub span: std::ops::Range<usize>,
+}
+
+impl RuleInfo {
+    /// Where the template of input `t` (an `input_template` value) is written.
+    pub fn input_span(&self, t: u16) -> std::ops::Range<usize> {
+        let t = t as usize;
+        let s = if t < self.inputs.len() {
+            self.inputs.get(t)
+        } else {
+            self.tools.get(t - self.inputs.len())
+        };
+        s.map_or(self.name_span.clone(), |s| s.span.clone())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -714,6 +731,19 @@ pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
     let mut jobs = Vec::new();
     let mut seen_rules: HashMap<&str, ()> = HashMap::new();
     for (ri, rule) in q.rules.iter().enumerate() {
+        if rule.toolchain && q.toolchain.is_none() {
+            return Err(src
+                .error(
+                    rule.name.span.clone(),
+                    format!(
+                        "rule `{}` says `toolchain = true` but there is no [toolchain]",
+                        rule.name.text
+                    ),
+                )
+                .with_hint(
+                    "declare the SDK: [toolchain] root = \"${env:QNN_SDK_ROOT:-sim-sdk}\"",
+                ));
+        }
         if seen_rules.insert(rule.name.text.as_str(), ()).is_some() {
             return Err(src.error(
                 rule.name.span.clone(),
@@ -723,10 +753,13 @@ pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
         rules.push(RuleInfo {
             name: rule.name.text.clone(),
             name_span: rule.name.span.clone(),
-            inputs_span: match (rule.inputs.first(), rule.inputs.last()) {
-                (Some(a), Some(b)) => a.span.start..b.span.end,
-                _ => rule.name.span.clone(),
-            },
+            inputs: rule.inputs.clone(),
+            tools: rule.tools.clone(),
+            links: rule
+                .links
+                .iter()
+                .map(|l| (l.link.clone(), l.to.clone()))
+                .collect(),
             outputs: rule.outputs.clone(),
         });
         expand_rule(&mut g, ri as u32, rule, &pools, &mut jobs)?;
@@ -1023,12 +1056,14 @@ fn expand_rule<'a>(
                 stack: Vec::new(),
             };
             let mut inputs = Vec::new();
-            for t in &inputs_t {
+            let mut input_template = Vec::new();
+            for (ti, t) in inputs_t.iter().enumerate() {
                 for p in e.expand(t, Mode::List)? {
                     if p.is_empty() {
                         return Err(src.error(t.str.span.clone(), "an input path is empty"));
                     }
                     inputs.push(normalize(&p));
+                    input_template.push(ti as u16);
                 }
             }
             let mut outputs = Vec::new();
@@ -1039,18 +1074,19 @@ fn expand_rule<'a>(
                     output_template.push(ti as u16);
                 }
             }
-            for t in &tools_t {
+            for (ti, t) in tools_t.iter().enumerate() {
                 for p in e.expand(t, Mode::List)? {
                     if p.is_empty() {
                         return Err(src.error(t.str.span.clone(), "a tool path is empty"));
                     }
                     inputs.push(normalize(&p));
+                    input_template.push((inputs_t.len() + ti) as u16);
                 }
             }
             // Each link is a job of its own: its identity is its text, and it waits for its
             // target (order only) so readers through it see built content.
             let label_base = instance_label(rule, &assignment);
-            for (lt, tt) in &links_t {
+            for (li, (lt, tt)) in links_t.iter().enumerate() {
                 let links = e.expand(lt, Mode::List)?;
                 let tos = e.expand(tt, Mode::List)?;
                 if tos.len() != 1 && tos.len() != links.len() {
@@ -1088,6 +1124,7 @@ fn expand_rule<'a>(
                         inputs: Vec::new(),
                         outputs: vec![link.clone()],
                         output_template: vec![u16::MAX],
+                        input_template: vec![li as u16],
                         action: Action::Link(relative_link(&link, &to)),
                         env: Vec::new(),
                         pool: None,
@@ -1152,6 +1189,7 @@ fn expand_rule<'a>(
                 inputs,
                 outputs,
                 output_template,
+                input_template,
                 action,
                 env,
                 pool,

@@ -258,10 +258,18 @@ impl Graph {
 
 fn output_span(model: &Model, spec: &JobSpec, oi: usize) -> std::ops::Range<usize> {
     let rule = &model.rules[spec.rule as usize];
-    let t = spec.output_template.get(oi).copied().unwrap_or(0) as usize;
-    rule.outputs
-        .get(t)
-        .map_or(rule.name_span.clone(), |s| s.span.clone())
+    match spec.output_template.get(oi).copied() {
+        // A link job: point at its `link`.
+        Some(u16::MAX) => spec
+            .input_template
+            .first()
+            .and_then(|li| rule.links.get(*li as usize))
+            .map_or(rule.name_span.clone(), |(l, _)| l.span.clone()),
+        t => rule
+            .outputs
+            .get(t.unwrap_or(0) as usize)
+            .map_or(rule.name_span.clone(), |s| s.span.clone()),
+    }
 }
 
 fn cycle_error(model: &Model, jobs: &[Job], files: &[File], scc: &[NodeIndex]) -> Diagnostic {

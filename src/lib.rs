@@ -9,6 +9,7 @@ pub mod exec;
 pub mod expand;
 pub mod graph;
 pub mod hash;
+pub mod journal;
 pub mod lock;
 pub mod progress;
 pub mod qairtfile;
@@ -79,7 +80,9 @@ pub struct Loaded {
 impl Session {
     /// Parse, expand and check the Qairtfile; resolve the targets; verify the toolchain.
     pub fn load(&self) -> Result<Loaded, Diagnostic> {
+        let t = std::time::Instant::now();
         let graph = load_graph(&self.file, &self.args.file)?;
+        work::phase("load Qairtfile", t);
         let targets: Vec<String> = if !self.args.targets.is_empty() {
             self.args.targets.clone()
         } else if !graph.model.default.is_empty() {
@@ -317,7 +320,9 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         print_dot(graph, &loaded.jobs);
         return Ok(EXIT_OK);
     }
+    let t = std::time::Instant::now();
     let (_lock, db) = session.open_state()?;
+    work::phase("lock and open state", t);
     let mut db = Some(db);
     install_signal_handlers();
     if args.clean {
@@ -332,12 +337,20 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         let db = db
             .as_ref()
             .ok_or_else(|| Diagnostic::plain("internal: no state database"))?;
-        let done = clean::clean(graph, &session.workdir, db, &jobs)
+        let dry = args.dry_run || args.status;
+        let done = clean::clean(graph, &session.workdir, db, &jobs, dry)
             .map_err(|e| Diagnostic::plain(e.to_string()))?;
         for (p, why) in &done.kept {
             eprintln!("qbuild: kept {p}: {why}");
         }
-        eprintln!("qbuild: removed {} output(s)", done.removed.len());
+        if dry {
+            for p in &done.removed {
+                eprintln!("qbuild: would remove {p}");
+            }
+            eprintln!("qbuild: would remove {} output(s)", done.removed.len());
+        } else {
+            eprintln!("qbuild: removed {} output(s)", done.removed.len());
+        }
         return Ok(EXIT_OK);
     }
     let (_, code) = session.build(&loaded, &mut db)?;
@@ -348,24 +361,49 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
 
 /// `--check`: every input is either written by some rule or exists on disk.
 fn check_sources(g: &Graph, workdir: &Path) -> Result<(), Diagnostic> {
+    let missing = |f: &graph::FileId| {
+        let file = &g.files[f.idx()];
+        file.producer.is_none() && std::fs::symlink_metadata(workdir.join(&file.path)).is_err()
+    };
     for job in &g.jobs {
-        for f in &job.ins {
-            let file = &g.files[f.idx()];
-            if file.producer.is_none()
-                && std::fs::symlink_metadata(workdir.join(&file.path)).is_err()
-            {
-                let rule = &g.model.rules[job.spec.rule as usize];
+        let rule = &g.model.rules[job.spec.rule as usize];
+        for (i, f) in job.ins.iter().enumerate() {
+            if missing(f) {
+                let t = job.spec.input_template.get(i).copied().unwrap_or(0);
                 return Err(g
                     .model
                     .source
                     .error(
-                        rule.inputs_span.clone(),
+                        rule.input_span(t),
                         format!(
                             "input `{}` of `{}` does not exist and no rule writes it",
-                            file.path, job.spec.label
+                            g.files[f.idx()].path,
+                            job.spec.label
                         ),
                     )
                     .with_hint("create it, fix the path, or add a rule whose outputs include it"));
+            }
+        }
+        for f in &job.order {
+            if missing(f) {
+                let span = job
+                    .spec
+                    .input_template
+                    .first()
+                    .and_then(|li| rule.links.get(*li as usize))
+                    .map_or(rule.name_span.clone(), |(_, to)| to.span.clone());
+                return Err(g
+                    .model
+                    .source
+                    .error(
+                        span,
+                        format!(
+                            "`{}` points at `{}`, which does not exist and no rule writes",
+                            job.spec.outputs.first().map_or("", String::as_str),
+                            g.files[f.idx()].path
+                        ),
+                    )
+                    .with_hint("a link must point at a file or folder that exists or is built"));
             }
         }
     }

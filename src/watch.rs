@@ -1,4 +1,4 @@
-//! `--watch`: build, then rebuild whenever a source the targets need (or the Qairtfile) changes; a broken Qairtfile is reported and watching goes on.
+//! `--watch`: build, then rebuild whenever a source the targets need (or the Qairtfile, or the SDK's sdk.yaml) changes; a broken Qairtfile is reported and watching goes on.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -15,25 +15,67 @@ use crate::{Loaded, Session};
 const QUIET: Duration = Duration::from_millis(80);
 
 /// What a change must touch to trigger a build.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Interest {
     files: HashSet<PathBuf>,
     /// Source folders: any change below them counts.
-    trees: Vec<PathBuf>,
+    trees: HashSet<PathBuf>,
 }
 
 impl Interest {
+    /// A change at `p` matters if it is a watched file, inside a watched tree, or a folder
+    /// on the way to one (a folder that appears, or is renamed, brings sources with it).
     fn wants(&self, p: &Path) -> bool {
-        self.files.contains(p) || self.trees.iter().any(|t| p.starts_with(t))
+        self.files.contains(p)
+            || self.trees.iter().any(|t| p.starts_with(t))
+            || self
+                .files
+                .iter()
+                .chain(&self.trees)
+                .any(|f| f.starts_with(p))
+    }
+
+    fn add_file(&mut self, p: PathBuf) {
+        // Through a symlink, the file that really changes is the target.
+        if let Ok(real) = p.canonicalize() {
+            if real != p {
+                self.files.insert(real);
+            }
+        }
+        self.files.insert(p);
+    }
+
+    /// The folders to register: each file's folder (editors replace files by rename), or
+    /// its nearest existing ancestor while it does not exist; trees recursively.
+    fn registrations(&self) -> HashSet<(PathBuf, bool)> {
+        let mut out = HashSet::new();
+        for f in &self.files {
+            let mut dir = f.parent().map(Path::to_path_buf);
+            while let Some(d) = dir {
+                if d.is_dir() {
+                    out.insert((d, false));
+                    break;
+                }
+                dir = d.parent().map(Path::to_path_buf);
+            }
+        }
+        for t in &self.trees {
+            if t.is_dir() {
+                out.insert((t.clone(), true));
+            }
+            if let Ok(real) = t.canonicalize() {
+                if real != *t {
+                    out.insert((real, true));
+                }
+            }
+        }
+        out
     }
 }
 
-fn interest(s: &Session, loaded: Option<&Loaded>) -> Interest {
+fn interest(s: &Session, l: &Loaded) -> Interest {
     let mut i = Interest::default();
-    i.files.insert(s.file.clone());
-    let Some(l) = loaded else {
-        return i;
-    };
+    i.add_file(s.file.clone());
     let g = &l.graph;
     let want = g.closure(&l.jobs);
     for (ji, job) in g.jobs.iter().enumerate() {
@@ -47,16 +89,17 @@ fn interest(s: &Session, loaded: Option<&Loaded>) -> Interest {
             }
             let p = s.workdir.join(&file.path);
             if p.is_dir() {
-                if !i.trees.contains(&p) {
-                    i.trees.push(p);
+                if let Ok(real) = p.canonicalize() {
+                    i.trees.insert(real);
                 }
+                i.trees.insert(p);
             } else {
-                i.files.insert(p);
+                i.add_file(p);
             }
         }
     }
     if let Some(t) = &l.toolchain {
-        i.files.insert(t.root.join("sdk.yaml"));
+        i.add_file(t.root.join("sdk.yaml"));
     }
     i
 }
@@ -67,16 +110,21 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
         let _ = tx.send(ev);
     })
     .map_err(|e| Diagnostic::plain(format!("cannot watch files: {e}")))?;
-    let (_lock, db) = s.open_state()?;
-    let mut db = Some(db);
     let mut emit = crate::json_emitter(s.args.json);
     let mut watching: HashSet<(PathBuf, bool)> = HashSet::new();
+    // What the last good load needed: kept while the Qairtfile (or the SDK) is broken, so
+    // fixing whatever broke it is seen.
+    let mut last = Interest::default();
+    last.add_file(s.file.clone());
     loop {
         let loaded = match s.load() {
-            Ok(l) => Some(l),
+            Ok(l) => {
+                last = interest(s, &l);
+                Some(l)
+            }
             Err(d) => {
                 eprintln!("{d}");
-                eprintln!("qbuild: fix the Qairtfile; watching it for changes");
+                eprintln!("qbuild: fix the error above; watching for changes");
                 emit(serde_json::json!({
                     "event": "qairtfile_error",
                     "error": d.message,
@@ -85,41 +133,48 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
                 None
             }
         };
+        let want = last.clone();
         // Watch before building, so a change made during the build is queued, not lost.
-        let want = interest(s, loaded.as_ref());
-        // Watch the folders holding the files (atomic saves replace the file) and the trees.
-        let mut targets: HashSet<(PathBuf, bool)> = want
-            .files
-            .iter()
-            .filter_map(|f| f.parent().map(|d| (d.to_path_buf(), false)))
-            .collect();
-        targets.extend(want.trees.iter().map(|t| (t.clone(), true)));
-        for (dir, rec) in &targets {
-            if watching.contains(&(dir.clone(), *rec)) || !dir.is_dir() {
+        for (dir, rec) in want.registrations() {
+            if watching.contains(&(dir.clone(), rec)) {
                 continue;
             }
-            let mode = if *rec {
+            let mode = if rec {
                 RecursiveMode::Recursive
             } else {
                 RecursiveMode::NonRecursive
             };
-            match watcher.watch(dir, mode) {
+            match watcher.watch(&dir, mode) {
                 Ok(()) => {
-                    watching.insert((dir.clone(), *rec));
+                    watching.insert((dir, rec));
                 }
                 Err(e) => {
-                    let hint =
-                        if e.to_string().contains("max") || e.to_string().contains("No space") {
-                            " (raise fs.inotify.max_user_watches)"
-                        } else {
-                            ""
-                        };
-                    eprintln!("qbuild: warning: cannot watch {}: {e}{hint}", dir.display());
+                    let text = e.to_string();
+                    let hint = if text.contains("max") || text.contains("No space") {
+                        " (raise fs.inotify.max_user_watches)"
+                    } else {
+                        ""
+                    };
+                    eprintln!(
+                        "qbuild: warning: cannot watch {}: {text}{hint}",
+                        dir.display()
+                    );
                 }
             }
         }
         if let Some(l) = &loaded {
+            // The lock and the database are held only while building, so other qbuild
+            // commands (--status, -n) can run while this one waits for changes.
+            let (lock, db) = s.open_state()?;
+            let mut db = Some(db);
             s.build(l, &mut db)?;
+            drop(db);
+            drop(lock);
+        }
+        drop(loaded);
+        if crate::work::INTERRUPT.load(Ordering::SeqCst) != 0 {
+            eprintln!("qbuild: stopped watching");
+            return Ok(128 + crate::work::INTERRUPT.load(Ordering::SeqCst));
         }
         eprintln!(
             "qbuild: watching {} file(s) and {} folder(s); Ctrl-C to stop",
@@ -129,7 +184,6 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
         emit(
             serde_json::json!({ "event": "watching", "files": want.files.len(), "folders": want.trees.len() }),
         );
-        drop(loaded);
         // Wait for a change that matters; then let the burst settle.
         loop {
             let sig = crate::work::INTERRUPT.load(Ordering::SeqCst);

@@ -25,6 +25,16 @@ use crate::hash::{hash_link, Hash, HashStats, StatEntry, StatKey};
 use crate::progress::{secs, Progress};
 use crate::stale::{action_text, decide, KeyParts, Reason};
 
+/// With `QBUILD_TIMING` set, print how long each phase of a run took (for profiling).
+pub fn phase(what: &str, since: Instant) {
+    if std::env::var_os("QBUILD_TIMING").is_some() {
+        eprintln!(
+            "qbuild: timing: {what}: {:.1} ms",
+            since.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}
+
 /// Set by the signal handler: the signal that asks the build to stop (0 = none).
 pub static INTERRUPT: AtomicI32 = AtomicI32::new(0);
 
@@ -118,7 +128,10 @@ struct Work<'a> {
     opts: &'a Options,
     progress: &'a mut dyn Progress,
     events: &'a mut dyn FnMut(serde_json::Value),
-    records: HashMap<Hash, JobRecord>,
+    /// The stat cache and job records as loaded, updated as jobs finish.
+    db_state: crate::db::State,
+    /// Whether anything went to the journal (so a compaction is due at the end).
+    journal: bool,
     state: Vec<State>,
     pending: Vec<u32>,
     now: Vec<Now>,
@@ -139,6 +152,10 @@ struct Work<'a> {
     /// Which trace slot each running job holds; `slots[i]` is true while slot i is busy.
     slot_of: HashMap<JobId, usize>,
     slots: Vec<bool>,
+    /// Sum of the recorded durations of queued and running jobs, for the ETA.
+    expected_ms: u64,
+    expected_known: usize,
+    expected_of: HashMap<JobId, u64>,
     /// Folders known to lie inside (or outside) the work folder.
     inside: HashMap<PathBuf, bool>,
 }
@@ -153,25 +170,22 @@ pub fn build(
     progress: &mut dyn Progress,
     events: &mut dyn FnMut(serde_json::Value),
 ) -> Result<Summary, WorkError> {
+    let t = Instant::now();
     let want = g.closure(targets);
     let total = want.iter().filter(|w| **w).count();
     let stats = Arc::new(HashStats::default());
 
     // Load state with two scans, in parallel. A store that errors or panics while being
     // read is corrupt: the caller sets it aside and starts fresh.
-    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        std::thread::scope(|s| {
-            let a = s.spawn(|| db.load_stat());
-            let b = db.load_jobs();
-            (a.join(), b)
-        })
-    }));
-    let (stat_cache, records) = match loaded {
-        Ok((Ok(Ok(st)), Ok(rec))) => (st, rec),
-        Ok((Ok(Err(e)), _)) | Ok((_, Err(e))) => return Err(WorkError::Corrupt(e.to_string())),
-        Ok((Err(_), _)) | Err(_) => return Err(WorkError::Corrupt("reading it panicked".into())),
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.load()));
+    let state_db = match loaded {
+        Ok(Ok(st)) => st,
+        Ok(Err(e)) => return Err(WorkError::Corrupt(e.to_string())),
+        Err(_) => return Err(WorkError::Corrupt("reading it panicked".into())),
     };
-
+    let journal = db.journal_pending();
+    phase("load state", t);
+    let t = Instant::now();
     // Every file a wanted job touches, hashed (through the stat cache) in parallel.
     let mut touched = vec![false; g.files.len()];
     for (j, job) in g.jobs.iter().enumerate() {
@@ -181,7 +195,7 @@ pub fn build(
             }
         }
     }
-    let arts = Artifacts::new(workdir, &stat_cache, &stats);
+    let arts = Artifacts::new(workdir, &state_db.stat, &stats);
     let ids: Vec<usize> = (0..g.files.len()).filter(|i| touched[*i]).collect();
     let hashed: Vec<(usize, Now)> = ids
         .par_iter()
@@ -200,6 +214,7 @@ pub fn build(
     }
     let stat_updates = arts.take_updates();
     drop(arts);
+    phase("stat and hash", t);
 
     let mut state = vec![State::Skipped; g.jobs.len()];
     let mut pending = vec![0u32; g.jobs.len()];
@@ -223,7 +238,8 @@ pub fn build(
         opts,
         progress,
         events,
-        records,
+        db_state: state_db,
+        journal,
         state,
         pending,
         now,
@@ -243,8 +259,13 @@ pub fn build(
         slot_of: HashMap::new(),
         slots: Vec::new(),
         inside: HashMap::new(),
+        expected_ms: 0,
+        expected_known: 0,
+        expected_of: HashMap::new(),
     };
+    let t = Instant::now();
     w.run()?;
+    phase("schedule", t);
     Ok(w.summary)
 }
 
@@ -268,20 +289,19 @@ impl Work<'_> {
             self.poll_interrupt();
             let mut batch: Vec<Done> = first.into_iter().collect();
             batch.extend(rx.try_iter());
-            let mut recorded = false;
+            // Each finished job is appended to the journal as it is handled: a crash loses
+            // at most the job being recorded.
             for d in batch {
-                recorded |= self.finish(d)?;
-            }
-            if recorded {
-                // One flush per batch of finished jobs: a crash loses at most that batch's records.
-                self.db.flush()?;
+                self.finish(d)?;
             }
         }
         // Jobs never started (stopped early) stay unsettled; nothing is recorded for them.
         let mut updates = std::mem::take(&mut self.stat_updates);
         settle_racy(&self.workdir, &mut updates, &self.stats);
-        self.db.put_stats(&updates)?;
-        self.db.flush()?;
+        if !updates.is_empty() || self.journal {
+            self.db_state.stat.extend(updates);
+            self.db.compact(&self.db_state)?;
+        }
         self.summary.hashed_bytes = self.stats.bytes();
         if self.summary.interrupted.is_none() {
             let sig = INTERRUPT.load(Ordering::SeqCst);
@@ -355,6 +375,9 @@ impl Work<'_> {
         }
         if !reasons.is_empty() {
             // Dry run only: an input would be rebuilt first.
+            if !self.db_state.jobs.contains_key(&job_id(&job.spec.outputs)) {
+                reasons.insert(0, Reason::NeverBuilt);
+            }
             return self.stale(j, None, reasons);
         }
         let parts = KeyParts {
@@ -377,7 +400,7 @@ impl Work<'_> {
         let d = decide(
             &parts,
             &key,
-            self.records.get(&id),
+            self.db_state.jobs.get(&id),
             &mut || {
                 outs.iter()
                     .map(|f| match &now[f.idx()] {
@@ -446,6 +469,7 @@ impl Work<'_> {
             self.keys.insert(j, k);
         }
         self.state[j.idx()] = State::Queued;
+        self.count_expected(j);
         self.queued.push_back(j);
     }
 
@@ -468,6 +492,12 @@ impl Work<'_> {
     /// The one place a job reaches a final state; releases its dependents.
     fn settle(&mut self, j: JobId, st: State) {
         self.state[j.idx()] = st;
+        if let Some(ms) = self.expected_of.remove(&j) {
+            self.expected_ms = self.expected_ms.saturating_sub(ms);
+            if self.expected(j).is_some() {
+                self.expected_known = self.expected_known.saturating_sub(1);
+            }
+        }
         match st {
             State::UpToDate => self.summary.up_to_date += 1,
             State::Ran => self.summary.ran += 1,
@@ -527,17 +557,15 @@ impl Work<'_> {
             .iter()
             .map(|o| self.workdir.join(o))
             .collect();
-        self.pre_stat.insert(
-            j,
-            outputs
-                .iter()
-                .map(|p| {
-                    fs::symlink_metadata(p)
-                        .ok()
-                        .map(|m| StatKey::from_meta(&m, 0))
-                })
-                .collect(),
-        );
+        let before: Vec<Option<StatKey>> = outputs
+            .iter()
+            .map(|p| {
+                fs::symlink_metadata(p)
+                    .ok()
+                    .map(|m| StatKey::from_meta(&m, 0))
+            })
+            .collect();
+        self.pre_stat.insert(j, before.clone());
         for o in &outputs {
             if let Some(dir) = o.parent() {
                 let _ = fs::create_dir_all(dir);
@@ -563,8 +591,12 @@ impl Work<'_> {
         let procs = self.procs.clone();
         let stats = self.stats.clone();
         let rels = job.spec.outputs.clone();
-        let allow_empty = job.spec.allow_empty;
-        let check = job.spec.check.clone();
+        let post = Post {
+            allow_empty: job.spec.allow_empty,
+            check: job.spec.check.clone(),
+            before,
+            is_command: matches!(job.spec.action, Action::Shell(_) | Action::Argv(_)),
+        };
         let verbose = self.opts.verbose;
         std::thread::spawn(move || {
             let t0 = Instant::now();
@@ -576,15 +608,7 @@ impl Work<'_> {
             let mut hashes = Vec::new();
             let mut entries = Vec::new();
             if matches!(result, Ok(Outcome::Success)) {
-                result = sanity_check(
-                    &outputs,
-                    &rels,
-                    (allow_empty, check.as_deref()),
-                    &workdir,
-                    &log,
-                    mode,
-                    &procs,
-                );
+                result = sanity_check(&outputs, &rels, &post, &workdir, &log, mode, &procs);
             }
             if matches!(result, Ok(Outcome::Success)) {
                 // Outputs are new: hash them without the cache, here in the worker. A link's
@@ -618,6 +642,7 @@ impl Work<'_> {
     fn finish(&mut self, d: Done) -> Result<bool, WorkError> {
         let j = d.job;
         self.running -= 1;
+
         let slot = self.slot_of.remove(&j).unwrap_or(0);
         if let Some(b) = self.slots.get_mut(slot) {
             *b = false;
@@ -684,7 +709,7 @@ impl Work<'_> {
             }
             text.push_str(&format!("  log: {}", log.display()));
             let (done, total) = self.counts(1);
-            let eta = self.eta(j);
+            let eta = self.eta();
             self.progress
                 .finished(done, total, &job.spec.label, false, d.took, eta);
             if self.summary.interrupted.is_none() {
@@ -714,6 +739,8 @@ impl Work<'_> {
             };
             let id = job_id(&job.spec.outputs);
             self.db.record_job(&id, &rec, &parts, &d.stats)?;
+            self.db_state.jobs.insert(id, rec);
+            self.journal = true;
             recorded = true;
             self.stat_updates.extend(d.stats);
             for (f, a) in job.outs.iter().zip(&hashes) {
@@ -721,7 +748,7 @@ impl Work<'_> {
             }
             self.refresh_link(j);
             let (done, total) = self.counts(1);
-            let eta = self.eta(j);
+            let eta = self.eta();
             self.progress
                 .finished(done, total, &job.spec.label, true, d.took, eta);
             let ev = json!({
@@ -742,24 +769,39 @@ impl Work<'_> {
     /// How long `j` took the last time it ran, from its record.
     fn expected(&self, j: JobId) -> Option<Duration> {
         let id = job_id(&self.g.jobs[j.idx()].spec.outputs);
-        self.records
+        self.db_state
+            .jobs
             .get(&id)
             .map(|r| Duration::from_millis(r.duration_ms))
     }
 
-    /// Time left: the past durations of the jobs still queued or running (other than
-    /// `finishing`), spread over the job slots. `None` when nothing is known.
-    fn eta(&self, finishing: JobId) -> Option<Duration> {
-        let mut total = Duration::ZERO;
-        let mut known = false;
-        let running = self.slot_of.keys().copied().filter(|j| *j != finishing);
-        for j in self.queued.iter().copied().chain(running) {
-            if let Some(e) = self.expected(j) {
-                total += e;
-                known = true;
+    /// Add `j` and every unsettled job downstream of it to the ETA: a stale job's
+    /// dependents will most likely run too (early cutoff can only make the ETA pessimistic).
+    fn count_expected(&mut self, j: JobId) {
+        let mut stack = vec![j];
+        while let Some(k) = stack.pop() {
+            if self.expected_of.contains_key(&k) {
+                continue;
+            }
+            let ms = self.expected(k).map(|e| e.as_millis() as u64);
+            self.expected_of.insert(k, ms.unwrap_or(0));
+            if let Some(ms) = ms {
+                self.expected_ms += ms;
+                self.expected_known += 1;
+            }
+            for &d in &self.g.dependents[k.idx()] {
+                if matches!(self.state[d.idx()], State::Waiting | State::Ready) {
+                    stack.push(d);
+                }
             }
         }
-        known.then(|| total / self.opts.jobs.max(1) as u32)
+    }
+
+    /// Time left: the past durations of the jobs still queued or running (kept as a running
+    /// sum as jobs are queued and finish), spread over the job slots.
+    fn eta(&self) -> Option<Duration> {
+        (self.expected_known > 0)
+            .then(|| Duration::from_millis(self.expected_ms) / self.opts.jobs.max(1) as u32)
     }
 
     /// Progress numbers: jobs run so far (plus `extra` about to settle) of the jobs that need
@@ -810,23 +852,40 @@ use crate::expand::Action;
 
 /// After a command succeeded: every declared output exists, files are non-empty (unless
 /// allowed), and the rule's `check` command passes.
+/// What the post-step checks need to know about a job.
+struct Post {
+    allow_empty: bool,
+    check: Option<String>,
+    /// Each output's stat before the job ran (to see whether the command wrote it).
+    before: Vec<Option<StatKey>>,
+    /// False for qbuild's own actions (content, links), which need no such check.
+    is_command: bool,
+}
+
 fn sanity_check(
     outputs: &[PathBuf],
     rels: &[String],
-    (allow_empty, check): (bool, Option<&str>),
+    post: &Post,
     workdir: &Path,
     log: &Path,
     mode: exec::LogMode,
     procs: &Running,
 ) -> io::Result<Outcome> {
-    for (p, rel) in outputs.iter().zip(rels) {
+    for (i, (p, rel)) in outputs.iter().zip(rels).enumerate() {
         match fs::symlink_metadata(p) {
             Err(_) => {
                 return Err(io::Error::other(format!(
                     "the command succeeded but did not write the declared output {rel}"
                 )))
             }
-            Ok(m) if m.is_file() && m.len() == 0 && !allow_empty => {
+            // A file left exactly as it was before the run was not written by this run: a
+            // stale copy must not pass for the new result.
+            Ok(m) if post.is_command && m.is_file() && post.before.get(i).copied().flatten() == Some(StatKey::from_meta(&m, 0)) => {
+                return Err(io::Error::other(format!(
+                    "the command succeeded but did not write the declared output {rel} (the file there is left from before)"
+                )))
+            }
+            Ok(m) if m.is_file() && m.len() == 0 && !post.allow_empty => {
                 return Err(io::Error::other(format!(
                     "the declared output {rel} is empty (set `allow_empty = true` on the rule if that is right)"
                 )))
@@ -834,7 +893,7 @@ fn sanity_check(
             Ok(_) => {}
         }
     }
-    match check {
+    match &post.check {
         None => Ok(Outcome::Success),
         Some(c) => match exec::run(
             &Action::Shell(c.to_string()),

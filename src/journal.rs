@@ -1,0 +1,180 @@
+//! The journal: an append-only file in front of the sled snapshot, one checksummed record per finished job, so a `kill -9` loses at most the job that was finishing without an fsync per job.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::db::{decode, encode, JobRecord};
+use crate::hash::{Hash, StatEntry};
+
+const MAGIC: &[u8; 8] = b"QBJRNL01";
+
+/// One finished job: its record, its readable key (encoded), and its outputs' stat entries.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Entry {
+    pub id: Hash,
+    pub record: JobRecord,
+    pub explain: Vec<u8>,
+    pub stats: Vec<(String, StatEntry)>,
+}
+
+pub struct Journal {
+    path: PathBuf,
+    file: Mutex<Option<File>>,
+}
+
+fn checksum(payload: &[u8]) -> [u8; 8] {
+    let h = blake3::hash(payload);
+    let mut c = [0u8; 8];
+    c.copy_from_slice(&h.as_bytes()[..8]);
+    c
+}
+
+impl Journal {
+    pub fn new(path: &Path) -> Journal {
+        Journal {
+            path: path.to_path_buf(),
+            file: Mutex::new(None),
+        }
+    }
+
+    /// Append one entry with a single `write`: `[len u32][checksum 8][payload]`. The bytes
+    /// are in the kernel when this returns, so they survive qbuild being killed.
+    pub fn append(&self, e: &Entry) -> io::Result<()> {
+        let payload = encode(e);
+        let mut rec = Vec::with_capacity(payload.len() + 12);
+        rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&checksum(&payload));
+        rec.extend_from_slice(&payload);
+        let mut guard = self
+            .file
+            .lock()
+            .map_err(|_| io::Error::other("journal lock poisoned"))?;
+        if guard.is_none() {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            if f.metadata()?.len() == 0 {
+                f.write_all(MAGIC)?;
+            }
+            *guard = Some(f);
+        }
+        match guard.as_mut() {
+            Some(f) => f.write_all(&rec),
+            None => Err(io::Error::other("journal not open")),
+        }
+    }
+
+    /// Every intact entry, in order. Reading stops at the first torn or garbled record (the
+    /// tail a crash may leave); what follows it is ignored.
+    pub fn read(&self) -> io::Result<Vec<Entry>> {
+        let mut bytes = Vec::new();
+        match File::open(&self.path) {
+            Ok(mut f) => {
+                f.read_to_end(&mut bytes)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        }
+        let mut out = Vec::new();
+        if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+            return Ok(out);
+        }
+        let mut at = MAGIC.len();
+        while at + 12 <= bytes.len() {
+            let mut len = [0u8; 4];
+            len.copy_from_slice(&bytes[at..at + 4]);
+            let len = u32::from_le_bytes(len) as usize;
+            let Some(payload) = bytes.get(at + 12..at + 12 + len) else {
+                break;
+            };
+            if bytes[at + 4..at + 12] != checksum(payload) {
+                break;
+            }
+            match decode::<Entry>(payload) {
+                Some(e) => out.push(e),
+                None => break,
+            }
+            at += 12 + len;
+        }
+        Ok(out)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        fs::metadata(&self.path)
+            .map(|m| m.len() <= MAGIC.len() as u64)
+            .unwrap_or(true)
+    }
+
+    /// Empty the journal (after its entries are safely in the snapshot).
+    pub fn clear(&self) -> io::Result<()> {
+        let mut guard = self
+            .file
+            .lock()
+            .map_err(|_| io::Error::other("journal lock poisoned"))?;
+        *guard = None;
+        match fs::remove_file(&self.path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(n: u8) -> Entry {
+        Entry {
+            id: [n; 32],
+            record: JobRecord {
+                key: [n; 32],
+                outputs: vec![[n; 32]],
+                duration_ms: n as u64,
+            },
+            explain: vec![n],
+            stats: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_torn_tail_is_ignored() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let j = Journal::new(&d.path().join("journal"));
+        for n in 1..=3 {
+            j.append(&entry(n)).expect("append");
+        }
+        let len = fs::metadata(d.path().join("journal")).expect("meta").len();
+        // Cut into the last record: the first two survive, the third is ignored.
+        let f = OpenOptions::new()
+            .write(true)
+            .open(d.path().join("journal"))
+            .expect("open");
+        f.set_len(len - 3).expect("truncate");
+        let got: Vec<u8> = j
+            .read()
+            .expect("read")
+            .iter()
+            .map(|e| e.record.duration_ms as u8)
+            .collect();
+        assert_eq!(got, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_garbled_record_stops_the_replay() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("journal");
+        let j = Journal::new(&p);
+        j.append(&entry(1)).expect("append");
+        j.append(&entry(2)).expect("append");
+        let mut bytes = fs::read(&p).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&p, bytes).expect("write");
+        assert_eq!(j.read().expect("read").len(), 1);
+    }
+}
