@@ -39,6 +39,20 @@ pub fn physically_inside(workdir: &Path, rel: &str, cache: &mut HashMap<PathBuf,
     }
 }
 
+/// If `rel` is a symlink whose target lies outside the work folder, that target.
+pub fn link_leading_out(workdir: &Path, rel: &str) -> Option<PathBuf> {
+    let path = workdir.join(rel);
+    let text = fs::read_link(&path).ok()?;
+    let root = workdir.canonicalize().ok()?;
+    let parent = path.parent()?.canonicalize().ok()?;
+    let target = parent.join(&text);
+    // Resolve what exists; judge a dangling target by its lexical path.
+    let resolved = target
+        .canonicalize()
+        .unwrap_or_else(|_| PathBuf::from(crate::expand::normalize(&target.to_string_lossy())));
+    (!resolved.starts_with(&root)).then_some(resolved)
+}
+
 #[derive(Debug, Default)]
 pub struct Cleaned {
     pub removed: Vec<String>,

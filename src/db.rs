@@ -37,6 +37,36 @@ pub enum DbError {
     Sled { path: PathBuf, source: sled::Error },
     #[error("state database {path}: {msg}")]
     Io { path: PathBuf, msg: String },
+    #[error("state database {path}: {msg}")]
+    Corrupt { path: PathBuf, msg: String },
+}
+
+impl DbError {
+    /// Whether the store's bytes are bad (set it aside) rather than the disk refusing
+    /// service (full, read-only: report it and keep the store).
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            DbError::Corrupt { .. } => true,
+            DbError::Sled { source, .. } => !matches!(source, sled::Error::Io(_)),
+            DbError::Io { .. } => false,
+        }
+    }
+}
+
+/// Why a store could not be opened.
+enum OpenError {
+    /// The disk refused (full, read-only, permissions): not the store's fault.
+    Io(String),
+    Corrupt(String),
+}
+
+impl From<sled::Error> for OpenError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Io(io) => OpenError::Io(io.to_string()),
+            other => OpenError::Corrupt(other.to_string()),
+        }
+    }
 }
 
 pub struct Db {
@@ -68,7 +98,8 @@ impl Db {
         let path = state_dir.join("state.sled");
         match Self::try_open(&path) {
             Ok(db) => Ok(db),
-            Err(why) => {
+            Err(OpenError::Io(msg)) => Err(DbError::Io { path, msg }),
+            Err(OpenError::Corrupt(why)) => {
                 let aside = state_dir.join(format!("state.sled.broken-{}", std::process::id()));
                 warn(format!(
                     "the state database {} is unreadable ({why}); moved it to {} and starting fresh: everything will rebuild",
@@ -85,7 +116,9 @@ impl Db {
                 if journal.exists() {
                     let _ = std::fs::rename(&journal, aside.with_extension("journal"));
                 }
-                Self::try_open(&path).map_err(|msg| DbError::Io { path, msg })
+                Self::try_open(&path).map_err(|e| match e {
+                    OpenError::Io(msg) | OpenError::Corrupt(msg) => DbError::Io { path, msg },
+                })
             }
         }
     }
@@ -114,10 +147,12 @@ impl Db {
         if journal.exists() {
             let _ = std::fs::rename(&journal, aside.with_extension("journal"));
         }
-        Self::try_open(&path).map_err(|msg| DbError::Io { path, msg })
+        Self::try_open(&path).map_err(|e| match e {
+            OpenError::Io(msg) | OpenError::Corrupt(msg) => DbError::Io { path, msg },
+        })
     }
 
-    fn try_open(path: &Path) -> Result<Db, String> {
+    fn try_open(path: &Path) -> Result<Db, OpenError> {
         let existed = path.join("db").exists();
         // sled can panic on some corrupt files; treat a panic as unreadable.
         let opened = std::panic::catch_unwind(|| {
@@ -129,27 +164,36 @@ impl Db {
         });
         let db = match opened {
             Ok(Ok(db)) => db,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("the sled store panicked while opening".into()),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                return Err(OpenError::Corrupt(
+                    "the sled store panicked while opening".into(),
+                ))
+            }
         };
         match db.get(b"format") {
             Ok(Some(v)) if v.as_ref() == FORMAT => {}
-            Ok(None) if existed => {
-                return Err("its header record is gone (the store was damaged)".into());
+            // No header and nothing else: a new store (or one killed before its first
+            // flush). Write the header durably now.
+            Ok(None) if db.is_empty() && db.tree_names().len() <= 1 => {
+                db.insert(b"format", FORMAT)?;
+                db.flush()?;
             }
-            Ok(None) if db.tree_names().len() <= 1 && db.is_empty() => {
-                db.insert(b"format", FORMAT).map_err(|e| e.to_string())?;
+            Ok(None) if existed => {
+                return Err(OpenError::Corrupt(
+                    "its header record is gone (the store was damaged)".into(),
+                ));
             }
             Ok(other) => {
-                return Err(format!(
+                return Err(OpenError::Corrupt(format!(
                     "format is {:?}, expected {:?}",
                     other.map(|v| String::from_utf8_lossy(&v).into_owned()),
                     String::from_utf8_lossy(FORMAT)
-                ))
+                )))
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
-        let t = |name: &str| db.open_tree(name).map_err(|e| e.to_string());
+        let t = |name: &str| db.open_tree(name).map_err(OpenError::from);
         Ok(Db {
             path: path.to_path_buf(),
             explain: t("explain")?,
@@ -169,7 +213,7 @@ impl Db {
     /// one go) overlaid with the journal (jobs finished since).
     pub fn load(&self) -> Result<State, DbError> {
         let mut state = match self.db.get(SNAPSHOT).map_err(|e| self.err(e))? {
-            Some(v) => decode::<State>(&v).ok_or_else(|| DbError::Io {
+            Some(v) => decode::<State>(&v).ok_or_else(|| DbError::Corrupt {
                 path: self.path.clone(),
                 msg: "its snapshot does not decode".into(),
             })?,

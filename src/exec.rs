@@ -63,7 +63,8 @@ impl Running {
     }
 }
 
-/// A process's (process group, start time) from /proc/PID/stat (fields 5 and 22).
+/// A live process's (process group, start time) from /proc/PID/stat (fields 5 and 22);
+/// `None` for a zombie, which is dead already and only waits to be reaped.
 fn proc_stat(pid: i32) -> Option<(i32, u64)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces; fields after it follow the last ')'.
@@ -71,6 +72,9 @@ fn proc_stat(pid: i32) -> Option<(i32, u64)> {
         .get(stat.rfind(')')? + 2..)?
         .split_whitespace()
         .collect();
+    if rest.first() == Some(&"Z") {
+        return None;
+    }
     Some((rest.get(2)?.parse().ok()?, rest.get(19)?.parse().ok()?))
 }
 
@@ -128,10 +132,12 @@ pub fn reap_orphans(state_dir: &Path) -> usize {
 #[derive(Debug)]
 pub enum Outcome {
     Success,
-    /// Exit code, or `None` with the signal when killed.
+    /// Exit code, or `None` with the signal when killed; the last of its output, kept in
+    /// memory in case the log could not be written.
     Failed {
         code: Option<i32>,
         signal: Option<i32>,
+        tail: Vec<u8>,
     },
 }
 
@@ -244,7 +250,7 @@ pub fn run(
         libc::kill(-pgid, libc::SIGKILL);
     }
     running.remove(pgid);
-    let _ = copier.join();
+    let tail = copier.join().unwrap_or_default();
     let status = status?;
     Ok(if status.success() {
         Outcome::Success
@@ -252,15 +258,19 @@ pub fn run(
         Outcome::Failed {
             code: status.code(),
             signal: status.signal(),
+            tail,
         }
     })
 }
 
 /// Copy a command's output to its log, creating the log on the first byte. Without output
 /// the log is removed (a stale one from an earlier run would mislead), unless appending.
-fn copy_output(mut reader: io::PipeReader, log: &Path, mode: LogMode) {
+fn copy_output(mut reader: io::PipeReader, log: &Path, mode: LogMode) -> Vec<u8> {
     let mut buf = [0u8; 8192];
     let mut file: Option<fs::File> = None;
+    // The last bytes stay in memory too: if the log cannot be written (a full disk), a
+    // failure can still show what the command said.
+    let mut tail: Vec<u8> = Vec::new();
     loop {
         match reader.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -280,6 +290,10 @@ fn copy_output(mut reader: io::PipeReader, log: &Path, mode: LogMode) {
                 if let Some(f) = file.as_mut() {
                     let _ = f.write_all(&buf[..n]);
                 }
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 2 * TAIL_BYTES {
+                    tail.drain(..tail.len() - TAIL_BYTES);
+                }
                 if mode.tee {
                     let _ = io::stderr().write_all(&buf[..n]);
                 }
@@ -289,7 +303,14 @@ fn copy_output(mut reader: io::PipeReader, log: &Path, mode: LogMode) {
     if file.is_none() && !mode.append {
         let _ = fs::remove_file(log);
     }
+    if tail.len() > TAIL_BYTES {
+        tail.drain(..tail.len() - TAIL_BYTES);
+    }
+    tail
 }
+
+/// How much of a command's latest output is kept in memory.
+const TAIL_BYTES: usize = 8192;
 
 /// The last `n` lines of a log file (reads at most the last 64 KiB).
 pub fn tail(log: &Path, n: usize) -> String {

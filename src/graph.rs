@@ -81,6 +81,15 @@ impl Graph {
             for (oi, o) in spec.outputs.iter().enumerate() {
                 let f = intern(o, &mut files);
                 if let Some(prev) = files[f.idx()].producer {
+                    if prev.idx() == ji {
+                        return Err(model
+                            .source
+                            .error(
+                                output_span(&model, &spec, oi),
+                                format!("`{o}` is listed twice in one job's outputs"),
+                            )
+                            .with_hint("each output path appears once"));
+                    }
                     let prev_job: &Job = &jobs[prev.idx()];
                     let here = output_span(&model, &spec, oi);
                     let there = output_span(
@@ -167,27 +176,44 @@ impl Graph {
 
     /// Resolve command-line targets to jobs. A target is `all`, an alias, a rule name, or a path
     /// (relative to the work folder, or to `cwd`). A source path that exists needs no job.
+    /// Resolve targets to jobs. A target is `all`, an alias, a rule name, or a path
+    /// (relative to the work folder, or to `cwd`); a source path that exists needs no job.
+    /// Targets written in the Qairtfile (`default`, aliases) carry their span, so errors
+    /// about them point at the Qairtfile.
     pub fn resolve_targets(
         &self,
-        targets: &[String],
+        targets: &[(String, Option<std::ops::Range<usize>>)],
         cwd: &Path,
         workdir: &Path,
     ) -> Result<Vec<JobId>, Diagnostic> {
         let mut out = Vec::new();
-        let mut stack: Vec<(String, usize)> =
-            targets.iter().rev().map(|t| (t.clone(), 0)).collect();
-        while let Some((t, depth)) = stack.pop() {
+        let mut stack: Vec<(String, Option<std::ops::Range<usize>>, usize)> = targets
+            .iter()
+            .rev()
+            .map(|(t, sp)| (t.clone(), sp.clone(), 0))
+            .collect();
+        let err = |span: &Option<std::ops::Range<usize>>, msg: String| match span {
+            Some(sp) => self.model.source.error(sp.clone(), msg),
+            None => Diagnostic::plain(msg),
+        };
+        while let Some((t, span, depth)) = stack.pop() {
             if depth > 32 {
-                return Err(Diagnostic::plain(format!(
-                    "alias `{t}` nests too deeply (a cycle of aliases?)"
-                )));
+                return Err(err(
+                    &span,
+                    format!("alias `{t}` nests too deeply (a cycle of aliases?)"),
+                )
+                .with_hint("an alias may name other aliases, but not itself through them"));
             }
             if t == "all" {
                 out.extend((0..self.jobs.len()).map(|i| JobId(i as u32)));
                 continue;
             }
             if let Some((_, ts)) = self.model.aliases.iter().find(|(a, _)| a.text == t) {
-                stack.extend(ts.iter().rev().map(|x| (x.text.clone(), depth + 1)));
+                stack.extend(
+                    ts.iter()
+                        .rev()
+                        .map(|x| (x.text.clone(), Some(x.span.clone()), depth + 1)),
+                );
                 continue;
             }
             if let Some(ri) = self.model.rules.iter().position(|r| r.name == t) {
@@ -205,9 +231,12 @@ impl Graph {
                     Some(j) => out.push(j),
                     None => {
                         if !workdir.join(&self.files[f.idx()].path).exists() {
-                            return Err(Diagnostic::plain(format!(
-                                "`{t}` is a source that does not exist, and no rule writes it"
-                            )));
+                            return Err(err(
+                                &span,
+                                format!(
+                                    "`{t}` is a source that does not exist, and no rule writes it"
+                                ),
+                            ));
                         }
                     }
                 }
@@ -216,9 +245,10 @@ impl Graph {
             let mut names: Vec<&str> = vec!["all"];
             names.extend(self.model.rules.iter().map(|r| r.name.as_str()));
             names.extend(self.model.aliases.iter().map(|(a, _)| a.text.as_str()));
-            let d = Diagnostic::plain(format!(
-                "unknown target `{t}`: not a rule, an alias, or a path any rule writes"
-            ));
+            let d = err(
+                &span,
+                format!("unknown target `{t}`: not a rule, an alias, or a path any rule writes"),
+            );
             return Err(match closest(&t, names.iter().copied()) {
                 Some(c) => d.with_hint(format!("did you mean `{c}`?")),
                 None => d.with_hint("`qbuild --list` shows the rules and their outputs"),

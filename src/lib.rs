@@ -83,13 +83,23 @@ impl Session {
         let t = std::time::Instant::now();
         let graph = load_graph(&self.file, &self.args.file)?;
         work::phase("load Qairtfile", t);
-        let targets: Vec<String> = if !self.args.targets.is_empty() {
-            self.args.targets.clone()
-        } else if !graph.model.default.is_empty() {
-            graph.model.default.iter().map(|s| s.text.clone()).collect()
-        } else {
-            vec!["all".to_string()]
-        };
+        let targets: Vec<(String, Option<std::ops::Range<usize>>)> =
+            if !self.args.targets.is_empty() {
+                self.args
+                    .targets
+                    .iter()
+                    .map(|t| (t.clone(), None))
+                    .collect()
+            } else if !graph.model.default.is_empty() {
+                graph
+                    .model
+                    .default
+                    .iter()
+                    .map(|s| (s.text.clone(), Some(s.span.clone())))
+                    .collect()
+            } else {
+                vec![("all".to_string(), None)]
+            };
         let jobs = graph.resolve_targets(&targets, &self.cwd, &self.workdir)?;
         let toolchain = match &graph.model.toolchain {
             Some(tc) => Some(toolchain::verify(tc, &self.workdir, &graph.model.source)?),
@@ -293,6 +303,21 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
     let (graph, args) = (&loaded.graph, &session.args);
     if args.check {
         check_sources(graph, &session.workdir)?;
+        // Every alias and the default must name something, used or not.
+        let named: Vec<(String, Option<std::ops::Range<usize>>)> = graph
+            .model
+            .aliases
+            .iter()
+            .map(|(a, _)| (a.text.clone(), Some(a.span.clone())))
+            .chain(
+                graph
+                    .model
+                    .default
+                    .iter()
+                    .map(|d| (d.text.clone(), Some(d.span.clone()))),
+            )
+            .collect();
+        graph.resolve_targets(&named, &session.cwd, &session.workdir)?;
         if let Some(v) = graph.model.unused_vars.first() {
             return Err(graph
                 .model

@@ -180,7 +180,8 @@ pub fn build(
     let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.load()));
     let state_db = match loaded {
         Ok(Ok(st)) => st,
-        Ok(Err(e)) => return Err(WorkError::Corrupt(e.to_string())),
+        Ok(Err(e)) if e.is_corruption() => return Err(WorkError::Corrupt(e.to_string())),
+        Ok(Err(e)) => return Err(WorkError::Db(e)),
         Err(_) => return Err(WorkError::Corrupt("reading it panicked".into())),
     };
     let journal = db.journal_pending();
@@ -546,6 +547,15 @@ impl Work<'_> {
     fn start(&mut self, j: JobId, tx: mpsc::Sender<Done>) {
         let job = &self.g.jobs[j.idx()];
         for rel in &job.spec.outputs {
+            if !matches!(job.spec.action, Action::Link(_)) {
+                if let Some(to) = crate::clean::link_leading_out(&self.workdir, rel) {
+                    let why = format!(
+                        "output {rel} is a symlink to {}, outside the work folder; refusing to write through it",
+                        to.display()
+                    );
+                    return self.fail_before_start(j, &why);
+                }
+            }
             if !crate::clean::physically_inside(&self.workdir, rel, &mut self.inside) {
                 let why = format!("output {rel} would be written outside the work folder (a folder on its path is a symlink leading out); refusing to run");
                 return self.fail_before_start(j, &why);
@@ -566,9 +576,12 @@ impl Work<'_> {
             })
             .collect();
         self.pre_stat.insert(j, before.clone());
-        for o in &outputs {
+        for (o, rel) in outputs.iter().zip(&job.spec.outputs) {
             if let Some(dir) = o.parent() {
-                let _ = fs::create_dir_all(dir);
+                if let Err(e) = fs::create_dir_all(dir) {
+                    let why = format!("cannot create the folder of output {rel}: {e}");
+                    return self.fail_before_start(j, &why);
+                }
             }
         }
         self.state[j.idx()] = State::Running;
@@ -697,7 +710,15 @@ impl Work<'_> {
                     removed.join(", ")
                 ));
             }
-            let tail = exec::tail(&log, 20);
+            let mut tail = exec::tail(&log, 20);
+            if let Ok(Outcome::Failed { tail: mem, .. }) = &d.result {
+                if tail.is_empty() && !mem.is_empty() {
+                    // The log could not be written (a full disk?): show what was kept.
+                    let text = String::from_utf8_lossy(mem);
+                    let lines: Vec<&str> = text.lines().collect();
+                    tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                }
+            }
             if !tail.is_empty() {
                 text.push_str("\n  last lines of its log:\n");
                 for l in tail.lines() {
