@@ -1,6 +1,6 @@
 //! The developer loop (issue 6), end to end through the real binary: `--watch`, plain
 //! progress lines, per-job logs, `--explain`, `--list`, `--graph`, `--clean`, `--status`
-//! and `--trace`. `cargo test --test iteration`; `QBUILD_KEEP=1` keeps the work folders.
+//! and `--trace`. `cargo test --test e2e iteration::`; `QBUILD_KEEP=1` keeps the work folders.
 //!
 //! `--watch` runs as a background process ([`Bg`]): reader threads send its stdout and
 //! stderr lines over a channel, every wait is a `recv_timeout`, and a drop guard kills it
@@ -11,8 +11,7 @@
 
 #![allow(dead_code)]
 
-#[path = "e2e/support.rs"]
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

@@ -2,7 +2,7 @@
 //! symlinks and directories as artifacts, the toolchain (dependency manager), and the
 //! step sanity checker (`--check` and the checks after each step).
 //!
-//! `cargo test --test artifacts`; `QBUILD_KEEP=1` keeps the work folders for debugging.
+//! `cargo test --test e2e artifacts::`; `QBUILD_KEEP=1` keeps the work folders for debugging.
 //!
 //! In the demo (`Qairtfile.example`), `split ar=A` declares per split a link to the exported
 //! encodings and a link to `models/test_vectors/`; each link is a job of its own, labelled
@@ -13,8 +13,7 @@
 
 #![allow(dead_code)]
 
-#[path = "e2e/support.rs"]
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::fs;

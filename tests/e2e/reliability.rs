@@ -11,13 +11,12 @@
 //! - I/O errors: a read-only work folder, a full disk (tmpfs; skipped where mounting is not
 //!   permitted, with the reason printed).
 //!
-//! `cargo test --test reliability`. `QBUILD_REL_SEED=N` reseeds the crash harness and the
+//! `cargo test --test e2e reliability::`. `QBUILD_REL_SEED=N` reseeds the crash harness and the
 //! Qairtfile generator; `QBUILD_KEEP=1` keeps the work folders.
 
 #![allow(dead_code)]
 
-#[path = "e2e/support.rs"]
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
