@@ -1,6 +1,6 @@
 //! The current content hash of an artifact on disk (file, directory tree, or symlink), reusing the stat cache so unchanged files are never re-read.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -34,7 +34,7 @@ pub fn link_identity(text: &Path) -> Hash {
 /// Hashes artifacts under a work folder; safe to share between threads.
 pub struct Artifacts<'a> {
     pub workdir: PathBuf,
-    pub cache: &'a HashMap<String, StatEntry>,
+    pub cache: &'a FxHashMap<String, StatEntry>,
     pub stats: &'a HashStats,
     /// New or refreshed stat-cache entries to write back.
     pub updates: Mutex<Vec<(String, StatEntry)>>,
@@ -43,7 +43,7 @@ pub struct Artifacts<'a> {
 impl<'a> Artifacts<'a> {
     pub fn new(
         workdir: &Path,
-        cache: &'a HashMap<String, StatEntry>,
+        cache: &'a FxHashMap<String, StatEntry>,
         stats: &'a HashStats,
     ) -> Self {
         Artifacts {

@@ -1,6 +1,6 @@
 //! The state database (sled under `.qbuild/`): the stat cache and, per job, the record of its last successful run.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -17,8 +17,8 @@ const SNAPSHOT: &[u8] = b"snapshot";
 /// Everything a run loads: the stat cache and the job records.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct State {
-    pub stat: HashMap<String, StatEntry>,
-    pub jobs: HashMap<Hash, JobRecord>,
+    pub stat: FxHashMap<String, StatEntry>,
+    pub jobs: FxHashMap<Hash, JobRecord>,
 }
 
 /// What qbuild remembers about a job's last successful run.

@@ -378,6 +378,21 @@ struct Globals<'a> {
     defs: HashMap<&'a str, &'a RawValue>,
     names: Vec<&'a str>,
     memo: HashMap<String, Val>,
+    /// Parsed templates of variable values, by their span: a `let` is evaluated once per
+    /// instance, but parsed once.
+    templates: HashMap<(usize, usize), Rc<Template>>,
+}
+
+impl Globals<'_> {
+    fn template(&mut self, s: &Str) -> Result<Rc<Template>, Diagnostic> {
+        let key = (s.span.start, s.span.end);
+        if let Some(t) = self.templates.get(&key) {
+            return Ok(t.clone());
+        }
+        let t = Rc::new(parse_template(self.src, s)?);
+        self.templates.insert(key, t.clone());
+        Ok(t)
+    }
 }
 
 /// Per-instance variables: matrix values, lets, and for actions the inputs/outputs.
@@ -601,7 +616,7 @@ impl Eval<'_, '_, '_> {
     fn value(&mut self, raw: &RawValue) -> Result<Val, Diagnostic> {
         match raw {
             RawValue::Scalar(s) => {
-                let tpl = parse_template(self.g.src, s)?;
+                let tpl = self.g.template(s)?;
                 // A string that is exactly one reference takes that variable's value, list or not.
                 if let [Seg::Ref {
                     kind: RefKind::Var { name, index: None },
@@ -719,6 +734,7 @@ pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
         names: q.vars.iter().map(|(k, _)| k.text.as_str()).collect(),
         defs,
         memo: HashMap::new(),
+        templates: HashMap::new(),
     };
     let mut pools: Vec<Pool> = Vec::new();
     for p in &q.pools {

@@ -1,6 +1,6 @@
 //! The build graph: files and jobs in dense vectors with typed ids, job-to-job edges in petgraph; per-run state lives elsewhere.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::path::Path;
 
 use petgraph::algo::tarjan_scc;
@@ -50,7 +50,7 @@ pub struct Graph {
     pub model: Model,
     pub files: Vec<File>,
     pub jobs: Vec<Job>,
-    pub by_path: HashMap<String, FileId>,
+    pub by_path: FxHashMap<String, FileId>,
     /// Job → jobs that consume its outputs.
     pub dependents: Vec<Vec<JobId>>,
     /// Jobs in an order where every job comes after the jobs it depends on.
@@ -61,7 +61,8 @@ impl Graph {
     pub fn build(mut model: Model) -> Result<Graph, Diagnostic> {
         let specs = std::mem::take(&mut model.jobs);
         let mut files: Vec<File> = Vec::new();
-        let mut by_path: HashMap<String, FileId> = HashMap::with_capacity(specs.len() * 3);
+        let mut by_path: FxHashMap<String, FileId> = FxHashMap::default();
+        by_path.reserve(specs.len() * 3);
         let mut intern = |p: &str, files: &mut Vec<File>| -> FileId {
             if let Some(id) = by_path.get(p) {
                 return *id;

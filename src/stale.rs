@@ -1,5 +1,6 @@
 //! Staleness: the key of a job (command, env, input hashes, outputs) computed once, as a hash to compare and a readable twin to explain.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -11,18 +12,38 @@ use crate::hash::{hex, Hash};
 /// Everything a job's result depends on, in readable form. Its blake3 is the key stored in
 /// the job record; `--explain` diffs two of these, so an explanation is always about the
 /// very data that decided the job was stale.
+///
+/// Fields borrow from the graph while a decision is made (a no-op over 100k jobs copies
+/// nothing); `into_owned` keeps one. `Cow` encodes exactly like the owned types.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct KeyParts {
+pub struct KeyParts<'a> {
     /// The expanded command line (`sh -c` string, argv joined, or `write <content>`).
-    pub action: String,
-    pub env: Vec<(String, String)>,
+    pub action: Cow<'a, str>,
+    pub env: Cow<'a, [(String, String)]>,
     /// Tool and SDK versions the job's result depends on.
-    pub toolchain: Vec<(String, String)>,
-    pub inputs: Vec<(String, Hash)>,
-    pub outputs: Vec<String>,
+    pub toolchain: Cow<'a, [(String, String)]>,
+    pub inputs: Vec<(Cow<'a, str>, Hash)>,
+    pub outputs: Cow<'a, [String]>,
 }
 
-impl KeyParts {
+/// A readable key read back from the database.
+pub type OwnedKeyParts = KeyParts<'static>;
+
+impl KeyParts<'_> {
+    pub fn into_owned(self) -> OwnedKeyParts {
+        KeyParts {
+            action: Cow::Owned(self.action.into_owned()),
+            env: Cow::Owned(self.env.into_owned()),
+            toolchain: Cow::Owned(self.toolchain.into_owned()),
+            inputs: self
+                .inputs
+                .into_iter()
+                .map(|(p, h)| (Cow::Owned(p.into_owned()), h))
+                .collect(),
+            outputs: Cow::Owned(self.outputs.into_owned()),
+        }
+    }
+
     pub fn key(&self) -> Hash {
         let mut h = blake3::Hasher::new();
         h.update(b"qbuild-key-v1\0");
@@ -32,9 +53,9 @@ impl KeyParts {
 }
 
 /// A readable form of an action, stable across runs (it goes into the key).
-pub fn action_text(a: &Action) -> String {
-    match a {
-        Action::Shell(s) => s.clone(),
+pub fn action_text(a: &Action) -> Cow<'_, str> {
+    Cow::Owned(match a {
+        Action::Shell(s) => return Cow::Borrowed(s),
         Action::Argv(v) => v
             .iter()
             .map(|s| crate::expand::shell_quote(s))
@@ -42,7 +63,7 @@ pub fn action_text(a: &Action) -> String {
             .join(" "),
         Action::Write(c) => format!("write {c:?}"),
         Action::Link(t) => format!("symlink -> {t}"),
-    }
+    })
 }
 
 /// Why a job must run.
@@ -158,11 +179,11 @@ pub struct Decision {
 /// Decide whether a job is up to date. `outputs_now` is only consulted when the key matches;
 /// `old_parts` is only fetched to explain a key mismatch when `explain` is set.
 pub fn decide(
-    parts: &KeyParts,
+    parts: &KeyParts<'_>,
     key: &Hash,
     record: Option<&JobRecord>,
     outputs_now: &mut dyn FnMut() -> Vec<Option<Hash>>,
-    old_parts: &mut dyn FnMut() -> Option<KeyParts>,
+    old_parts: &mut dyn FnMut() -> Option<OwnedKeyParts>,
     explain: bool,
 ) -> Decision {
     let Some(rec) = record else {
@@ -209,36 +230,36 @@ pub fn decide(
 }
 
 /// What differs between the recorded key and the current one.
-pub fn diff_parts(old: &KeyParts, new: &KeyParts) -> Vec<Reason> {
+pub fn diff_parts(old: &KeyParts<'_>, new: &KeyParts<'_>) -> Vec<Reason> {
     let mut r = Vec::new();
     if old.action != new.action {
         r.push(Reason::CommandChanged {
-            was: old.action.clone(),
-            now: new.action.clone(),
+            was: old.action.to_string(),
+            now: new.action.to_string(),
         });
     }
     if old.env != new.env {
         r.push(Reason::EnvChanged {
-            was: old.env.clone(),
-            now: new.env.clone(),
+            was: old.env.to_vec(),
+            now: new.env.to_vec(),
         });
     }
     if old.toolchain != new.toolchain {
         r.push(Reason::ToolchainChanged {
-            was: old.toolchain.clone(),
-            now: new.toolchain.clone(),
+            was: old.toolchain.to_vec(),
+            now: new.toolchain.to_vec(),
         });
     }
     for (p, h) in &new.inputs {
         match old.inputs.iter().find(|(op, _)| op == p) {
             Some((_, oh)) if oh == h => {}
             Some((_, oh)) => r.push(Reason::InputChanged {
-                path: p.clone(),
+                path: p.to_string(),
                 was: Some(*oh),
                 now: *h,
             }),
             None => r.push(Reason::InputChanged {
-                path: p.clone(),
+                path: p.to_string(),
                 was: None,
                 now: *h,
             }),
@@ -246,7 +267,7 @@ pub fn diff_parts(old: &KeyParts, new: &KeyParts) -> Vec<Reason> {
     }
     for (p, _) in &old.inputs {
         if !new.inputs.iter().any(|(np, _)| np == p) {
-            r.push(Reason::InputRemoved(p.clone()));
+            r.push(Reason::InputRemoved(p.to_string()));
         }
     }
     if old.outputs != new.outputs {
@@ -259,13 +280,13 @@ pub fn diff_parts(old: &KeyParts, new: &KeyParts) -> Vec<Reason> {
 mod tests {
     use super::*;
 
-    fn parts(cmd: &str, input: u8) -> KeyParts {
+    fn parts(cmd: &str, input: u8) -> OwnedKeyParts {
         KeyParts {
-            action: cmd.into(),
-            env: vec![],
-            toolchain: vec![],
+            action: cmd.to_string().into(),
+            env: Cow::Owned(vec![]),
+            toolchain: Cow::Owned(vec![]),
             inputs: vec![("in".into(), [input; 32])],
-            outputs: vec!["out".into()],
+            outputs: Cow::Owned(vec!["out".into()]),
         }
     }
 

@@ -5,6 +5,7 @@
 //! staleness check) → either `UpToDate`, `WouldRun` (dry run), `Skipped` (a dependency failed),
 //! or `Queued` (stale; waits for a slot and its pool) → `Running` → `Ran` or `Failed`.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::io;
@@ -23,7 +24,7 @@ use crate::exec::{self, Outcome, Running};
 use crate::graph::{Graph, JobId};
 use crate::hash::{hash_link, Hash, HashStats, StatEntry, StatKey};
 use crate::progress::{secs, Progress};
-use crate::stale::{action_text, decide, KeyParts, Reason};
+use crate::stale::{action_text, decide, KeyParts, OwnedKeyParts, Reason};
 
 /// With `QBUILD_TIMING` set, print how long each phase of a run took (for profiling).
 pub fn phase(what: &str, since: Instant) {
@@ -138,7 +139,7 @@ struct Work<'a> {
     ready: VecDeque<JobId>,
     queued: VecDeque<JobId>,
     /// Key and readable key of each queued/running job, to record on success.
-    keys: HashMap<JobId, (Hash, KeyParts)>,
+    keys: HashMap<JobId, (Hash, OwnedKeyParts)>,
     pre_stat: HashMap<JobId, Vec<Option<StatKey>>>,
     pool_used: Vec<usize>,
     running: usize,
@@ -358,7 +359,7 @@ impl Work<'_> {
         for f in &job.ins {
             let path = &self.g.files[f.idx()].path;
             match &self.now[f.idx()] {
-                Now::Have(a) => inputs.push((path.clone(), a.content)),
+                Now::Have(a) => inputs.push((Cow::Borrowed(path.as_str()), a.content)),
                 Now::WillRebuild => reasons.push(Reason::InputWillRebuild(path.clone())),
                 Now::Missing | Now::Unknown => {
                     let why = if self.g.files[f.idx()].producer.is_some() {
@@ -383,14 +384,14 @@ impl Work<'_> {
         }
         let parts = KeyParts {
             action: action_text(&job.spec.action),
-            env: job.spec.env.clone(),
-            toolchain: if job.spec.toolchain {
-                self.opts.toolchain.clone()
+            env: Cow::Borrowed(&job.spec.env),
+            toolchain: Cow::Borrowed(if job.spec.toolchain {
+                &self.opts.toolchain
             } else {
-                Vec::new()
-            },
+                &[]
+            }),
             inputs,
-            outputs: job.spec.outputs.clone(),
+            outputs: Cow::Borrowed(&job.spec.outputs),
         };
         let key = parts.key();
         let id = job_id(&job.spec.outputs);
@@ -410,11 +411,11 @@ impl Work<'_> {
                     })
                     .collect()
             },
-            &mut || db.explain::<KeyParts>(&id),
+            &mut || db.explain::<OwnedKeyParts>(&id),
             explain,
         );
         if d.stale {
-            self.stale(j, Some((key, parts)), d.reasons);
+            self.stale(j, Some((key, parts.into_owned())), d.reasons);
         } else {
             // Outputs are as recorded; their content hashes from the scan stand, except a
             // link's, which follows its target (possibly rebuilt this run).
@@ -443,7 +444,7 @@ impl Work<'_> {
         });
     }
 
-    fn stale(&mut self, j: JobId, key: Option<(Hash, KeyParts)>, reasons: Vec<Reason>) {
+    fn stale(&mut self, j: JobId, key: Option<(Hash, OwnedKeyParts)>, reasons: Vec<Reason>) {
         if self.opts.explain {
             let mut text = format!("explain: {} is stale:", self.label(j));
             for r in &reasons {
@@ -626,7 +627,7 @@ impl Work<'_> {
             if matches!(result, Ok(Outcome::Success)) {
                 // Outputs are new: hash them without the cache, here in the worker. A link's
                 // content is derived from its target on the main thread instead.
-                let empty = HashMap::new();
+                let empty = rustc_hash::FxHashMap::default();
                 let arts = Artifacts::new(&workdir, &empty, &stats);
                 hashes = rels
                     .iter()
