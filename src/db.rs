@@ -100,25 +100,7 @@ impl Db {
             Ok(db) => Ok(db),
             Err(OpenError::Io(msg)) => Err(DbError::Io { path, msg }),
             Err(OpenError::Corrupt(why)) => {
-                let aside = state_dir.join(format!("state.sled.broken-{}", std::process::id()));
-                warn(format!(
-                    "the state database {} is unreadable ({why}); moved it to {} and starting fresh: everything will rebuild",
-                    path.display(),
-                    aside.display()
-                ));
-                if path.exists() {
-                    std::fs::rename(&path, &aside).map_err(|e| DbError::Io {
-                        path: path.clone(),
-                        msg: format!("cannot move it aside: {e}"),
-                    })?;
-                }
-                let journal = state_dir.join("journal");
-                if journal.exists() {
-                    let _ = std::fs::rename(&journal, aside.with_extension("journal"));
-                }
-                Self::try_open(&path).map_err(|e| match e {
-                    OpenError::Io(msg) | OpenError::Corrupt(msg) => DbError::Io { path, msg },
-                })
+                Self::set_aside_and_reopen(state_dir, &path, &why, warn)
             }
         }
     }
@@ -132,23 +114,38 @@ impl Db {
     ) -> Result<Db, DbError> {
         let path = self.path.clone();
         drop(self);
+        Self::set_aside_and_reopen(state_dir, &path, why, warn)
+    }
+
+    /// Move an unreadable store, and the journal that belongs to it, aside (never trusting
+    /// either again) and open a fresh store in its place.
+    fn set_aside_and_reopen(
+        state_dir: &Path,
+        path: &Path,
+        why: &str,
+        warn: &mut dyn FnMut(String),
+    ) -> Result<Db, DbError> {
         let aside = state_dir.join(format!("state.sled.broken-{}", std::process::id()));
         warn(format!(
             "the state database {} is unreadable ({why}); moved it to {} and starting fresh: everything will rebuild",
             path.display(),
             aside.display()
         ));
-        std::fs::rename(&path, &aside).map_err(|e| DbError::Io {
-            path: path.clone(),
-            msg: format!("cannot move it aside: {e}"),
-        })?;
-        // The journal belongs to the broken store: set it aside too, trust nothing of it.
-        let journal = path.with_file_name("journal");
+        if path.exists() {
+            std::fs::rename(path, &aside).map_err(|e| DbError::Io {
+                path: path.to_path_buf(),
+                msg: format!("cannot move it aside: {e}"),
+            })?;
+        }
+        let journal = state_dir.join("journal");
         if journal.exists() {
             let _ = std::fs::rename(&journal, aside.with_extension("journal"));
         }
-        Self::try_open(&path).map_err(|e| match e {
-            OpenError::Io(msg) | OpenError::Corrupt(msg) => DbError::Io { path, msg },
+        Self::try_open(path).map_err(|e| match e {
+            OpenError::Io(msg) | OpenError::Corrupt(msg) => DbError::Io {
+                path: path.to_path_buf(),
+                msg,
+            },
         })
     }
 

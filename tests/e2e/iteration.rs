@@ -34,16 +34,9 @@ const LONG: Duration = Duration::from_secs(60);
 /// How long "nothing happens" is watched for.
 const QUIET: Duration = Duration::from_secs(2);
 
-/// As in support.rs: variables that change qbuild's or the simulator's behaviour are
-/// set by a test explicitly or not at all.
-const SCRUBBED_ENV: &[&str] = &[
-    "QAIRT_SIM_FAIL",
-    "QAIRT_SIM_WORK_MS",
-    "QAIRT_SIM_SCALE",
-    "QBUILD_PLAIN",
-    "QNN_SDK_ROOT",
-    "QAIRT_SIM",
-];
+/// Variables that change qbuild's or the simulator's behaviour: set by a test explicitly
+/// or not at all (the list lives in support.rs).
+use support::SCRUBBED_ENV;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stream {

@@ -23,7 +23,7 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Environment variables that change how qbuild or the simulator behave; a test sets them
 /// explicitly or not at all, whatever the calling shell has.
-const SCRUBBED_ENV: &[&str] = &[
+pub const SCRUBBED_ENV: &[&str] = &[
     "QAIRT_SIM_FAIL",
     "QAIRT_SIM_WORK_MS",
     "QAIRT_SIM_SCALE",
