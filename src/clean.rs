@@ -9,32 +9,45 @@ use crate::db::{job_id, Db, DbError};
 use crate::graph::{Graph, JobId};
 use crate::hash::HashStats;
 
-/// Whether `rel` (a path inside the work folder) really lies inside it once the symlinks of
-/// its existing parent folders are resolved. `cache` remembers answers per folder.
-pub fn physically_inside(workdir: &Path, rel: &str, cache: &mut HashMap<PathBuf, bool>) -> bool {
-    let Ok(root) = workdir.canonicalize() else {
-        return false;
-    };
-    let full = workdir.join(rel);
-    let mut dir = full
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| workdir.to_path_buf());
-    loop {
-        if let Some(ans) = cache.get(&dir) {
-            return *ans;
+/// Answers "does this output really lie inside the work folder?", remembering the work
+/// folder's real path and the answer for each folder.
+#[derive(Default)]
+pub struct Inside {
+    root: Option<PathBuf>,
+    dirs: HashMap<PathBuf, bool>,
+}
+
+impl Inside {
+    /// Whether `rel` (a path inside the work folder) really lies inside it once the
+    /// symlinks of its existing parent folders are resolved.
+    pub fn check(&mut self, workdir: &Path, rel: &str) -> bool {
+        if self.root.is_none() {
+            self.root = workdir.canonicalize().ok();
         }
-        match dir.canonicalize() {
-            Ok(c) => {
-                let ans = c.starts_with(&root);
-                cache.insert(dir, ans);
-                return ans;
+        let Some(root) = &self.root else {
+            return false;
+        };
+        let full = workdir.join(rel);
+        let mut dir = full
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| workdir.to_path_buf());
+        loop {
+            if let Some(ans) = self.dirs.get(&dir) {
+                return *ans;
             }
-            // Not there yet: whatever gets created will sit under the nearest existing folder.
-            Err(_) => match dir.parent() {
-                Some(p) if dir != workdir => dir = p.to_path_buf(),
-                _ => return false,
-            },
+            match dir.canonicalize() {
+                Ok(c) => {
+                    let ans = c.starts_with(root);
+                    self.dirs.insert(dir, ans);
+                    return ans;
+                }
+                // Not there yet: whatever gets created will sit under the nearest existing folder.
+                Err(_) => match dir.parent() {
+                    Some(p) if dir != workdir => dir = p.to_path_buf(),
+                    _ => return false,
+                },
+            }
         }
     }
 }
@@ -75,7 +88,7 @@ pub fn clean(
     let cache = std::mem::take(&mut state.stat);
     let stats = HashStats::default();
     let arts = Artifacts::new(workdir, &cache, &stats);
-    let mut inside = HashMap::new();
+    let mut inside = Inside::default();
     let mut out = Cleaned::default();
     let mut forget = Vec::new();
     for &j in jobs {
@@ -89,7 +102,7 @@ pub fn clean(
             let Ok(meta) = fs::symlink_metadata(&path) else {
                 continue;
             };
-            if !physically_inside(workdir, rel, &mut inside) {
+            if !inside.check(workdir, rel) {
                 out.kept.push((
                     rel.clone(),
                     "it lies outside the work folder (through a symlinked folder)".into(),

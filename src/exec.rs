@@ -16,40 +16,63 @@ use crate::expand::Action;
 #[derive(Clone, Default)]
 pub struct Running {
     groups: Arc<Mutex<HashSet<i32>>>,
-    file: Option<Arc<PathBuf>>,
+    /// `.qbuild/running`, an append-only list of `+ PGID START` / `- PGID` lines.
+    file: Option<Arc<(PathBuf, Mutex<Option<fs::File>>)>>,
 }
 
 impl Running {
     pub fn persisted(state_dir: &Path) -> Running {
         Running {
             groups: Arc::default(),
-            file: Some(Arc::new(state_dir.join("running"))),
+            file: Some(Arc::new((state_dir.join("running"), Mutex::new(None)))),
         }
     }
 
-    fn save(&self, s: &HashSet<i32>) {
+    /// Append one line (a single write, kept open: two per job, no rewrite of the file).
+    fn note(&self, line: String) {
         let Some(file) = &self.file else {
             return;
         };
-        let text: String = s
-            .iter()
-            .map(|g| format!("{g} {}\n", start_time(*g).unwrap_or(0)))
-            .collect();
-        let _ = fs::write(&**file, text);
+        let Ok(mut f) = file.1.lock() else {
+            return;
+        };
+        if f.is_none() {
+            *f = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&file.0)
+                .ok();
+        }
+        if let Some(f) = f.as_mut() {
+            let _ = f.write_all(line.as_bytes());
+        }
     }
 
     fn add(&self, pgid: i32) {
         if let Ok(mut s) = self.groups.lock() {
             s.insert(pgid);
-            self.save(&s);
         }
+        self.note(format!("+ {pgid} {}\n", start_time(pgid).unwrap_or(0)));
     }
     fn remove(&self, pgid: i32) {
         if let Ok(mut s) = self.groups.lock() {
             s.remove(&pgid);
-            self.save(&s);
+        }
+        self.note(format!("- {pgid}\n"));
+    }
+
+    /// At the end of a build with nothing left running: drop the list.
+    pub fn finish(&self) {
+        let Some(file) = &self.file else {
+            return;
+        };
+        let idle = self.groups.lock().map(|s| s.is_empty()).unwrap_or(false);
+        if let (true, Ok(mut f)) = (idle, file.1.lock()) {
+            *f = None;
+            let _ = fs::remove_file(&file.0);
         }
     }
+
     /// Send `sig` to every running command's whole process group.
     pub fn signal_all(&self, sig: i32) {
         if let Ok(s) = self.groups.lock() {
@@ -100,15 +123,26 @@ pub fn reap_orphans(state_dir: &Path) -> usize {
     let Ok(text) = fs::read_to_string(&path) else {
         return 0;
     };
-    let mut n = 0;
+    // Replay the list: what was started and never noted as ended may still be running.
+    let mut live: Vec<(i32, u64)> = Vec::new();
     for line in text.lines() {
-        let mut it = line.split_whitespace();
-        let (Some(Ok(pgid)), Some(Ok(start))) = (
-            it.next().map(str::parse::<i32>),
-            it.next().map(str::parse::<u64>),
-        ) else {
-            continue;
-        };
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["+", g, t] => {
+                if let (Ok(g), Ok(t)) = (g.parse::<i32>(), t.parse::<u64>()) {
+                    live.push((g, t));
+                }
+            }
+            ["-", g] => {
+                if let Ok(g) = g.parse::<i32>() {
+                    live.retain(|(x, _)| *x != g);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut n = 0;
+    for (pgid, start) in live {
         if pgid <= 1 || start == 0 || !group_alive(pgid, start) {
             continue;
         }

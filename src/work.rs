@@ -158,7 +158,7 @@ struct Work<'a> {
     expected_known: usize,
     expected_of: HashMap<JobId, u64>,
     /// Folders known to lie inside (or outside) the work folder.
-    inside: HashMap<PathBuf, bool>,
+    inside: crate::clean::Inside,
 }
 
 /// Build the given targets. Returns what happened; errors are only for qbuild's own state.
@@ -260,7 +260,7 @@ pub fn build(
         t0: Instant::now(),
         slot_of: HashMap::new(),
         slots: Vec::new(),
-        inside: HashMap::new(),
+        inside: crate::clean::Inside::default(),
         expected_ms: 0,
         expected_known: 0,
         expected_of: HashMap::new(),
@@ -305,6 +305,7 @@ impl Work<'_> {
             self.db.compact(&self.db_state)?;
         }
         self.summary.hashed_bytes = self.stats.bytes();
+        self.procs.finish();
         if self.summary.interrupted.is_none() {
             let sig = INTERRUPT.load(Ordering::SeqCst);
             if sig != 0 {
@@ -557,7 +558,7 @@ impl Work<'_> {
                     return self.fail_before_start(j, &why);
                 }
             }
-            if !crate::clean::physically_inside(&self.workdir, rel, &mut self.inside) {
+            if !self.inside.check(&self.workdir, rel) {
                 let why = format!("output {rel} would be written outside the work folder (a folder on its path is a symlink leading out); refusing to run");
                 return self.fail_before_start(j, &why);
             }
