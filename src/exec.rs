@@ -253,11 +253,9 @@ pub fn run(
             c
         }
     };
-    // The command writes into a pipe; a thread copies it to the log (created only when
-    // there is output, so quiet commands cost no file) and, with tee, to stderr.
+    // The command writes into a pipe, which this thread copies to the log (created only
+    // when there is output, so quiet commands cost no file) and, with tee, to stderr.
     let (reader, writer) = io::pipe()?;
-    let log_path = log.to_path_buf();
-    let copier = std::thread::spawn(move || copy_output(reader, &log_path, mode));
     cmd.current_dir(workdir)
         .stdin(Stdio::null())
         .stdout(writer.try_clone()?)
@@ -273,10 +271,11 @@ pub fn run(
         };
         io::Error::new(e.kind(), format!("cannot start {what}: {e}"))
     })?;
-    // Close our ends of the pipe so the copier sees end-of-file when the command is done.
+    // Close our ends of the pipe so reading sees end-of-file when the command is done.
     drop(cmd);
     let pgid = child.id() as i32;
     running.add(pgid);
+    let tail = copy_output(reader, &mut child, pgid, log, mode);
     let status = child.wait();
     // Whatever the leader did, leave no stragglers of this job behind.
     // SAFETY: kill(2) on the job's own process group; no memory involved.
@@ -284,7 +283,6 @@ pub fn run(
         libc::kill(-pgid, libc::SIGKILL);
     }
     running.remove(pgid);
-    let tail = copier.join().unwrap_or_default();
     let status = status?;
     Ok(if status.success() {
         Outcome::Success
@@ -299,13 +297,46 @@ pub fn run(
 
 /// Copy a command's output to its log, creating the log on the first byte. Without output
 /// the log is removed (a stale one from an earlier run would mislead), unless appending.
-fn copy_output(mut reader: io::PipeReader, log: &Path, mode: LogMode) -> Vec<u8> {
+///
+/// Reads until end-of-file. If the command's leader has exited but something it left in
+/// the background still holds the pipe, the whole group is killed (as it would be after the
+/// leader anyway), which ends the output.
+fn copy_output(
+    mut reader: io::PipeReader,
+    child: &mut std::process::Child,
+    pgid: i32,
+    log: &Path,
+    mode: LogMode,
+) -> Vec<u8> {
+    use std::os::fd::AsRawFd;
     let mut buf = [0u8; 8192];
     let mut file: Option<fs::File> = None;
     // The last bytes stay in memory too: if the log cannot be written (a full disk), a
     // failure can still show what the command said.
     let mut tail: Vec<u8> = Vec::new();
     loop {
+        let mut pfd = libc::pollfd {
+            fd: reader.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one descriptor we own, for at most 50 ms.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 50) };
+        if ready == 0 {
+            if let Ok(Some(_)) = child.try_wait() {
+                // SAFETY: kill(2) on the job's own process group; no memory involved.
+                unsafe {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+            }
+            continue;
+        }
+        if ready < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
         match reader.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {

@@ -159,6 +159,8 @@ struct Work<'a> {
     expected_of: HashMap<JobId, u64>,
     /// Folders known to lie inside (or outside) the work folder.
     inside: crate::clean::Inside,
+    /// Hands jobs to the worker threads.
+    pool: Option<mpsc::Sender<Task>>,
 }
 
 /// Build the given targets. Returns what happened; errors are only for qbuild's own state.
@@ -261,6 +263,7 @@ pub fn build(
         slot_of: HashMap::new(),
         slots: Vec::new(),
         inside: crate::clean::Inside::default(),
+        pool: None,
         expected_ms: 0,
         expected_known: 0,
         expected_of: HashMap::new(),
@@ -274,6 +277,7 @@ pub fn build(
 impl Work<'_> {
     fn run(&mut self) -> Result<(), WorkError> {
         let (tx, rx) = mpsc::channel::<Done>();
+        self.pool = Some(start_pool(self.opts.jobs, tx.clone()));
         loop {
             while let Some(j) = self.ready.pop_front() {
                 self.check(j);
@@ -613,44 +617,24 @@ impl Work<'_> {
             is_command: matches!(job.spec.action, Action::Shell(_) | Action::Argv(_)),
         };
         let verbose = self.opts.verbose;
-        std::thread::spawn(move || {
-            let t0 = Instant::now();
-            let mode = exec::LogMode {
-                append: false,
-                tee: verbose,
-            };
-            let mut result = exec::run(&action, &outputs, &workdir, &env, &log, mode, &procs);
-            let mut hashes = Vec::new();
-            let mut entries = Vec::new();
-            if matches!(result, Ok(Outcome::Success)) {
-                result = sanity_check(&outputs, &rels, &post, &workdir, &log, mode, &procs);
-            }
-            if matches!(result, Ok(Outcome::Success)) {
-                // Outputs are new: hash them without the cache, here in the worker. A link's
-                // content is derived from its target on the main thread instead.
-                let empty = rustc_hash::FxHashMap::default();
-                let arts = Artifacts::new(&workdir, &empty, &stats);
-                hashes = rels
-                    .iter()
-                    .map(|r| match action {
-                        Action::Link(ref t) => Ok(Some(Art {
-                            content: [0; 32],
-                            ident: link_identity(Path::new(t)),
-                        })),
-                        _ => arts.current_art(r),
-                    })
-                    .collect();
-                entries = arts.take_updates();
-            }
-            let _ = tx.send(Done {
-                job: j,
-                result,
-                outputs: hashes,
-                stats: entries,
-                started: t0,
-                took: t0.elapsed(),
-            });
-        });
+        let task = Task {
+            j,
+            action,
+            outputs,
+            env,
+            workdir,
+            log,
+            procs,
+            stats,
+            rels,
+            post,
+            verbose,
+        };
+        if let Some(pool) = &self.pool {
+            let _ = pool.send(task);
+        } else {
+            let _ = tx.send(run_task(task));
+        }
     }
 
     /// Handle a finished job; returns whether a record was written.
@@ -875,6 +859,100 @@ use crate::expand::Action;
 
 /// After a command succeeded: every declared output exists, files are non-empty (unless
 /// allowed), and the rule's `check` command passes.
+/// Everything a worker needs to run one job.
+struct Task {
+    j: JobId,
+    action: Action,
+    outputs: Vec<PathBuf>,
+    env: Vec<(String, String)>,
+    workdir: PathBuf,
+    log: PathBuf,
+    procs: Running,
+    stats: Arc<HashStats>,
+    rels: Vec<String>,
+    post: Post,
+    verbose: bool,
+}
+
+/// `-j` worker threads, started once per build, each running one job at a time.
+fn start_pool(n: usize, done: mpsc::Sender<Done>) -> mpsc::Sender<Task> {
+    let (tx, rx) = mpsc::channel::<Task>();
+    let rx = Arc::new(std::sync::Mutex::new(rx));
+    for _ in 0..n.max(1) {
+        let rx = rx.clone();
+        let done = done.clone();
+        std::thread::spawn(move || loop {
+            let task = match rx.lock() {
+                Ok(r) => r.recv(),
+                Err(_) => return,
+            };
+            match task {
+                Ok(t) => {
+                    if done.send(run_task(t)).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        });
+    }
+    tx
+}
+
+/// Run one job: its command, the post-step checks, then hash its outputs (here, off the
+/// scheduler's thread).
+fn run_task(t: Task) -> Done {
+    let Task {
+        j,
+        action,
+        outputs,
+        env,
+        workdir,
+        log,
+        procs,
+        stats,
+        rels,
+        post,
+        verbose,
+    } = t;
+    let t0 = Instant::now();
+    let mode = exec::LogMode {
+        append: false,
+        tee: verbose,
+    };
+    let mut result = exec::run(&action, &outputs, &workdir, &env, &log, mode, &procs);
+    let mut hashes = Vec::new();
+    let mut entries = Vec::new();
+    if matches!(result, Ok(Outcome::Success)) {
+        result = sanity_check(&outputs, &rels, &post, &workdir, &log, mode, &procs);
+    }
+    if matches!(result, Ok(Outcome::Success)) {
+        // Outputs are new: hash them without the cache. A link's content is derived from
+        // its target on the main thread instead.
+        let empty = rustc_hash::FxHashMap::default();
+        let arts = Artifacts::new(&workdir, &empty, &stats);
+        hashes = rels
+            .iter()
+            .map(|r| match action {
+                Action::Link(ref t) => Ok(Some(Art {
+                    content: [0; 32],
+                    ident: link_identity(Path::new(t)),
+                })),
+                _ => arts.current_art(r),
+            })
+            .collect();
+        entries = arts.take_updates();
+    }
+    Done {
+        job: j,
+        result,
+        outputs: hashes,
+        stats: entries,
+        started: t0,
+        took: t0.elapsed(),
+    }
+}
+
 /// What the post-step checks need to know about a job.
 struct Post {
     allow_empty: bool,
