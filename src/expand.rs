@@ -357,6 +357,13 @@ fn parse_ref(
 }
 
 /// Quote a word for `sh` when it needs it.
+///
+/// ```
+/// use qbuild::expand::shell_quote;
+/// assert_eq!(shell_quote("models/llama3.onnx"), "models/llama3.onnx");
+/// assert_eq!(shell_quote("a b"), "'a b'");
+/// assert_eq!(shell_quote("it's; rm -rf x"), r"'it'\''s; rm -rf x'");
+/// ```
 pub fn shell_quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     push_quoted(&mut out, s);
@@ -678,6 +685,13 @@ impl Eval<'_, '_, '_> {
 
 /// Lexically normalise a path: drop `.` and empty parts, fold `a/..`. Keeps a leading `/`
 /// and leading `..` parts (which callers reject for outputs).
+///
+/// ```
+/// use qbuild::expand::normalize;
+/// assert_eq!(normalize("./sub/../out.txt"), "out.txt");
+/// assert_eq!(normalize("a//b/"), "a/b");
+/// assert_eq!(normalize("../x"), "../x");
+/// ```
 pub fn normalize(p: &str) -> String {
     let clean = !p.is_empty()
         && p != "."
