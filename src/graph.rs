@@ -53,8 +53,6 @@ pub struct Graph {
     pub by_path: FxHashMap<String, FileId>,
     /// Job → jobs that consume its outputs.
     pub dependents: Vec<Vec<JobId>>,
-    /// Jobs in an order where every job comes after the jobs it depends on.
-    pub topo: Vec<JobId>,
 }
 
 impl Graph {
@@ -152,10 +150,9 @@ impl Graph {
             }
             job.deps = deps;
         }
-        // tarjan_scc returns components in reverse topological order.
-        let sccs = tarjan_scc(&g);
-        let mut topo = Vec::with_capacity(jobs.len());
-        for scc in sccs.iter().rev() {
+        // A component of more than one job, or a job feeding itself, is a cycle. (The
+        // scheduler needs no precomputed order: it releases jobs as their inputs settle.)
+        for scc in tarjan_scc(&g).iter().rev() {
             let is_cycle = scc.len() > 1
                 || jobs[scc[0].index()]
                     .deps
@@ -163,7 +160,6 @@ impl Graph {
             if is_cycle {
                 return Err(cycle_error(&model, &jobs, &files, scc));
             }
-            topo.push(JobId(scc[0].index() as u32));
         }
         Ok(Graph {
             model,
@@ -171,7 +167,6 @@ impl Graph {
             jobs,
             by_path,
             dependents,
-            topo,
         })
     }
 

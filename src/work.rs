@@ -23,7 +23,7 @@ use crate::db::{job_id, Db, DbError, JobRecord};
 use crate::exec::{self, Outcome, Running};
 use crate::graph::{Graph, JobId};
 use crate::hash::{hash_link, Hash, HashStats, StatEntry, StatKey};
-use crate::progress::{secs, Progress};
+use crate::progress::Progress;
 use crate::stale::{action_text, decide, KeyParts, OwnedKeyParts, Reason};
 
 /// With `QBUILD_TIMING` set, print how long each phase of a run took (for profiling).
@@ -223,7 +223,7 @@ pub fn build(
     let mut state = vec![State::Skipped; g.jobs.len()];
     let mut pending = vec![0u32; g.jobs.len()];
     let mut ready = VecDeque::new();
-    // Start in declaration order (topo order only matters for the counts set here).
+    // Jobs with no dependencies start ready, in declaration order.
     for j in (0..g.jobs.len()).map(|i| JobId(i as u32)) {
         if !want[j.idx()] {
             continue;
@@ -1020,9 +1020,4 @@ pub fn log_path(workdir: &Path, first_output: &str) -> PathBuf {
         .join(".qbuild")
         .join("logs")
         .join(format!("{first_output}.log"))
-}
-
-/// Render a duration for messages.
-pub fn human(d: Duration) -> String {
-    secs(d)
 }
