@@ -84,13 +84,11 @@ pub fn coarse_now_ns() -> i64 {
 #[derive(Debug, Default)]
 pub struct HashStats {
     pub bytes: AtomicU64,
-    pub files: AtomicU64,
 }
 
 impl HashStats {
     pub fn add(&self, bytes: u64) {
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.files.fetch_add(1, Ordering::Relaxed);
     }
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)

@@ -118,6 +118,8 @@ struct Done {
     result: io::Result<Outcome>,
     outputs: Vec<io::Result<Option<Art>>>,
     stats: Vec<(String, StatEntry)>,
+    /// Each output's stat before the job ran, for cleaning up after a failure.
+    before: Vec<Option<StatKey>>,
     started: Instant,
     took: Duration,
 }
@@ -129,6 +131,8 @@ struct Work<'a> {
     opts: &'a Options,
     progress: &'a mut dyn Progress,
     events: &'a mut dyn FnMut(serde_json::Value),
+    /// Database id of each wanted job (`db::job_id` of its outputs).
+    ids: Vec<Hash>,
     /// The stat cache and job records as loaded, updated as jobs finish.
     db_state: crate::db::State,
     /// Whether anything went to the journal (so a compaction is due at the end).
@@ -140,7 +144,6 @@ struct Work<'a> {
     queued: VecDeque<JobId>,
     /// Key and readable key of each queued/running job, to record on success.
     keys: HashMap<JobId, (Hash, OwnedKeyParts)>,
-    pre_stat: HashMap<JobId, Vec<Option<StatKey>>>,
     pool_used: Vec<usize>,
     running: usize,
     total: usize,
@@ -235,7 +238,21 @@ pub fn build(
             ready.push_back(j);
         }
     }
+    // Each wanted job's database id, computed once (they are looked up again and again).
+    let ids: Vec<Hash> = g
+        .jobs
+        .par_iter()
+        .enumerate()
+        .map(|(i, job)| {
+            if want[i] {
+                job_id(&job.spec.outputs)
+            } else {
+                [0; 32]
+            }
+        })
+        .collect();
     let mut w = Work {
+        ids,
         g,
         workdir: workdir.to_path_buf(),
         db,
@@ -250,7 +267,6 @@ pub fn build(
         ready,
         queued: VecDeque::new(),
         keys: HashMap::new(),
-        pre_stat: HashMap::new(),
         pool_used: vec![0; g.model.pools.len()],
         running: 0,
         total,
@@ -382,7 +398,7 @@ impl Work<'_> {
         }
         if !reasons.is_empty() {
             // Dry run only: an input would be rebuilt first.
-            if !self.db_state.jobs.contains_key(&job_id(&job.spec.outputs)) {
+            if !self.db_state.jobs.contains_key(&self.ids[j.idx()]) {
                 reasons.insert(0, Reason::NeverBuilt);
             }
             return self.stale(j, None, reasons);
@@ -399,7 +415,7 @@ impl Work<'_> {
             outputs: Cow::Borrowed(&job.spec.outputs),
         };
         let key = parts.key();
-        let id = job_id(&job.spec.outputs);
+        let id = self.ids[j.idx()];
         let explain = self.opts.explain || self.opts.dry_run;
         let db = self.db;
         let now = &self.now;
@@ -581,7 +597,6 @@ impl Work<'_> {
                     .map(|m| StatKey::from_meta(&m, 0))
             })
             .collect();
-        self.pre_stat.insert(j, before.clone());
         for (o, rel) in outputs.iter().zip(&job.spec.outputs) {
             if let Some(dir) = o.parent() {
                 if let Err(e) = fs::create_dir_all(dir) {
@@ -685,7 +700,7 @@ impl Work<'_> {
         let took_ms = d.took.as_millis() as u64;
         let mut recorded = false;
         if let Some(why) = &failure {
-            let removed = self.remove_partial_outputs(j);
+            let removed = self.remove_partial_outputs(j, &d.before);
             let mut text = format!("FAILED: {}\n  {why}", job.spec.label);
             if let Action::Shell(cmd) = &job.spec.action {
                 text.push_str(&format!("\n  command: {cmd}"));
@@ -744,7 +759,7 @@ impl Work<'_> {
                 outputs: hashes.iter().map(|a| a.ident).collect(),
                 duration_ms: took_ms,
             };
-            let id = job_id(&job.spec.outputs);
+            let id = self.ids[j.idx()];
             self.db.record_job(&id, &rec, &parts, &d.stats)?;
             self.db_state.jobs.insert(id, rec);
             self.journal = true;
@@ -769,13 +784,12 @@ impl Work<'_> {
             (self.events)(ev);
             self.settle(j, State::Ran);
         }
-        self.pre_stat.remove(&j);
         Ok(recorded)
     }
 
     /// How long `j` took the last time it ran, from its record.
     fn expected(&self, j: JobId) -> Option<Duration> {
-        let id = job_id(&self.g.jobs[j.idx()].spec.outputs);
+        let id = self.ids[j.idx()];
         self.db_state
             .jobs
             .get(&id)
@@ -824,9 +838,8 @@ impl Work<'_> {
     }
 
     /// Remove outputs the failed job created or changed; leave untouched files alone.
-    fn remove_partial_outputs(&mut self, j: JobId) -> Vec<String> {
+    fn remove_partial_outputs(&mut self, j: JobId, before: &[Option<StatKey>]) -> Vec<String> {
         let job = &self.g.jobs[j.idx()];
-        let before = self.pre_stat.get(&j).cloned().unwrap_or_default();
         let mut removed = Vec::new();
         for (i, rel) in job.spec.outputs.iter().enumerate() {
             let p = self.workdir.join(rel);
@@ -948,6 +961,7 @@ fn run_task(t: Task) -> Done {
         result,
         outputs: hashes,
         stats: entries,
+        before: post.before,
         started: t0,
         took: t0.elapsed(),
     }
