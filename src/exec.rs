@@ -10,22 +10,42 @@ use std::sync::{Arc, Mutex};
 
 use crate::expand::Action;
 
+/// The environment variable that marks every process a build starts, with the build's token.
+pub const RUN_ENV: &str = "QBUILD_RUN";
+
 /// Process groups of running commands, so a signal can stop all of them. With a state
 /// folder, the set is also kept in `.qbuild/running`, so that if qbuild is killed outright
 /// the next run can stop what it left behind before those commands write anything more.
 #[derive(Clone, Default)]
 pub struct Running {
     groups: Arc<Mutex<HashSet<i32>>>,
-    /// `.qbuild/running`, an append-only list of `+ PGID START` / `- PGID` lines.
+    /// `.qbuild/running`, an append-only list: a `run TOKEN` line written before the first
+    /// command starts, then `+ PGID START` / `- PGID` lines.
     file: Option<Arc<(PathBuf, Mutex<Option<fs::File>>)>>,
+    /// This build's token, given to every command as `QBUILD_RUN`: a process carrying it
+    /// is ours even if qbuild was killed before it could note the process's group.
+    token: Option<Arc<str>>,
 }
 
 impl Running {
     pub fn persisted(state_dir: &Path) -> Running {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         Running {
             groups: Arc::default(),
             file: Some(Arc::new((state_dir.join("running"), Mutex::new(None)))),
+            token: Some(format!("{}.{nanos}", std::process::id()).into()),
         }
+    }
+
+    /// Before a command starts: make sure the list names this build's token, so a kill
+    /// at any moment after the start leaves a way to find the command.
+    fn prepare(&self) -> Option<&str> {
+        let token = self.token.as_deref()?;
+        self.note(String::new());
+        Some(token)
     }
 
     /// Append one line (a single write, kept open: two per job, no rewrite of the file).
@@ -42,8 +62,11 @@ impl Running {
                 .append(true)
                 .open(&file.0)
                 .ok();
+            if let (Some(f), Some(token)) = (f.as_mut(), &self.token) {
+                let _ = f.write_all(format!("run {token}\n").as_bytes());
+            }
         }
-        if let Some(f) = f.as_mut() {
+        if let Some(f) = f.as_mut().filter(|_| !line.is_empty()) {
             let _ = f.write_all(line.as_bytes());
         }
     }
@@ -105,15 +128,34 @@ fn start_time(pid: i32) -> Option<u64> {
     proc_stat(pid).map(|(_, t)| t)
 }
 
+/// Live processes: (pid, process group, start time).
+fn live_processes() -> Vec<(i32, i32, u64)> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| proc_stat(pid).map(|(g, t)| (pid, g, t)))
+        .collect()
+}
+
 /// Whether any live process is in group `pgid` and started no earlier than `start`
 /// (the group's leader may be gone while its children live on).
 fn group_alive(pgid: i32, start: u64) -> bool {
-    let Ok(dir) = fs::read_dir("/proc") else {
+    live_processes()
+        .iter()
+        .any(|&(_, g, t)| g == pgid && t >= start)
+}
+
+/// Whether process `pid` carries `QBUILD_RUN=` one of `tokens` in its environment.
+fn carries_token(pid: i32, tokens: &[String]) -> bool {
+    let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else {
         return false;
     };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(proc_stat)
-        .any(|(g, t)| g == pgid && t >= start)
+    env.split(|b| *b == 0).any(|kv| {
+        kv.strip_prefix(RUN_ENV.as_bytes())
+            .and_then(|r| r.strip_prefix(b"="))
+            .is_some_and(|v| tokens.iter().any(|t| t.as_bytes() == v))
+    })
 }
 
 /// Stop the process groups a killed qbuild left running (recorded in `.qbuild/running`),
@@ -125,9 +167,11 @@ pub fn reap_orphans(state_dir: &Path) -> usize {
     };
     // Replay the list: what was started and never noted as ended may still be running.
     let mut live: Vec<(i32, u64)> = Vec::new();
+    let mut tokens: Vec<String> = Vec::new();
     for line in text.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
         match f.as_slice() {
+            ["run", t] => tokens.push(t.to_string()),
             ["+", g, t] => {
                 if let (Ok(g), Ok(t)) = (g.parse::<i32>(), t.parse::<u64>()) {
                     live.push((g, t));
@@ -141,25 +185,50 @@ pub fn reap_orphans(state_dir: &Path) -> usize {
             _ => {}
         }
     }
-    let mut n = 0;
-    for (pgid, start) in live {
-        if pgid <= 1 || start == 0 || !group_alive(pgid, start) {
-            continue;
-        }
+    let pause = || std::thread::sleep(std::time::Duration::from_millis(5));
+    let mut stopped: HashSet<i32> = HashSet::new();
+    live.retain(|&(pgid, start)| pgid > 1 && start > 0 && group_alive(pgid, start));
+    for &(pgid, _) in &live {
         // SAFETY: signalling a process group we started, identified by pgid and start time.
         unsafe {
             libc::kill(-pgid, libc::SIGKILL);
         }
+        stopped.insert(pgid);
+    }
+    // Processes carrying a killed build's token: those whose group was never noted (the
+    // kill came between their start and the note) and those that left their group.
+    let me = std::process::id() as i32;
+    for _ in 0..200 {
+        if tokens.is_empty() {
+            break;
+        }
+        let marked: Vec<(i32, i32)> = live_processes()
+            .into_iter()
+            .filter(|&(pid, _, _)| pid != me && carries_token(pid, &tokens))
+            .map(|(pid, g, _)| (pid, g))
+            .collect();
+        if marked.is_empty() {
+            break;
+        }
+        for (pid, g) in marked {
+            // SAFETY: kill(2) of one process that carries our token; no memory involved.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            stopped.insert(g);
+        }
+        pause();
+    }
+    for (pgid, start) in live {
         for _ in 0..200 {
             if !group_alive(pgid, start) {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            pause();
         }
-        n += 1;
     }
     let _ = fs::remove_file(&path);
-    n
+    stopped.len()
 }
 
 /// How a command ended.
@@ -262,6 +331,9 @@ pub fn run(
         .stderr(writer)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .process_group(0);
+    if let Some(token) = running.prepare() {
+        cmd.env(RUN_ENV, token);
+    }
     // No pre_exec hook (it would force fork over posix_spawn): a qbuild killed outright
     // leaves its groups in `.qbuild/running`, and the next run stops them first.
     let mut child = cmd.spawn().map_err(|e| {

@@ -1369,8 +1369,8 @@ fn signals_a_job_ignoring_sigterm_is_killed_3_s_later() {
     interrupt(libc::SIGTERM, 143, true);
 }
 
-/// `kill -9` of qbuild: the job's leader dies with it (PR_SET_PDEATHSIG), but its children
-/// live on and would write into the output later. The next run stops them before building.
+/// `kill -9` of qbuild: the job's whole process group lives on and would write into the
+/// output later. The next run stops it before building.
 #[test]
 fn signals_leftovers_of_a_killed_qbuild_are_stopped_by_the_next_run() {
     adopt_leftovers();
@@ -1421,6 +1421,85 @@ command = "echo partial > out/slow.txt; if [ -e slow.flag ]; then (sleep 1.5; ec
     std::thread::sleep(rest);
     assert_eq!(s.read_string("out/slow.txt"), "partial\ndone\n");
     s.run(["all"]).assert_nothing_ran(1);
+}
+
+/// qbuild killed between starting a command and noting its process group: the list holds
+/// only the build's token, which every command carries in `QBUILD_RUN`. The next run finds
+/// the command by that token, wherever it moved, and stops it; a process with another
+/// token is left alone.
+#[test]
+fn signals_a_command_whose_group_was_never_noted_is_found_by_its_token() {
+    use std::os::unix::process::CommandExt;
+    adopt_leftovers();
+    let tok = token("unnoted");
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.a]\noutputs = [\"out/a.txt\"]\ncommand = \"echo a > out/a.txt\"\n",
+    )
+    .write(".qbuild/running", "run 4242.17\n");
+    let spawn = |run: &str| {
+        Command::new("/bin/sh")
+            .args(["-c", "sleep 30 & sleep 30"])
+            .env("QBUILD_RUN", run)
+            .env("REL_MARK", &tok)
+            .process_group(0)
+            .spawn()
+            .expect("sh")
+    };
+    let mut ours = spawn("4242.17");
+    let mut other = spawn("4242.18");
+    let (ours_pid, other_pid) = (ours.id() as i32, other.id() as i32);
+    let group_of = |pid: i32| {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|st| {
+                let rest = st.get(st.rfind(')')? + 2..)?.to_string();
+                rest.split_whitespace().nth(2)?.parse::<i32>().ok()
+            })
+    };
+    let groups = || -> Vec<Option<i32>> {
+        marked_processes(&tok)
+            .iter()
+            .map(|(pid, _)| group_of(*pid))
+            .collect()
+    };
+    // Each shell and its background sleep are up.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let g = groups();
+            [ours_pid, other_pid]
+                .iter()
+                .all(|p| g.iter().filter(|x| **x == Some(*p)).count() >= 2)
+        }),
+        "the commands never got going: {:?}",
+        marked_processes(&tok)
+    );
+    let out = s.run(["all"]);
+    out.assert_ok().assert_ran(&support::set(["a"]));
+    assert!(
+        out.stderr
+            .contains("stopped 1 command(s) left running by a qbuild that was killed"),
+        "{out}"
+    );
+    let _ = ours.wait();
+    let left = groups();
+    assert!(
+        !left.contains(&Some(ours_pid)),
+        "a process with the killed build's token lives on: {:?}",
+        marked_processes(&tok)
+    );
+    assert!(
+        left.iter().filter(|g| **g == Some(other_pid)).count() >= 2,
+        "a process with another token was stopped: {:?}",
+        marked_processes(&tok)
+    );
+    assert!(!s.join(".qbuild/running").exists(), "the list is dropped");
+    // SAFETY: kill(2) of the test's own process group; no memory involved.
+    unsafe {
+        libc::kill(-other_pid, libc::SIGKILL);
+    }
+    let _ = other.wait();
 }
 
 // ============================================================================ 3. locking
