@@ -73,7 +73,7 @@ fn noop_build(bencher: divan::Bencher, variants: usize) {
     let g = qbuild::load_graph(&file, Path::new("Qairtfile")).expect("loads");
     let state = dir.path().join(".qbuild");
     std::fs::create_dir_all(&state).expect("mkdir");
-    let db = Db::open(&state, &mut |_| {}).expect("db");
+    let db = Db::new(&state);
     let jobs: Vec<JobId> = (0..g.jobs.len()).map(|i| JobId(i as u32)).collect();
     let opts = Options {
         jobs: 2,

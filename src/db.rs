@@ -1,4 +1,4 @@
-//! The state database (sled under `.qbuild/`): the stat cache and, per job, the record of its last successful run.
+//! The state under `.qbuild/`: a checksummed snapshot of the stat cache and each job's record of its last successful run, the journal in front of it, and a sled store of readable keys for `--explain`.
 
 use rustc_hash::FxHashMap;
 use std::path::{Path, PathBuf};
@@ -9,10 +9,7 @@ use crate::hash::{Hash, StatEntry};
 use crate::journal::{Entry, Journal};
 
 /// Bumped whenever the on-disk encoding changes; an older database is set aside, not trusted.
-pub const FORMAT: &[u8] = b"qbuild-state-v2";
-
-/// Key of the snapshot value in the default tree.
-const SNAPSHOT: &[u8] = b"snapshot";
+pub const FORMAT: &[u8] = b"qbuild-state-v3";
 
 /// Everything a run loads: the stat cache and the job records.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -69,11 +66,17 @@ impl From<sled::Error> for OpenError {
     }
 }
 
+/// The state under `.qbuild/`: the snapshot (`snapshot`, one checksummed file: the stat
+/// cache and every job record, read whole by every run), the journal in front of it (jobs
+/// finished since), and the sled database `state.sled` holding each job's readable key for
+/// `--explain`. sled is opened only when a run needs an explanation or has records to
+/// fold in, so a no-op reads one file and never pays for opening sled.
 pub struct Db {
-    path: PathBuf,
-    db: sled::Db,
-    explain: sled::Tree,
+    dir: PathBuf,
     journal: Journal,
+    sled: std::sync::OnceLock<Result<(sled::Db, sled::Tree), String>>,
+    /// Readable keys of jobs still in the journal, by job id.
+    pending_explain: std::sync::Mutex<FxHashMap<Hash, Vec<u8>>>,
 }
 
 fn cfg() -> bincode::config::Configuration {
@@ -90,135 +93,152 @@ pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Option<T> {
         .map(|(v, _)| v)
 }
 
+/// `[FORMAT][payload length u64][blake3 of payload][payload]`.
+fn snapshot_bytes(state: &State) -> Vec<u8> {
+    let payload = encode(state);
+    let mut out = Vec::with_capacity(FORMAT.len() + 40 + payload.len());
+    out.extend_from_slice(FORMAT);
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(blake3::hash(&payload).as_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// The payload of a snapshot file's bytes, or why they cannot be trusted.
+fn snapshot_payload(bytes: &[u8]) -> Result<&[u8], String> {
+    let head = FORMAT.len() + 40;
+    if bytes.len() < head || &bytes[..FORMAT.len()] != FORMAT {
+        let seen = bytes.get(..FORMAT.len().min(bytes.len())).unwrap_or(&[]);
+        return Err(format!(
+            "its snapshot has format {:?}, expected {:?}",
+            String::from_utf8_lossy(seen),
+            String::from_utf8_lossy(FORMAT)
+        ));
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&bytes[FORMAT.len()..FORMAT.len() + 8]);
+    let len = u64::from_le_bytes(len);
+    let payload = &bytes[head..];
+    if payload.len() as u64 != len {
+        return Err(format!(
+            "its snapshot is {} bytes long, expected {len} (cut short or grown)",
+            payload.len()
+        ));
+    }
+    if blake3::hash(payload).as_bytes() != &bytes[FORMAT.len() + 8..head] {
+        return Err("its snapshot fails its checksum".into());
+    }
+    Ok(payload)
+}
+
+/// Write `bytes` to `path` durably and atomically: a temporary file, fsync, rename, fsync
+/// of the folder. A crash leaves either the old file or the new one.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 impl Db {
-    /// Open (or create) the database in `state_dir`. A database that cannot be opened or has
-    /// another format is moved aside with a warning and a fresh one is created: qbuild then
-    /// rebuilds everything rather than trusting bytes it cannot read.
-    pub fn open(state_dir: &Path, warn: &mut dyn FnMut(String)) -> Result<Db, DbError> {
-        let path = state_dir.join("state.sled");
-        match Self::try_open(&path) {
-            Ok(db) => Ok(db),
-            Err(OpenError::Io(msg)) => Err(DbError::Io { path, msg }),
-            Err(OpenError::Corrupt(why)) => {
-                Self::set_aside_and_reopen(state_dir, &path, &why, warn)
-            }
+    /// The state in `state_dir` (created on first use). Nothing is read here: `load`
+    /// reads and checks the snapshot and the journal; a store that proves unreadable is
+    /// set aside by `reset`, and qbuild rebuilds rather than trust bytes it cannot read.
+    pub fn new(state_dir: &Path) -> Db {
+        Db {
+            dir: state_dir.to_path_buf(),
+            journal: Journal::new(&state_dir.join("journal")),
+            sled: std::sync::OnceLock::new(),
+            pending_explain: Default::default(),
         }
     }
 
-    /// Set this database aside (after it proved unreadable) and open a fresh one.
+    fn snapshot_path(&self) -> PathBuf {
+        self.dir.join("snapshot")
+    }
+
+    fn sled_path(&self) -> PathBuf {
+        self.dir.join("state.sled")
+    }
+
+    /// Set this state (after it proved unreadable) aside and start a fresh one.
     pub fn reset(
         self,
         state_dir: &Path,
         why: &str,
         warn: &mut dyn FnMut(String),
     ) -> Result<Db, DbError> {
-        let path = self.path.clone();
         drop(self);
-        Self::set_aside_and_reopen(state_dir, &path, why, warn)
-    }
-
-    /// Move an unreadable store, and the journal that belongs to it, aside (never trusting
-    /// either again) and open a fresh store in its place.
-    fn set_aside_and_reopen(
-        state_dir: &Path,
-        path: &Path,
-        why: &str,
-        warn: &mut dyn FnMut(String),
-    ) -> Result<Db, DbError> {
-        let aside = state_dir.join(format!("state.sled.broken-{}", std::process::id()));
+        let aside = set_aside(state_dir, &["snapshot", "journal", "state.sled"]).map_err(
+            |(path, msg)| DbError::Io {
+                path,
+                msg: format!("cannot move it aside: {msg}"),
+            },
+        )?;
         warn(format!(
             "the state database {} is unreadable ({why}); moved it to {} and starting fresh: everything will rebuild",
-            path.display(),
+            state_dir.display(),
             aside.display()
         ));
-        if path.exists() {
-            std::fs::rename(path, &aside).map_err(|e| DbError::Io {
-                path: path.to_path_buf(),
-                msg: format!("cannot move it aside: {e}"),
-            })?;
-        }
-        let journal = state_dir.join("journal");
-        if journal.exists() {
-            let _ = std::fs::rename(&journal, aside.with_extension("journal"));
-        }
-        Self::try_open(path).map_err(|e| match e {
-            OpenError::Io(msg) | OpenError::Corrupt(msg) => DbError::Io {
-                path: path.to_path_buf(),
-                msg,
-            },
-        })
+        Ok(Self::new(state_dir))
     }
 
-    fn try_open(path: &Path) -> Result<Db, OpenError> {
-        let existed = path.join("db").exists();
-        // sled can panic on some corrupt files; treat a panic as unreadable.
-        let opened = std::panic::catch_unwind(|| {
-            sled::Config::new()
-                .path(path)
-                .flush_every_ms(None)
-                .cache_capacity(64 << 20)
-                .open()
+    /// The explain store, opened on first use. One that cannot be read is set aside with a
+    /// warning and replaced by a fresh one: it only ever explains, it never decides, so
+    /// losing it costs explanations of earlier runs and nothing else.
+    fn sled(&self) -> Result<&(sled::Db, sled::Tree), DbError> {
+        let path = self.sled_path();
+        let opened = self.sled.get_or_init(|| match try_open(&path) {
+            Ok(t) => Ok(t),
+            Err(OpenError::Io(msg)) => Err(msg),
+            Err(OpenError::Corrupt(why)) => {
+                let aside = set_aside(&self.dir, &["state.sled"]).map_err(|(_, m)| m)?;
+                eprintln!(
+                    "qbuild: warning: the explain store {} is unreadable ({why}); moved it to {}: earlier runs cannot be explained",
+                    path.display(),
+                    aside.display()
+                );
+                try_open(&path).map_err(|(OpenError::Io(m) | OpenError::Corrupt(m))| m)
+            }
         });
-        let db = match opened {
-            Ok(Ok(db)) => db,
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {
-                return Err(OpenError::Corrupt(
-                    "the sled store panicked while opening".into(),
-                ))
-            }
-        };
-        match db.get(b"format") {
-            Ok(Some(v)) if v.as_ref() == FORMAT => {}
-            // No header and nothing else: a new store (or one killed before its first
-            // flush). Write the header durably now.
-            Ok(None) if db.is_empty() && db.tree_names().len() <= 1 => {
-                db.insert(b"format", FORMAT)?;
-                db.flush()?;
-            }
-            Ok(None) if existed => {
-                return Err(OpenError::Corrupt(
-                    "its header record is gone (the store was damaged)".into(),
-                ));
-            }
-            Ok(other) => {
-                return Err(OpenError::Corrupt(format!(
-                    "format is {:?}, expected {:?}",
-                    other.map(|v| String::from_utf8_lossy(&v).into_owned()),
-                    String::from_utf8_lossy(FORMAT)
-                )))
-            }
-            Err(e) => return Err(e.into()),
-        }
-        let t = |name: &str| db.open_tree(name).map_err(OpenError::from);
-        Ok(Db {
-            path: path.to_path_buf(),
-            explain: t("explain")?,
-            journal: Journal::new(&path.with_file_name("journal")),
-            db,
+        opened.as_ref().map_err(|msg| DbError::Io {
+            path,
+            msg: msg.clone(),
         })
     }
 
-    fn err(&self, source: sled::Error) -> DbError {
-        DbError::Sled {
-            path: self.path.clone(),
-            source,
-        }
-    }
-
-    /// Load the stat cache and every job record: the last snapshot (one value, decoded in
-    /// one go) overlaid with the journal (jobs finished since).
+    /// Load the stat cache and every job record: the snapshot (one file, checked, decoded
+    /// in one go) overlaid with the journal (jobs finished since).
     pub fn load(&self) -> Result<State, DbError> {
-        let mut state = match self.db.get(SNAPSHOT).map_err(|e| self.err(e))? {
-            Some(v) => decode::<State>(&v).ok_or_else(|| DbError::Corrupt {
-                path: self.path.clone(),
-                msg: "its snapshot does not decode".into(),
-            })?,
-            None => State::default(),
+        let path = self.snapshot_path();
+        let mut state = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let corrupt = |msg: String| DbError::Corrupt {
+                    path: path.clone(),
+                    msg,
+                };
+                let payload = snapshot_payload(&bytes).map_err(corrupt)?;
+                decode::<State>(payload)
+                    .ok_or_else(|| corrupt("its snapshot does not decode".into()))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(self.io(e)),
         };
+        let mut pending = FxHashMap::default();
         for e in self.journal.read().map_err(|e| self.io(e))? {
             state.stat.extend(e.stats);
             state.jobs.insert(e.id, e.record);
+            pending.insert(e.id, e.explain);
+        }
+        if let Ok(mut p) = self.pending_explain.lock() {
+            *p = pending;
         }
         Ok(state)
     }
@@ -229,31 +249,42 @@ impl Db {
     }
 
     /// Make `state` (which must already hold every journal entry) the new snapshot, move
-    /// the journal's readable keys into the explain tree, flush, then empty the journal.
-    /// A crash in between leaves journal entries that repeat the snapshot: harmless.
+    /// the journal's readable keys into the explain store, then empty the journal. A crash
+    /// in between leaves journal entries that repeat the snapshot: harmless.
     pub fn compact(&self, state: &State) -> Result<(), DbError> {
-        self.db
-            .insert(SNAPSHOT, encode(state))
-            .map_err(|e| self.err(e))?;
-        let mut batch = sled::Batch::default();
-        for e in self.journal.read().map_err(|e| self.io(e))? {
-            batch.insert(&e.id, e.explain);
+        let entries = self.journal.read().map_err(|e| self.io(e))?;
+        if !entries.is_empty() {
+            let (db, explain) = self.sled()?;
+            let mut batch = sled::Batch::default();
+            for e in &entries {
+                batch.insert(&e.id, e.explain.as_slice());
+            }
+            let err = |source| DbError::Sled {
+                path: self.sled_path(),
+                source,
+            };
+            explain.apply_batch(batch).map_err(err)?;
+            db.flush().map_err(err)?;
         }
-        self.explain.apply_batch(batch).map_err(|e| self.err(e))?;
-        self.flush()?;
+        write_atomic(&self.snapshot_path(), &snapshot_bytes(state)).map_err(|e| self.io(e))?;
         self.journal.clear().map_err(|e| self.io(e))
     }
 
     fn io(&self, e: std::io::Error) -> DbError {
         DbError::Io {
-            path: self.path.clone(),
+            path: self.dir.clone(),
             msg: e.to_string(),
         }
     }
 
-    /// The readable twin of a job's key, for explanations.
+    /// The readable twin of a job's key, for explanations (the journal's first, then the
+    /// explain store's).
     pub fn explain<T: DeserializeOwned>(&self, id: &Hash) -> Option<T> {
-        self.explain.get(id).ok().flatten().and_then(|v| decode(&v))
+        if let Some(b) = self.pending_explain.lock().ok()?.get(id) {
+            return decode(b);
+        }
+        let (_, explain) = self.sled().ok()?;
+        explain.get(id).ok().flatten().and_then(|v| decode(&v))
     }
 
     /// Record a finished job: one journal append (record, readable key, outputs' stats).
@@ -272,11 +303,65 @@ impl Db {
         };
         self.journal.append(&e).map_err(|e| self.io(e))
     }
+}
 
-    /// Make everything written so far durable (survives kill -9 and power loss).
-    pub fn flush(&self) -> Result<(), DbError> {
-        self.db.flush().map(|_| ()).map_err(|e| self.err(e))
+/// Move the named parts of the state (those that exist) into `.qbuild/broken-PID/`.
+fn set_aside(state_dir: &Path, parts: &[&str]) -> Result<PathBuf, (PathBuf, String)> {
+    let aside = state_dir.join(format!("broken-{}", std::process::id()));
+    std::fs::create_dir_all(&aside).map_err(|e| (aside.clone(), e.to_string()))?;
+    for part in parts {
+        let from = state_dir.join(part);
+        if from.symlink_metadata().is_ok() {
+            std::fs::rename(&from, aside.join(part)).map_err(|e| (from.clone(), e.to_string()))?;
+        }
     }
+    Ok(aside)
+}
+
+/// Open the explain store, checking its format header (written durably on creation).
+fn try_open(path: &Path) -> Result<(sled::Db, sled::Tree), OpenError> {
+    let existed = path.join("db").exists();
+    // sled can panic on some corrupt files; treat a panic as unreadable.
+    let opened = std::panic::catch_unwind(|| {
+        sled::Config::new()
+            .path(path)
+            .flush_every_ms(None)
+            .cache_capacity(16 << 20)
+            .open()
+    });
+    let db = match opened {
+        Ok(Ok(db)) => db,
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => {
+            return Err(OpenError::Corrupt(
+                "the sled store panicked while opening".into(),
+            ))
+        }
+    };
+    match db.get(b"format") {
+        Ok(Some(v)) if v.as_ref() == FORMAT => {}
+        // No header and nothing else: a new store (or one killed before its first
+        // flush). Write the header durably now.
+        Ok(None) if db.is_empty() && db.tree_names().len() <= 1 => {
+            db.insert(b"format", FORMAT)?;
+            db.flush()?;
+        }
+        Ok(None) if existed => {
+            return Err(OpenError::Corrupt(
+                "its header record is gone (the store was damaged)".into(),
+            ));
+        }
+        Ok(other) => {
+            return Err(OpenError::Corrupt(format!(
+                "format is {:?}, expected {:?}",
+                other.map(|v| String::from_utf8_lossy(&v).into_owned()),
+                String::from_utf8_lossy(FORMAT)
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let explain = db.open_tree("explain")?;
+    Ok((db, explain))
 }
 
 /// The database id of a job: a hash of its declared output paths.

@@ -253,10 +253,7 @@ impl Session {
                 "qbuild: stopped {orphans} command(s) left running by a qbuild that was killed"
             );
         }
-        let mut warn = |m: String| eprintln!("qbuild: warning: {m}");
-        let db =
-            db::Db::open(&state_dir, &mut warn).map_err(|e| Diagnostic::plain(e.to_string()))?;
-        Ok((lock, db))
+        Ok((lock, db::Db::new(&state_dir)))
     }
 }
 

@@ -195,9 +195,11 @@ pub fn decide(
     let mut reasons = Vec::new();
     if rec.key != *key {
         if explain {
+            // A readable key explains only if it is the one recorded (a damaged or
+            // stale explain store must not make up reasons).
             match old_parts() {
-                Some(old) => reasons.extend(diff_parts(&old, parts)),
-                None => reasons.push(Reason::KeyChanged),
+                Some(old) if old.key() == rec.key => reasons.extend(diff_parts(&old, parts)),
+                _ => reasons.push(Reason::KeyChanged),
             }
             if reasons.is_empty() {
                 reasons.push(Reason::KeyChanged);

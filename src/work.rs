@@ -29,8 +29,13 @@ use crate::stale::{action_text, decide, KeyParts, OwnedKeyParts, Reason};
 /// With `QBUILD_TIMING` set, print how long each phase of a run took (for profiling).
 pub fn phase(what: &str, since: Instant) {
     if std::env::var_os("QBUILD_TIMING").is_some() {
+        // Resident memory from /proc/self/statm (pages), to see which phase holds what.
+        let rss_mb = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |pages| pages * 4096 / 1_000_000);
         eprintln!(
-            "qbuild: timing: {what}: {:.1} ms",
+            "qbuild: timing: {what}: {:.1} ms, rss {rss_mb} MB",
             since.elapsed().as_secs_f64() * 1e3
         );
     }
@@ -322,7 +327,14 @@ impl Work<'_> {
         settle_racy(&self.workdir, &mut updates, &self.stats);
         if !updates.is_empty() || self.journal {
             self.db_state.stat.extend(updates);
-            self.db.compact(&self.db_state)?;
+            // The journal already holds every record durably: a snapshot that cannot be
+            // written now (a full disk) is written by a later run; nothing is lost.
+            match self.db.compact(&self.db_state) {
+                Err(e) if !e.is_corruption() => {
+                    eprintln!("qbuild: warning: {e}; the journal keeps this run's records")
+                }
+                other => other?,
+            }
         }
         self.summary.hashed_bytes = self.stats.bytes();
         self.procs.finish();
@@ -699,6 +711,30 @@ impl Work<'_> {
         }
         let took_ms = d.took.as_millis() as u64;
         let mut recorded = false;
+        // Record the job (one journal append) before calling it done. A record that cannot
+        // be written (a full disk) fails the job: it will run again, never count as built.
+        let mut record = None;
+        if failure.is_none() {
+            let (key, parts) = self
+                .keys
+                .remove(&j)
+                .ok_or_else(|| WorkError::Io("internal: ran a job without a key".into()))?;
+            let rec = JobRecord {
+                key,
+                outputs: hashes.iter().map(|a| a.ident).collect(),
+                duration_ms: took_ms,
+            };
+            let id = self.ids[j.idx()];
+            match self.db.record_job(&id, &rec, &parts, &d.stats) {
+                Ok(()) => record = Some((id, rec)),
+                Err(e) if !e.is_corruption() => {
+                    failure = Some(format!(
+                        "its result could not be recorded ({e}); it will run again"
+                    ))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         if let Some(why) = &failure {
             let removed = self.remove_partial_outputs(j, &d.before);
             let mut text = format!("FAILED: {}\n  {why}", job.spec.label);
@@ -749,18 +785,7 @@ impl Work<'_> {
             (self.events)(ev);
             self.keys.remove(&j);
             self.settle(j, State::Failed);
-        } else {
-            let (key, parts) = self
-                .keys
-                .remove(&j)
-                .ok_or_else(|| WorkError::Io("internal: ran a job without a key".into()))?;
-            let rec = JobRecord {
-                key,
-                outputs: hashes.iter().map(|a| a.ident).collect(),
-                duration_ms: took_ms,
-            };
-            let id = self.ids[j.idx()];
-            self.db.record_job(&id, &rec, &parts, &d.stats)?;
+        } else if let Some((id, rec)) = record {
             self.db_state.jobs.insert(id, rec);
             self.journal = true;
             recorded = true;

@@ -906,10 +906,11 @@ fn crash_shell_sigkill_at_random_moments_then_rebuild_equals_clean() {
 /// What a damaged state database must lead to.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Expect {
-    /// A warning that it is unreadable, the store moved aside, every job rerun.
+    /// A warning that it is unreadable, the state moved aside, every job rerun.
     SetAside,
-    /// Records that cannot be trusted: every job reruns (a warning is optional).
-    RerunAll,
+    /// The explain store (sled) is damaged: it never decides staleness, so exactly the
+    /// jobs an undamaged state would rerun do; a warning is optional.
+    SameRuns,
     /// Whatever qbuild notices: it must still end with a correct tree.
     Correct,
 }
@@ -918,12 +919,17 @@ fn state_db(s: &Space) -> PathBuf {
     s.join(".qbuild/state.sled")
 }
 
+fn snapshot_file(s: &Space) -> PathBuf {
+    s.join(".qbuild/snapshot")
+}
+
+/// The folders a damaged state was moved to (`.qbuild/broken-PID`).
 fn set_aside_stores(s: &Space) -> Vec<String> {
     fs::read_dir(s.join(".qbuild"))
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("state.sled.broken-"))
+                .filter(|n| n.starts_with("broken-"))
                 .collect()
         })
         .unwrap_or_default()
@@ -944,7 +950,7 @@ fn used_len(path: &Path) -> usize {
     b.iter().rposition(|x| *x != 0).map_or(0, |i| i + 1)
 }
 
-/// Open the (closed) store with sled itself and rewrite part of it.
+/// Open the (closed) explain store with sled itself and rewrite part of it.
 fn with_sled(s: &Space, f: impl FnOnce(&sled::Db)) {
     let db = sled::open(state_db(s)).expect("open the state with sled");
     f(&db);
@@ -953,47 +959,94 @@ fn with_sled(s: &Space, f: impl FnOnce(&sled::Db)) {
 
 type Damage = Box<dyn Fn(&Space, &mut Rng)>;
 
-/// Issue 5.1: a state database that is unreadable (truncated, garbled, foreign) is never
-/// trusted: qbuild says so, moves it aside, rebuilds everything, never panics, and the
-/// result equals a clean build.
+/// Outputs changed behind qbuild's back, so a run after damage has work to do.
+fn disturb(s: &Space) {
+    s.append("artifacts/serialized_binaries/split_2.bin", "garbage");
+    s.remove("compiled_model/ar1-cl4096_3_of_4_quantized.dlc");
+}
+
+/// Issue 5.1: a state that is unreadable (truncated, garbled, foreign) is never trusted:
+/// qbuild says so, moves it aside, rebuilds everything, never panics, and the result equals
+/// a clean build. The snapshot (which decides staleness) is checksummed, so any damage to
+/// it sets the state aside; damage to the sled store of readable keys (which only
+/// explains) changes nothing about what runs.
 #[test]
 fn crash_a_damaged_state_database_is_set_aside_and_everything_rebuilds() {
     let clean = clean_demo();
     let all = set_of(&clean.jobs);
     let base = Space::demo();
     base.build_all();
-    // A second run: sled writes its snapshot file when it reopens a store.
     base.run(["all"]).assert_nothing_ran(all.len() as u64);
-    let file = |s: &Space, name: &str| state_db(s).join(name);
+    // Reopened, sled writes its own snapshot file (`snap.*`), damaged below.
+    with_sled(&base, |_| {});
+    // What an undamaged state reruns after the disturbance.
+    let undamaged = clone_space(&base);
+    disturb(&undamaged);
+    let same_runs = undamaged.build_all().ran();
+    assert!(!same_runs.is_empty() && same_runs.len() < all.len());
+    let snap = |s: &Space| snapshot_file(s);
+    let db = |s: &Space| state_db(s).join("db");
     let mut cases: Vec<(String, Expect, Damage)> = vec![
         (
-            "db file truncated to 0 bytes".into(),
+            "snapshot truncated to 0 bytes".into(),
             Expect::SetAside,
             Box::new(move |s, _| {
                 fs::File::options()
                     .write(true)
-                    .open(file(s, "db"))
+                    .open(snap(s))
+                    .expect("open snapshot")
+                    .set_len(0)
+                    .expect("truncate");
+            }),
+        ),
+        (
+            "first 64 bytes of the snapshot garbled".into(),
+            Expect::SetAside,
+            Box::new(move |s, rng| garble(&snap(s), 0, 64, rng)),
+        ),
+        (
+            "the whole snapshot replaced by random bytes".into(),
+            Expect::SetAside,
+            Box::new(move |s, rng| garble(&snap(s), 0, usize::MAX, rng)),
+        ),
+        (
+            "a foreign format header (an older qbuild)".into(),
+            Expect::SetAside,
+            Box::new(move |s, _| {
+                let mut b = fs::read(snap(s)).expect("read snapshot");
+                b[..15].copy_from_slice(b"qbuild-state-v2");
+                fs::write(snap(s), b).expect("write");
+            }),
+        ),
+        (
+            "snapshot cut short at a random point".into(),
+            Expect::SetAside,
+            Box::new(move |s, rng| {
+                let n = fs::metadata(snap(s)).map(|m| m.len()).unwrap_or(1);
+                let f = fs::File::options().write(true).open(snap(s)).expect("open");
+                f.set_len(rng.below(n)).expect("truncate");
+            }),
+        ),
+        (
+            "explain store: db file truncated to 0 bytes".into(),
+            Expect::SameRuns,
+            Box::new(move |s, _| {
+                fs::File::options()
+                    .write(true)
+                    .open(db(s))
                     .expect("open db")
                     .set_len(0)
                     .expect("truncate");
             }),
         ),
         (
-            "first 4 KiB of the db file garbled".into(),
-            Expect::SetAside,
-            Box::new(move |s, rng| garble(&file(s, "db"), 0, 4096, rng)),
+            "explain store: first 4 KiB of the db file garbled".into(),
+            Expect::SameRuns,
+            Box::new(move |s, rng| garble(&db(s), 0, 4096, rng)),
         ),
         (
-            "the whole db file replaced by random bytes".into(),
-            Expect::SetAside,
-            Box::new(move |s, rng| {
-                let n = fs::metadata(file(s, "db")).map(|m| m.len()).unwrap_or(0) as usize;
-                garble(&file(s, "db"), 0, n, rng)
-            }),
-        ),
-        (
-            "every snapshot file garbled".into(),
-            Expect::SetAside,
+            "explain store: every sled snapshot file garbled".into(),
+            Expect::SameRuns,
             Box::new(move |s, rng| {
                 let mut n = 0;
                 for e in fs::read_dir(state_db(s)).expect("read state").flatten() {
@@ -1006,8 +1059,8 @@ fn crash_a_damaged_state_database_is_set_aside_and_everything_rebuilds() {
             }),
         ),
         (
-            "a foreign format header (an older qbuild)".into(),
-            Expect::SetAside,
+            "explain store: a foreign format header".into(),
+            Expect::SameRuns,
             Box::new(|s, _| {
                 with_sled(s, |db| {
                     db.insert(b"format", &b"qbuild-state-v0"[..])
@@ -1016,8 +1069,8 @@ fn crash_a_damaged_state_database_is_set_aside_and_everything_rebuilds() {
             }),
         ),
         (
-            "every value in the store replaced by garbage (a readable store)".into(),
-            Expect::RerunAll,
+            "explain store: every value replaced by garbage".into(),
+            Expect::SameRuns,
             Box::new(|s, _| {
                 with_sled(s, |db| {
                     let mut n = 0;
@@ -1036,8 +1089,8 @@ fn crash_a_damaged_state_database_is_set_aside_and_everything_rebuilds() {
             }),
         ),
         (
-            "values swapped between keys in every tree".into(),
-            Expect::RerunAll,
+            "explain store: values swapped between keys in every tree".into(),
+            Expect::SameRuns,
             Box::new(|s, _| {
                 with_sled(s, |db| {
                     for name in db.tree_names() {
@@ -1055,8 +1108,12 @@ fn crash_a_damaged_state_database_is_set_aside_and_everything_rebuilds() {
             "every file of the state truncated at a random point".into(),
             Expect::Correct,
             Box::new(|s, rng| {
-                for e in fs::read_dir(state_db(s)).expect("read state").flatten() {
-                    if e.path().is_file() {
+                let dirs = [s.join(".qbuild"), state_db(s)];
+                for e in dirs
+                    .iter()
+                    .flat_map(|d| fs::read_dir(d).expect("read state").flatten())
+                {
+                    if e.path().is_file() && e.file_name() != "lock" {
                         let n = used_len(&e.path()) as u64;
                         let f = fs::File::options()
                             .write(true)
@@ -1068,17 +1125,32 @@ fn crash_a_damaged_state_database_is_set_aside_and_everything_rebuilds() {
             }),
         ),
     ];
-    for i in 0..6 {
+    for i in 0..4 {
         cases.push((
-            format!("random bytes garbled in the used part of the db file (#{i})"),
+            format!("random bytes garbled in the snapshot (#{i})"),
+            Expect::SetAside,
+            Box::new(move |s, rng| {
+                let used = fs::metadata(snap(s)).map(|m| m.len()).unwrap_or(1).max(1);
+                for _ in 0..1 + rng.below(4) {
+                    let at = rng.below(used) as usize;
+                    garble(&snap(s), at, 1 + rng.below(64) as usize, rng);
+                }
+                // Garbling may by chance write the same bytes: insist on a change.
+                let mut b = fs::read(snap(s)).expect("read");
+                let at = rng.below(used) as usize;
+                b[at] ^= 0x5a;
+                fs::write(snap(s), b).expect("write");
+            }),
+        ));
+        cases.push((
+            format!("random bytes garbled in the used part of the explain store (#{i})"),
             Expect::Correct,
             Box::new(move |s, rng| {
-                let db = file(s, "db");
-                let used = used_len(&db).max(1);
+                let used = used_len(&db(s)).max(1);
                 for _ in 0..1 + rng.below(4) {
                     let at = rng.below(used as u64) as usize;
                     let len = 1 + rng.below(64) as usize;
-                    garble(&db, at, len, rng);
+                    garble(&db(s), at, len, rng);
                 }
             }),
         ));
@@ -1087,9 +1159,7 @@ fn crash_a_damaged_state_database_is_set_aside_and_everything_rebuilds() {
     for (what, expect, damage) in &cases {
         let s = clone_space(&base);
         damage(&s, &mut rng);
-        // Outputs changed behind qbuild's back too: a rebuild must restore them.
-        s.append("artifacts/serialized_binaries/split_2.bin", "garbage");
-        s.remove("compiled_model/ar1-cl4096_3_of_4_quantized.dlc");
+        disturb(&s);
         let ended =
             Bg::start(s.path(), &["-j", "2", "--json", "all"], &[]).wait(Duration::from_secs(60));
         assert_eq!(
@@ -1115,15 +1185,19 @@ fn crash_a_damaged_state_database_is_set_aside_and_everything_rebuilds() {
                 );
                 assert_eq!(ended.ok_jobs(), all, "{what}: everything reruns\n{ended}");
             }
-            Expect::RerunAll => {
+            Expect::SameRuns => {
                 assert_eq!(
                     ended.ok_jobs(),
-                    all,
-                    "{what}: no untrustworthy record may spare a job\n{ended}"
+                    same_runs,
+                    "{what}: the explain store must not change what runs\n{ended}"
+                );
+                assert!(
+                    !ended.stderr.contains("everything will rebuild"),
+                    "{what}\n{ended}"
                 );
             }
             Expect::Correct => {
-                if warned {
+                if ended.stderr.contains("everything will rebuild") {
                     assert_eq!(aside.len(), 1, "{what}: {aside:?}");
                     assert_eq!(ended.ok_jobs(), all, "{what}\n{ended}");
                 }
@@ -1134,8 +1208,11 @@ fn crash_a_damaged_state_database_is_set_aside_and_everything_rebuilds() {
             &clean.snap,
             &format!("{what}: rebuild vs clean build"),
         );
-        // The fresh state works: the next run is a no-op.
+        // The fresh state works: the next run is a no-op, and explaining never panics.
         s.run(["all"]).assert_nothing_ran(all.len() as u64);
+        let explained = s.run(["-n", "--explain", "all"]);
+        explained.assert_ok();
+        assert_no_panic(&explained.stderr, what);
     }
 }
 
