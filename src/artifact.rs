@@ -1,6 +1,6 @@
 //! The current content hash of an artifact on disk (file, directory tree, or symlink), reusing the stat cache so unchanged files are never re-read.
 
-use rustc_hash::FxHashMap;
+use crate::hash::StatCache;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -34,18 +34,14 @@ pub fn link_identity(text: &Path) -> Hash {
 /// Hashes artifacts under a work folder; safe to share between threads.
 pub struct Artifacts<'a> {
     pub workdir: PathBuf,
-    pub cache: &'a FxHashMap<String, StatEntry>,
+    pub cache: &'a StatCache,
     pub stats: &'a HashStats,
     /// New or refreshed stat-cache entries to write back.
     pub updates: Mutex<Vec<(String, StatEntry)>>,
 }
 
 impl<'a> Artifacts<'a> {
-    pub fn new(
-        workdir: &Path,
-        cache: &'a FxHashMap<String, StatEntry>,
-        stats: &'a HashStats,
-    ) -> Self {
+    pub fn new(workdir: &Path, cache: &'a StatCache, stats: &'a HashStats) -> Self {
         Artifacts {
             workdir: workdir.to_path_buf(),
             cache,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::hash::{Hash, StatEntry};
+use crate::hash::{Hash, StatCache, StatEntry};
 use crate::journal::{Entry, Journal};
 
 /// Bumped whenever the on-disk encoding changes; an older database is set aside, not trusted.
@@ -14,7 +14,7 @@ pub const FORMAT: &[u8] = b"qbuild-state-v3";
 /// Everything a run loads: the stat cache and the job records.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct State {
-    pub stat: FxHashMap<String, StatEntry>,
+    pub stat: StatCache,
     pub jobs: FxHashMap<Hash, JobRecord>,
 }
 
@@ -104,31 +104,58 @@ fn snapshot_bytes(state: &State) -> Vec<u8> {
     out
 }
 
-/// The payload of a snapshot file's bytes, or why they cannot be trusted.
-fn snapshot_payload(bytes: &[u8]) -> Result<&[u8], String> {
-    let head = FORMAT.len() + 40;
-    if bytes.len() < head || &bytes[..FORMAT.len()] != FORMAT {
-        let seen = bytes.get(..FORMAT.len().min(bytes.len())).unwrap_or(&[]);
-        return Err(format!(
+/// Read the snapshot file: check its header, length and checksum in a first streamed pass,
+/// then decode it in a second (never holding the file's bytes and the decoded state at
+/// once). `Ok(None)` when there is no snapshot; `Err(Ok(why))` when it cannot be trusted.
+fn read_snapshot(path: &Path) -> Result<Option<State>, Result<String, std::io::Error>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Err(e)),
+    };
+    let head_len = FORMAT.len() + 40;
+    let mut head = Vec::with_capacity(head_len);
+    (&mut f)
+        .take(head_len as u64)
+        .read_to_end(&mut head)
+        .map_err(Err)?;
+    if head.len() < head_len || &head[..FORMAT.len()] != FORMAT {
+        let seen = &head[..FORMAT.len().min(head.len())];
+        return Err(Ok(format!(
             "its snapshot has format {:?}, expected {:?}",
             String::from_utf8_lossy(seen),
             String::from_utf8_lossy(FORMAT)
-        ));
+        )));
     }
     let mut len = [0u8; 8];
-    len.copy_from_slice(&bytes[FORMAT.len()..FORMAT.len() + 8]);
+    len.copy_from_slice(&head[FORMAT.len()..FORMAT.len() + 8]);
     let len = u64::from_le_bytes(len);
-    let payload = &bytes[head..];
-    if payload.len() as u64 != len {
-        return Err(format!(
-            "its snapshot is {} bytes long, expected {len} (cut short or grown)",
-            payload.len()
-        ));
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut seen = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(Err)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        seen += n as u64;
     }
-    if blake3::hash(payload).as_bytes() != &bytes[FORMAT.len() + 8..head] {
-        return Err("its snapshot fails its checksum".into());
+    drop(buf);
+    if seen != len {
+        return Err(Ok(format!(
+            "its snapshot is {seen} bytes long, expected {len} (cut short or grown)"
+        )));
     }
-    Ok(payload)
+    if hasher.finalize().as_bytes() != &head[FORMAT.len() + 8..] {
+        return Err(Ok("its snapshot fails its checksum".into()));
+    }
+    f.seek(SeekFrom::Start(head_len as u64)).map_err(Err)?;
+    let mut r = std::io::BufReader::with_capacity(1 << 16, f);
+    bincode::serde::decode_from_std_read(&mut r, cfg())
+        .map(Some)
+        .map_err(|_| Ok("its snapshot does not decode".into()))
 }
 
 /// Write `bytes` to `path` durably and atomically: a temporary file, fsync, rename, fsync
@@ -218,18 +245,10 @@ impl Db {
     /// in one go) overlaid with the journal (jobs finished since).
     pub fn load(&self) -> Result<State, DbError> {
         let path = self.snapshot_path();
-        let mut state = match std::fs::read(&path) {
-            Ok(bytes) => {
-                let corrupt = |msg: String| DbError::Corrupt {
-                    path: path.clone(),
-                    msg,
-                };
-                let payload = snapshot_payload(&bytes).map_err(corrupt)?;
-                decode::<State>(payload)
-                    .ok_or_else(|| corrupt("its snapshot does not decode".into()))?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => return Err(self.io(e)),
+        let mut state = match read_snapshot(&path) {
+            Ok(state) => state.unwrap_or_default(),
+            Err(Ok(msg)) => return Err(DbError::Corrupt { path, msg }),
+            Err(Err(e)) => return Err(self.io(e)),
         };
         let mut pending = FxHashMap::default();
         for e in self.journal.read().map_err(|e| self.io(e))? {

@@ -617,7 +617,10 @@ impl Eval<'_, '_, '_> {
     }
 
     fn render(&mut self, tpl: &Template, mode: Mode) -> Result<String, Diagnostic> {
-        Ok(self.expand(tpl, mode)?.pop().unwrap_or_default())
+        let mut s = self.expand(tpl, mode)?.pop().unwrap_or_default();
+        // Kept for the whole run (commands, labels): no spare capacity.
+        s.shrink_to_fit();
+        Ok(s)
     }
 
     fn value(&mut self, raw: &RawValue) -> Result<Val, Diagnostic> {
@@ -1036,6 +1039,8 @@ fn expand_rule<'a>(
 
     let mut idx = vec![0usize; axes.len()];
     let total = total.unwrap_or(0);
+    // Exactly: a doubled buffer of 240-byte specs is tens of MB at 100k jobs.
+    jobs.reserve_exact(total.min(1 << 20));
     for _ in 0..total {
         let assignment: Vec<(Rc<str>, Rc<str>)> = axes
             .iter()

@@ -60,7 +60,8 @@ impl Graph {
         let specs = std::mem::take(&mut model.jobs);
         let mut files: Vec<File> = Vec::new();
         let mut by_path: FxHashMap<String, FileId> = FxHashMap::default();
-        by_path.reserve(specs.len() * 3);
+        // About 1.3 files per job in the pipelines qbuild is for; the map grows if not.
+        by_path.reserve(specs.len() * 4 / 3);
         let mut intern = |p: &str, files: &mut Vec<File>| -> FileId {
             if let Some(id) = by_path.get(p) {
                 return *id;

@@ -208,22 +208,16 @@ pub fn build(
         }
     }
     let arts = Artifacts::new(workdir, &state_db.stat, &stats);
-    let ids: Vec<usize> = (0..g.files.len()).filter(|i| touched[*i]).collect();
-    let hashed: Vec<(usize, Now)> = ids
-        .par_iter()
-        .map(|i| {
-            let now = match arts.current_art(&g.files[*i].path) {
+    let mut now = vec![Now::Unknown; g.files.len()];
+    now.par_iter_mut().enumerate().for_each(|(i, n)| {
+        if touched[i] {
+            *n = match arts.current_art(&g.files[i].path) {
                 Ok(Some(a)) => Now::Have(a),
                 Ok(None) => Now::Missing,
                 Err(e) => Now::Error(e.to_string()),
             };
-            (*i, now)
-        })
-        .collect();
-    let mut now = vec![Now::Unknown; g.files.len()];
-    for (i, n) in hashed {
-        now[i] = n;
-    }
+        }
+    });
     let stat_updates = arts.take_updates();
     drop(arts);
     phase("stat and hash", t);
@@ -967,7 +961,7 @@ fn run_task(t: Task) -> Done {
     if matches!(result, Ok(Outcome::Success)) {
         // Outputs are new: hash them without the cache. A link's content is derived from
         // its target on the main thread instead.
-        let empty = rustc_hash::FxHashMap::default();
+        let empty = crate::hash::StatCache::default();
         let arts = Artifacts::new(&workdir, &empty, &stats);
         hashes = rels
             .iter()
