@@ -81,10 +81,19 @@ impl StatCache {
     }
 
     pub fn get(&self, path: &str) -> Option<&StatEntry> {
+        self.position(path).map(|i| &self.entries[i].1)
+    }
+
+    /// Where `path` is among `paths()`.
+    pub fn position(&self, path: &str) -> Option<usize> {
         self.entries
             .binary_search_by(|(p, _)| p.as_str().cmp(path))
             .ok()
-            .map(|i| &self.entries[i].1)
+    }
+
+    /// Every path, in order.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|(p, _)| p.as_str())
     }
 
     pub fn len(&self) -> usize {

@@ -136,11 +136,12 @@ impl Session {
         &self,
         loaded: &Loaded,
         db: &mut Option<db::Db>,
+        pre: Option<work::Preloaded>,
     ) -> Result<(work::Summary, i32), Diagnostic> {
         let current = db
             .as_ref()
             .ok_or_else(|| Diagnostic::plain("internal: no state database"))?;
-        match self.build_once(loaded, current) {
+        match self.build_once(loaded, current, pre) {
             Err(BuildFailure::Corrupt(why)) => {
                 let old = db
                     .take()
@@ -149,7 +150,7 @@ impl Session {
                 let fresh = old
                     .reset(&self.workdir.join(".qbuild"), &why, &mut warn)
                     .map_err(|e| Diagnostic::plain(e.to_string()))?;
-                let out = self.build_once(loaded, &fresh);
+                let out = self.build_once(loaded, &fresh, None);
                 *db = Some(fresh);
                 out.map_err(|e| match e {
                     BuildFailure::Corrupt(w) => {
@@ -167,6 +168,7 @@ impl Session {
         &self,
         loaded: &Loaded,
         db: &db::Db,
+        pre: Option<work::Preloaded>,
     ) -> Result<(work::Summary, i32), BuildFailure> {
         let args = &self.args;
         let opts = self.options(loaded.toolchain.as_ref());
@@ -181,6 +183,7 @@ impl Session {
             &opts,
             progress.as_mut(),
             &mut emit,
+            pre,
         ) {
             Ok(s) => s,
             Err(work::WorkError::Corrupt(why)) => return Err(BuildFailure::Corrupt(why)),
@@ -242,11 +245,39 @@ impl Session {
 
     /// Take the work-folder lock and open the state database.
     pub fn open_state(&self) -> Result<(lock::Lock, db::Db), Diagnostic> {
-        let state_dir = self.workdir.join(".qbuild");
+        open_state(&self.workdir, !self.args.no_wait)
+    }
+}
+
+/// What `prefetch` hands over: the lock (not yet stamped), the state and its scan.
+type Prefetched = Option<(lock::Lock, db::Db, work::Preloaded)>;
+
+/// A build's lock, state and scan, fetched on a second thread while the main thread loads
+/// the Qairtfile: at 100k jobs the two take about as long, so a no-op waits for the longer
+/// one instead of both. Only for a folder built before, with the lock free and nothing left
+/// running by a killed qbuild; else (`None`) the build opens its state after loading. It
+/// writes nothing, so a run that refuses its Qairtfile leaves no trace.
+fn prefetch(workdir: PathBuf) -> Option<std::thread::JoinHandle<Prefetched>> {
+    let state_dir = workdir.join(".qbuild");
+    if !state_dir.join("snapshot").exists() || state_dir.join("running").exists() {
+        return None;
+    }
+    Some(std::thread::spawn(move || {
+        let lock = lock::try_existing(&state_dir)?;
+        let db = db::Db::new(&state_dir);
+        let pre = work::preload(&workdir, &db, true);
+        Some((lock, db, pre))
+    }))
+}
+
+/// Take the work-folder lock, stop what a killed qbuild left running, open the state.
+fn open_state(workdir: &Path, wait: bool) -> Result<(lock::Lock, db::Db), Diagnostic> {
+    {
+        let state_dir = workdir.join(".qbuild");
         std::fs::create_dir_all(&state_dir).map_err(|e| {
             Diagnostic::plain(format!("cannot create {}: {e}", state_dir.display()))
         })?;
-        let lock = lock::acquire(&state_dir, !self.args.no_wait).map_err(Diagnostic::plain)?;
+        let lock = lock::acquire(&state_dir, wait).map_err(Diagnostic::plain)?;
         let orphans = exec::reap_orphans(&state_dir);
         if orphans > 0 {
             eprintln!(
@@ -296,6 +327,9 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         install_signal_handlers();
         return watch::run(&session);
     }
+    let a = &session.args;
+    let builds = !(a.check || a.list || a.graph || a.clean);
+    let fetching = builds.then(|| prefetch(session.workdir.clone())).flatten();
     let loaded = session.load()?;
     let (graph, args) = (&loaded.graph, &session.args);
     if args.check {
@@ -343,7 +377,16 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         return Ok(EXIT_OK);
     }
     let t = std::time::Instant::now();
-    let (_lock, db) = session.open_state()?;
+    let (_lock, db, pre) = match fetching.and_then(|f| f.join().ok().flatten()) {
+        Some((mut lock, db, pre)) => {
+            lock.stamp();
+            (lock, db, Some(pre))
+        }
+        None => {
+            let (lock, db) = session.open_state()?;
+            (lock, db, None)
+        }
+    };
     work::phase("lock and open state", t);
     let mut db = Some(db);
     install_signal_handlers();
@@ -375,7 +418,7 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         }
         return Ok(EXIT_OK);
     }
-    let (_, code) = session.build(&loaded, &mut db)?;
+    let (_, code) = session.build(&loaded, &mut db, pre)?;
     // The graph can be big; the process is ending, so skip freeing it piece by piece.
     std::mem::forget(loaded);
     Ok(code)

@@ -6,12 +6,12 @@ use std::path::Path;
 
 /// Held for the life of the build; the OS releases it if qbuild dies.
 pub struct Lock {
-    _file: File,
+    file: File,
 }
 
 pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, String> {
     let path = state_dir.join("lock");
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -42,7 +42,28 @@ pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, String> {
             return Err(format!("cannot lock {}: {e}", path.display()))
         }
     }
-    let _ = file.set_len(0);
-    let _ = write!(file, "{}", std::process::id());
-    Ok(Lock { _file: file })
+    let mut lock = Lock { file };
+    lock.stamp();
+    Ok(lock)
+}
+
+/// The lock, if it is free right now and its file exists: taken without creating or
+/// writing anything (a run that then refuses its Qairtfile leaves no trace). `stamp` it
+/// once the run goes ahead.
+pub fn try_existing(state_dir: &Path) -> Option<Lock> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(state_dir.join("lock"))
+        .ok()?;
+    file.try_lock().ok()?;
+    Some(Lock { file })
+}
+
+impl Lock {
+    /// Write this process's id into the lock file, for the message of a run that waits.
+    pub fn stamp(&mut self) {
+        let _ = self.file.set_len(0);
+        let _ = write!(self.file, "{}", std::process::id());
+    }
 }

@@ -167,7 +167,7 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
             // commands (--status, -n) can run while this one waits for changes.
             let (lock, db) = s.open_state()?;
             let mut db = Some(db);
-            s.build(l, &mut db)?;
+            s.build(l, &mut db, None)?;
             drop(db);
             drop(lock);
         }

@@ -171,7 +171,54 @@ struct Work<'a> {
     pool: Option<mpsc::Sender<Task>>,
 }
 
+fn scan_one(arts: &Artifacts, path: &str) -> Now {
+    match arts.current_art(path) {
+        Ok(Some(a)) => Now::Have(a),
+        Ok(None) => Now::Missing,
+        Err(e) => Now::Error(e.to_string()),
+    }
+}
+
+/// The state and a scan of every file it knows, read before the graph is needed (a no-op
+/// runs this on a second thread while the Qairtfile is expanded).
+pub struct Preloaded {
+    state: Result<crate::db::State, WorkError>,
+    /// What each path of the state's stat cache is now, in the cache's order.
+    scan: Vec<Now>,
+    /// Stat-cache entries the scan refreshed.
+    updates: Vec<(String, StatEntry)>,
+    stats: Arc<HashStats>,
+}
+
+/// Load the state (a store that errors or panics while being read is corrupt: the caller
+/// sets it aside and starts fresh) and, with `scan`, stat every file it knows.
+pub fn preload(workdir: &Path, db: &Db, scan: bool) -> Preloaded {
+    let t = Instant::now();
+    let stats = Arc::new(HashStats::default());
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.load()));
+    let state = match loaded {
+        Ok(Ok(st)) => Ok(st),
+        Ok(Err(e)) if e.is_corruption() => Err(WorkError::Corrupt(e.to_string())),
+        Ok(Err(e)) => Err(WorkError::Db(e)),
+        Err(_) => Err(WorkError::Corrupt("reading it panicked".into())),
+    };
+    let (mut found, mut updates) = (Vec::new(), Vec::new());
+    if let (true, Ok(st)) = (scan, &state) {
+        let arts = Artifacts::new(workdir, &st.stat, &stats);
+        found = st.stat.paths().map(|p| scan_one(&arts, p)).collect();
+        updates = arts.take_updates();
+        phase("preload state and scan", t);
+    }
+    Preloaded {
+        state,
+        scan: found,
+        updates,
+        stats,
+    }
+}
+
 /// Build the given targets. Returns what happened; errors are only for qbuild's own state.
+#[allow(clippy::too_many_arguments)]
 pub fn build(
     g: &Graph,
     workdir: &Path,
@@ -180,21 +227,22 @@ pub fn build(
     opts: &Options,
     progress: &mut dyn Progress,
     events: &mut dyn FnMut(serde_json::Value),
+    pre: Option<Preloaded>,
 ) -> Result<Summary, WorkError> {
     let t = Instant::now();
     let want = g.closure(targets);
     let total = want.iter().filter(|w| **w).count();
-    let stats = Arc::new(HashStats::default());
-
-    // Load state with two scans, in parallel. A store that errors or panics while being
-    // read is corrupt: the caller sets it aside and starts fresh.
-    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.load()));
-    let state_db = match loaded {
-        Ok(Ok(st)) => st,
-        Ok(Err(e)) if e.is_corruption() => return Err(WorkError::Corrupt(e.to_string())),
-        Ok(Err(e)) => return Err(WorkError::Db(e)),
-        Err(_) => return Err(WorkError::Corrupt("reading it panicked".into())),
+    let pre = match pre {
+        Some(p) => p,
+        None => preload(workdir, db, false),
     };
+    let Preloaded {
+        state: state_db,
+        scan,
+        updates: scan_updates,
+        stats,
+    } = pre;
+    let state_db = state_db?;
     let journal = db.journal_pending();
     phase("load state", t);
     let t = Instant::now();
@@ -211,14 +259,17 @@ pub fn build(
     let mut now = vec![Now::Unknown; g.files.len()];
     now.par_iter_mut().enumerate().for_each(|(i, n)| {
         if touched[i] {
-            *n = match arts.current_art(&g.files[i].path) {
-                Ok(Some(a)) => Now::Have(a),
-                Ok(None) => Now::Missing,
-                Err(e) => Now::Error(e.to_string()),
+            let path = &g.files[i].path;
+            let scanned = state_db.stat.position(path).and_then(|k| scan.get(k));
+            *n = match scanned {
+                Some(s) => s.clone(),
+                None => scan_one(&arts, path),
             };
         }
     });
-    let stat_updates = arts.take_updates();
+    drop(scan);
+    let mut stat_updates = scan_updates;
+    stat_updates.extend(arts.take_updates());
     drop(arts);
     phase("stat and hash", t);
 
