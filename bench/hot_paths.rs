@@ -83,11 +83,30 @@ fn noop_build(bencher: divan::Bencher, variants: usize) {
         verbose: false,
         toolchain: Vec::new(),
     };
-    let first =
-        build(&g, dir.path(), &db, &jobs, &opts, &mut Quiet, &mut |_| {}).expect("first build");
+    let first = build(
+        &g,
+        dir.path(),
+        &db,
+        &jobs,
+        &opts,
+        &mut Quiet,
+        &mut |_| {},
+        None,
+    )
+    .expect("first build");
     assert!(first.ok());
     bencher.bench(|| {
-        let s = build(&g, dir.path(), &db, &jobs, &opts, &mut Quiet, &mut |_| {}).expect("no-op");
+        let s = build(
+            &g,
+            dir.path(),
+            &db,
+            &jobs,
+            &opts,
+            &mut Quiet,
+            &mut |_| {},
+            None,
+        )
+        .expect("no-op");
         assert_eq!(s.ran, 0);
         assert_eq!(s.hashed_bytes, 0);
     });
