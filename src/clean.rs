@@ -92,19 +92,19 @@ pub fn clean(
     let mut out = Cleaned::default();
     let mut forget = Vec::new();
     for &j in jobs {
-        let spec = &g.jobs[j.idx()].spec;
-        let id = job_id(&spec.outputs);
+        let outputs = g.outputs(j);
+        let id = job_id(&outputs);
         let Some(rec) = records.get(&id) else {
             continue;
         };
-        for (i, rel) in spec.outputs.iter().enumerate() {
+        for (i, &rel) in outputs.iter().enumerate() {
             let path = workdir.join(rel);
             let Ok(meta) = fs::symlink_metadata(&path) else {
                 continue;
             };
             if !inside.check(workdir, rel) {
                 out.kept.push((
-                    rel.clone(),
+                    rel.to_string(),
                     "it lies outside the work folder (through a symlinked folder)".into(),
                 ));
                 continue;
@@ -112,11 +112,11 @@ pub fn clean(
             let now = arts.identity(rel).ok().flatten();
             if now.is_none() || now != rec.outputs.get(i).copied() {
                 out.kept
-                    .push((rel.clone(), "it changed since qbuild wrote it".into()));
+                    .push((rel.to_string(), "it changed since qbuild wrote it".into()));
                 continue;
             }
             if dry {
-                out.removed.push(rel.clone());
+                out.removed.push(rel.to_string());
                 continue;
             }
             let res = if meta.is_dir() {
@@ -125,8 +125,8 @@ pub fn clean(
                 fs::remove_file(&path)
             };
             match res {
-                Ok(()) => out.removed.push(rel.clone()),
-                Err(e) => out.kept.push((rel.clone(), e.to_string())),
+                Ok(()) => out.removed.push(rel.to_string()),
+                Err(e) => out.kept.push((rel.to_string(), e.to_string())),
             }
         }
         forget.push(id);

@@ -384,11 +384,11 @@ fn try_open(path: &Path) -> Result<(sled::Db, sled::Tree), OpenError> {
 }
 
 /// The database id of a job: a hash of its declared output paths.
-pub fn job_id(outputs: &[String]) -> Hash {
+pub fn job_id<S: AsRef<str>>(outputs: &[S]) -> Hash {
     let mut h = blake3::Hasher::new();
     h.update(b"qbuild-job\0");
     for o in outputs {
-        h.update(o.as_bytes());
+        h.update(o.as_ref().as_bytes());
         h.update(b"\0");
     }
     *h.finalize().as_bytes()

@@ -35,6 +35,8 @@ pub struct File {
 
 #[derive(Debug, Clone)]
 pub struct Job {
+    /// The expanded rule instance; its `inputs`, `outputs` and `order_only` are emptied
+    /// once interned (read paths through `ins`, `outs`, `order`).
     pub spec: JobSpec,
     pub ins: Vec<FileId>,
     pub outs: Vec<FileId>,
@@ -42,6 +44,22 @@ pub struct Job {
     pub order: Vec<FileId>,
     /// Jobs producing this job's inputs and order-only files, deduplicated.
     pub deps: Vec<JobId>,
+}
+
+impl Graph {
+    /// A file's path (relative to the work folder, or absolute for an outside source).
+    pub fn path(&self, f: FileId) -> &str {
+        &self.files[f.idx()].path
+    }
+
+    /// A job's declared outputs, in order.
+    pub fn outputs(&self, j: JobId) -> Vec<&str> {
+        self.jobs[j.idx()]
+            .outs
+            .iter()
+            .map(|f| self.path(*f))
+            .collect()
+    }
 }
 
 /// Files, jobs and their edges, checked: no path has two producers and there is no cycle.
@@ -123,6 +141,11 @@ impl Graph {
                 .iter()
                 .map(|i| intern(i, &mut files))
                 .collect();
+            // The paths live in `files` from now on: drop the spec's copies.
+            let mut spec = spec;
+            spec.inputs = Vec::new();
+            spec.outputs = Vec::new();
+            spec.order_only = Vec::new();
             jobs.push(Job {
                 spec,
                 ins,

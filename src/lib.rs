@@ -464,7 +464,7 @@ fn check_sources(g: &Graph, workdir: &Path) -> Result<(), Diagnostic> {
                         span,
                         format!(
                             "`{}` points at `{}`, which does not exist and no rule writes",
-                            job.spec.outputs.first().map_or("", String::as_str),
+                            job.outs.first().map_or("", |o| g.path(*o)),
                             g.files[f.idx()].path
                         ),
                     )
@@ -526,8 +526,8 @@ fn print_list(g: &Graph) {
         );
         for j in jobs {
             let _ = writeln!(out, "  {}", j.spec.label);
-            for o in &j.spec.outputs {
-                let _ = writeln!(out, "    {o}");
+            for o in &j.outs {
+                let _ = writeln!(out, "    {}", g.path(*o));
             }
         }
     }

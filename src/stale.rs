@@ -23,7 +23,7 @@ pub struct KeyParts<'a> {
     /// Tool and SDK versions the job's result depends on.
     pub toolchain: Cow<'a, [(String, String)]>,
     pub inputs: Vec<(Cow<'a, str>, Hash)>,
-    pub outputs: Cow<'a, [String]>,
+    pub outputs: Vec<Cow<'a, str>>,
 }
 
 /// A readable key read back from the database.
@@ -40,7 +40,11 @@ impl KeyParts<'_> {
                 .into_iter()
                 .map(|(p, h)| (Cow::Owned(p.into_owned()), h))
                 .collect(),
-            outputs: Cow::Owned(self.outputs.into_owned()),
+            outputs: self
+                .outputs
+                .into_iter()
+                .map(|p| Cow::Owned(p.into_owned()))
+                .collect(),
         }
     }
 
@@ -215,9 +219,9 @@ pub fn decide(
     let now = outputs_now();
     for (i, path) in parts.outputs.iter().enumerate() {
         match (now.get(i).copied().flatten(), rec.outputs.get(i)) {
-            (None, _) => reasons.push(Reason::OutputMissing(path.clone())),
+            (None, _) => reasons.push(Reason::OutputMissing(path.to_string())),
             (Some(h), Some(was)) if h != *was => reasons.push(Reason::OutputChanged {
-                path: path.clone(),
+                path: path.to_string(),
                 was: *was,
                 now: h,
             }),
@@ -288,7 +292,7 @@ mod tests {
             env: Cow::Owned(vec![]),
             toolchain: Cow::Owned(vec![]),
             inputs: vec![("in".into(), [input; 32])],
-            outputs: Cow::Owned(vec!["out".into()]),
+            outputs: vec!["out".into()],
         }
     }
 

@@ -205,7 +205,10 @@ pub fn preload(workdir: &Path, db: &Db, scan: bool) -> Preloaded {
     let (mut found, mut updates) = (Vec::new(), Vec::new());
     if let (true, Ok(st)) = (scan, &state) {
         let arts = Artifacts::new(workdir, &st.stat, &stats);
-        found = st.stat.paths().map(|p| scan_one(&arts, p)).collect();
+        // On rayon's threads: while the main thread expands the Qairtfile they share the
+        // other core; once it is done, they have both.
+        let paths: Vec<&str> = st.stat.paths().collect();
+        found = paths.par_iter().map(|p| scan_one(&arts, p)).collect();
         updates = arts.take_updates();
         phase("preload state and scan", t);
     }
@@ -289,13 +292,11 @@ pub fn build(
         }
     }
     // Each wanted job's database id, computed once (they are looked up again and again).
-    let ids: Vec<Hash> = g
-        .jobs
-        .par_iter()
-        .enumerate()
-        .map(|(i, job)| {
+    let ids: Vec<Hash> = (0..g.jobs.len())
+        .into_par_iter()
+        .map(|i| {
             if want[i] {
-                job_id(&job.spec.outputs)
+                job_id(&g.outputs(JobId(i as u32)))
             } else {
                 [0; 32]
             }
@@ -418,8 +419,8 @@ impl Work<'_> {
         &self.g.model.rules[self.g.jobs[j.idx()].spec.rule as usize].name
     }
 
-    fn out_paths(&self, j: JobId) -> Vec<String> {
-        self.g.jobs[j.idx()].spec.outputs.clone()
+    fn out_paths(&self, j: JobId) -> Vec<&str> {
+        self.g.outputs(j)
     }
 
     /// Prereq: `j` is Ready. Decides it: up to date, stale (queued / would run), or skipped.
@@ -469,7 +470,11 @@ impl Work<'_> {
                 &[]
             }),
             inputs,
-            outputs: Cow::Borrowed(&job.spec.outputs),
+            outputs: job
+                .outs
+                .iter()
+                .map(|f| Cow::Borrowed(self.g.path(*f)))
+                .collect(),
         };
         let key = parts.key();
         let id = self.ids[j.idx()];
@@ -625,7 +630,8 @@ impl Work<'_> {
 
     fn start(&mut self, j: JobId, tx: mpsc::Sender<Done>) {
         let job = &self.g.jobs[j.idx()];
-        for rel in &job.spec.outputs {
+        let rels = self.g.outputs(j);
+        for &rel in &rels {
             if !matches!(job.spec.action, Action::Link(_)) {
                 if let Some(to) = crate::clean::link_leading_out(&self.workdir, rel) {
                     let why = format!(
@@ -640,12 +646,7 @@ impl Work<'_> {
                 return self.fail_before_start(j, &why);
             }
         }
-        let outputs: Vec<PathBuf> = job
-            .spec
-            .outputs
-            .iter()
-            .map(|o| self.workdir.join(o))
-            .collect();
+        let outputs: Vec<PathBuf> = rels.iter().map(|o| self.workdir.join(o)).collect();
         let before: Vec<Option<StatKey>> = outputs
             .iter()
             .map(|p| {
@@ -654,7 +655,7 @@ impl Work<'_> {
                     .map(|m| StatKey::from_meta(&m, 0))
             })
             .collect();
-        for (o, rel) in outputs.iter().zip(&job.spec.outputs) {
+        for (o, rel) in outputs.iter().zip(&rels) {
             if let Some(dir) = o.parent() {
                 if let Err(e) = fs::create_dir_all(dir) {
                     let why = format!("cannot create the folder of output {rel}: {e}");
@@ -678,10 +679,10 @@ impl Work<'_> {
         let action = job.spec.action.clone();
         let env = job.spec.env.clone();
         let workdir = self.workdir.clone();
-        let log = log_path(&self.workdir, &job.spec.outputs[0]);
+        let log = log_path(&self.workdir, rels[0]);
         let procs = self.procs.clone();
         let stats = self.stats.clone();
-        let rels = job.spec.outputs.clone();
+        let rels: Vec<String> = rels.iter().map(|r| r.to_string()).collect();
         let post = Post {
             allow_empty: job.spec.allow_empty,
             check: job.spec.check.clone(),
@@ -730,7 +731,8 @@ impl Work<'_> {
             self.pool_used[p as usize] -= 1;
         }
         let job = &self.g.jobs[j.idx()];
-        let log = log_path(&self.workdir, &job.spec.outputs[0]);
+        let rels = self.g.outputs(j);
+        let log = log_path(&self.workdir, rels[0]);
         let mut failure: Option<String> = match &d.result {
             Err(e) => Some(e.to_string()),
             Ok(Outcome::Success) => None,
@@ -738,7 +740,7 @@ impl Work<'_> {
         };
         let mut hashes = Vec::new();
         if failure.is_none() {
-            for (path, h) in job.spec.outputs.iter().zip(&d.outputs) {
+            for (path, h) in rels.iter().zip(&d.outputs) {
                 match h {
                     Ok(Some(a)) => hashes.push(*a),
                     Ok(None) => {
@@ -822,7 +824,7 @@ impl Work<'_> {
                 "event": "job_finished",
                 "rule": self.rule_name(j),
                 "job": job.spec.label,
-                "outputs": job.spec.outputs,
+                "outputs": rels,
                 "status": "failed",
                 "duration_ms": took_ms,
                 "error": why,
@@ -847,7 +849,7 @@ impl Work<'_> {
                 "event": "job_finished",
                 "rule": self.rule_name(j),
                 "job": job.spec.label,
-                "outputs": job.spec.outputs,
+                "outputs": rels,
                 "status": "ok",
                 "duration_ms": took_ms,
             });
@@ -909,9 +911,8 @@ impl Work<'_> {
 
     /// Remove outputs the failed job created or changed; leave untouched files alone.
     fn remove_partial_outputs(&mut self, j: JobId, before: &[Option<StatKey>]) -> Vec<String> {
-        let job = &self.g.jobs[j.idx()];
         let mut removed = Vec::new();
-        for (i, rel) in job.spec.outputs.iter().enumerate() {
+        for (i, rel) in self.g.outputs(j).into_iter().enumerate() {
             let p = self.workdir.join(rel);
             let Ok(m) = fs::symlink_metadata(&p) else {
                 continue;
@@ -931,7 +932,7 @@ impl Work<'_> {
                 fs::remove_file(&p)
             };
             if res.is_ok() {
-                removed.push(rel.clone());
+                removed.push(rel.to_string());
             }
         }
         removed
