@@ -1,6 +1,5 @@
 //! The build graph: files and jobs in dense vectors with typed ids, job-to-job edges in petgraph; per-run state lives elsewhere.
 
-use rustc_hash::FxHashMap;
 use std::path::Path;
 
 use petgraph::algo::tarjan_scc;
@@ -46,6 +45,40 @@ pub struct Job {
     pub deps: Vec<JobId>,
 }
 
+/// Path → file id, holding only ids: the text is the file table's (a map keyed by `String`
+/// would keep a second copy of every path).
+#[derive(Debug, Default)]
+pub struct PathIndex {
+    table: hashbrown::HashTable<FileId>,
+}
+
+fn hash_path(p: &str) -> u64 {
+    use std::hash::BuildHasher;
+    rustc_hash::FxBuildHasher.hash_one(p)
+}
+
+impl PathIndex {
+    fn with_capacity(n: usize) -> PathIndex {
+        PathIndex {
+            table: hashbrown::HashTable::with_capacity(n),
+        }
+    }
+
+    pub fn get(&self, files: &[File], p: &str) -> Option<FileId> {
+        self.table
+            .find(hash_path(p), |f| files[f.idx()].path == p)
+            .copied()
+    }
+
+    /// Add `id`, whose path is not in the index yet.
+    fn insert(&mut self, files: &[File], id: FileId) {
+        self.table
+            .insert_unique(hash_path(&files[id.idx()].path), id, |f| {
+                hash_path(&files[f.idx()].path)
+            });
+    }
+}
+
 impl Graph {
     /// A file's path (relative to the work folder, or absolute for an outside source).
     pub fn path(&self, f: FileId) -> &str {
@@ -68,7 +101,7 @@ pub struct Graph {
     pub model: Model,
     pub files: Vec<File>,
     pub jobs: Vec<Job>,
-    pub by_path: FxHashMap<String, FileId>,
+    pub by_path: PathIndex,
     /// Job → jobs that consume its outputs.
     pub dependents: Vec<Vec<JobId>>,
 }
@@ -77,28 +110,30 @@ impl Graph {
     pub fn build(mut model: Model) -> Result<Graph, Diagnostic> {
         let specs = std::mem::take(&mut model.jobs);
         let mut files: Vec<File> = Vec::new();
-        let mut by_path: FxHashMap<String, FileId> = FxHashMap::default();
-        // About 1.3 files per job in the pipelines qbuild is for; the map grows if not.
-        by_path.reserve(specs.len() * 4 / 3);
-        let mut intern = |p: &str, files: &mut Vec<File>| -> FileId {
-            if let Some(id) = by_path.get(p) {
-                return *id;
+        // About 1.3 files per job in the pipelines qbuild is for; the index grows if not.
+        let mut by_path = PathIndex::with_capacity(specs.len() * 4 / 3);
+        // Each path is moved (not copied) into `files` the first time it is seen.
+        let mut intern = |p: String, files: &mut Vec<File>| -> FileId {
+            if let Some(id) = by_path.get(files, &p) {
+                return id;
             }
             let id = FileId(files.len() as u32);
             files.push(File {
-                path: p.to_string(),
+                path: p,
                 producer: None,
             });
-            by_path.insert(p.to_string(), id);
+            by_path.insert(files, id);
             id
         };
         let mut jobs = Vec::with_capacity(specs.len());
-        for (ji, spec) in specs.into_iter().enumerate() {
+        for (ji, mut spec) in specs.into_iter().enumerate() {
             let jid = JobId(ji as u32);
-            let mut outs = Vec::with_capacity(spec.outputs.len());
-            for (oi, o) in spec.outputs.iter().enumerate() {
+            let paths = std::mem::take(&mut spec.outputs);
+            let mut outs = Vec::with_capacity(paths.len());
+            for (oi, o) in paths.into_iter().enumerate() {
                 let f = intern(o, &mut files);
                 if let Some(prev) = files[f.idx()].producer {
+                    let o = &files[f.idx()].path;
                     if prev.idx() == ji {
                         return Err(model
                             .source
@@ -116,9 +151,7 @@ impl Graph {
                         prev_job.outs.iter().position(|x| *x == f).unwrap_or(0),
                     );
                     let loc = model.source.locate(there);
-                    let what = if prev.idx() == ji {
-                        "two outputs of one job"
-                    } else if prev_job.spec.rule == spec.rule {
+                    let what = if prev_job.spec.rule == spec.rule {
                         "two instances of one rule"
                     } else {
                         "two rules"
@@ -135,17 +168,15 @@ impl Graph {
                 files[f.idx()].producer = Some(jid);
                 outs.push(f);
             }
-            let ins: Vec<FileId> = spec.inputs.iter().map(|i| intern(i, &mut files)).collect();
-            let order: Vec<FileId> = spec
-                .order_only
-                .iter()
+            // The paths live in `files` from now on: the spec keeps none.
+            let ins: Vec<FileId> = std::mem::take(&mut spec.inputs)
+                .into_iter()
                 .map(|i| intern(i, &mut files))
                 .collect();
-            // The paths live in `files` from now on: drop the spec's copies.
-            let mut spec = spec;
-            spec.inputs = Vec::new();
-            spec.outputs = Vec::new();
-            spec.order_only = Vec::new();
+            let order: Vec<FileId> = std::mem::take(&mut spec.order_only)
+                .into_iter()
+                .map(|i| intern(i, &mut files))
+                .collect();
             jobs.push(Job {
                 spec,
                 ins,
@@ -282,13 +313,13 @@ impl Graph {
     /// Find a file by a path relative to the work folder, or relative to `cwd`.
     pub fn lookup_path(&self, t: &str, cwd: &Path, workdir: &Path) -> Option<FileId> {
         let n = crate::expand::normalize(t);
-        if let Some(f) = self.by_path.get(&n) {
-            return Some(*f);
+        if let Some(f) = self.by_path.get(&self.files, &n) {
+            return Some(f);
         }
         let abs = crate::expand::normalize(&cwd.join(t).to_string_lossy());
         let wd = crate::expand::normalize(&workdir.to_string_lossy());
         let rel = abs.strip_prefix(&wd).and_then(|r| r.strip_prefix('/'))?;
-        self.by_path.get(rel).copied()
+        self.by_path.get(&self.files, rel)
     }
 
     /// Every job the given targets need, in dependency order.
