@@ -10,6 +10,8 @@ use clap::Parser;
     name = "qbuild",
     version,
     about,
+    // `-j 8 ... -j 2`: the last one counts (as with make and ninja).
+    args_override_self = true,
     after_help = "TARGETS are output paths, rule names, aliases, or `all`; without any, the Qairtfile's `default` (or `all`).\nExit status: 0 built, 1 a job failed, 2 bad Qairtfile or arguments, 130/143 interrupted."
 )]
 pub struct Args {

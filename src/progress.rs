@@ -23,6 +23,10 @@ pub trait Progress {
     /// A message for the user (warnings, failures), printed without garbling the display.
     fn message(&mut self, text: &str);
     fn done(&mut self);
+    /// Whether `started` shows anything (then workers report when each job starts).
+    fn shows_running(&self) -> bool {
+        false
+    }
 }
 
 /// Choose the display: bars only when stderr is a terminal (and `QBUILD_PLAIN` is unset).
@@ -112,6 +116,10 @@ impl Fancy {
 }
 
 impl Progress for Fancy {
+    fn shows_running(&self) -> bool {
+        true
+    }
+
     fn started(&mut self, label: &str, expected: Option<Duration>) {
         let pb = self.multi.add(ProgressBar::new_spinner());
         let tail = match expected {

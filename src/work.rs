@@ -120,6 +120,8 @@ enum Now {
 
 struct Done {
     job: JobId,
+    /// False when a worker found the build stopping and never started the job.
+    ran: bool,
     result: io::Result<Outcome>,
     outputs: Vec<io::Result<Option<Art>>>,
     stats: Vec<(String, StatEntry)>,
@@ -158,9 +160,10 @@ struct Work<'a> {
     procs: Running,
     stats: Arc<HashStats>,
     t0: Instant,
-    /// Which trace slot each running job holds; `slots[i]` is true while slot i is busy.
-    slot_of: HashMap<JobId, usize>,
-    slots: Vec<bool>,
+    /// Trace lanes: when the last job placed in each ended.
+    slots: Vec<Instant>,
+    /// Tells workers to hand queued jobs back unstarted.
+    stop: Arc<std::sync::atomic::AtomicBool>,
     /// Sum of the recorded durations of queued and running jobs, for the ETA.
     expected_ms: u64,
     expected_known: usize,
@@ -327,8 +330,8 @@ pub fn build(
         procs: Running::persisted(&workdir.join(".qbuild")),
         stats,
         t0: Instant::now(),
-        slot_of: HashMap::new(),
         slots: Vec::new(),
+        stop: Arc::default(),
         inside: crate::clean::Inside::default(),
         pool: None,
         expected_ms: 0,
@@ -343,8 +346,15 @@ pub fn build(
 
 impl Work<'_> {
     fn run(&mut self) -> Result<(), WorkError> {
-        let (tx, rx) = mpsc::channel::<Done>();
-        self.pool = Some(start_pool(self.opts.jobs, tx.clone()));
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let notify = self.progress.shows_running();
+        self.pool = Some(start_pool(
+            self.opts.jobs,
+            tx.clone(),
+            self.stop.clone(),
+            notify,
+            self.opts.keep_going,
+        ));
         loop {
             while let Some(j) = self.ready.pop_front() {
                 self.check(j);
@@ -360,12 +370,25 @@ impl Work<'_> {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
             self.poll_interrupt();
-            let mut batch: Vec<Done> = first.into_iter().collect();
+            let mut batch: Vec<Msg> = first.into_iter().collect();
             batch.extend(rx.try_iter());
             // Each finished job is appended to the journal as it is handled: a crash loses
             // at most the job being recorded.
-            for d in batch {
-                self.finish(d)?;
+            for m in batch {
+                match m {
+                    Msg::Started(j) => {
+                        let expected = self.expected(j);
+                        let g = self.g;
+                        self.progress.started(&g.jobs[j.idx()].spec.label, expected);
+                    }
+                    Msg::Done(d) if !d.ran => self.unstart(d.job),
+                    Msg::Done(d) => {
+                        self.finish(d)?;
+                    }
+                }
+            }
+            if self.stopping {
+                self.stop.store(true, Ordering::SeqCst);
             }
         }
         // Jobs never started (stopped early) stay unsettled; nothing is recorded for them.
@@ -558,6 +581,20 @@ impl Work<'_> {
         self.queued.push_back(j);
     }
 
+    /// A queued job that a worker handed back unstarted (the build is stopping): it stays
+    /// unsettled, like the jobs never queued; nothing ran, nothing is recorded.
+    fn unstart(&mut self, j: JobId) {
+        self.running -= 1;
+        self.state[j.idx()] = State::Queued;
+        self.keys.remove(&j);
+        if let Some(p) = self.g.jobs[j.idx()].spec.pool {
+            self.pool_used[p as usize] -= 1;
+        }
+        if let Some(ms) = self.expected_of.remove(&j) {
+            self.expected_ms = self.expected_ms.saturating_sub(ms);
+        }
+    }
+
     fn fail_before_start(&mut self, j: JobId, why: &str) {
         self.progress
             .message(&format!("FAILED: {}\n  {why}", self.label(j)));
@@ -607,13 +644,15 @@ impl Work<'_> {
         }
     }
 
-    fn start_some(&mut self, tx: &mpsc::Sender<Done>) {
+    fn start_some(&mut self, tx: &mpsc::Sender<Msg>) {
         if self.stopping {
+            self.stop.store(true, Ordering::SeqCst);
             self.queued.clear();
             return;
         }
+        // Up to `-j` jobs wait in the workers' queue beyond the `-j` running (see start_pool).
         let mut i = 0;
-        while self.running < self.opts.jobs.max(1) && i < self.queued.len() {
+        while self.running < 2 * self.opts.jobs.max(1) && i < self.queued.len() {
             let j = self.queued[i];
             let pool = self.g.jobs[j.idx()].spec.pool.map(|p| p as usize);
             if let Some(p) = pool {
@@ -628,7 +667,7 @@ impl Work<'_> {
         }
     }
 
-    fn start(&mut self, j: JobId, tx: mpsc::Sender<Done>) {
+    fn start(&mut self, j: JobId, tx: mpsc::Sender<Msg>) {
         let job = &self.g.jobs[j.idx()];
         let rels = self.g.outputs(j);
         for &rel in &rels {
@@ -665,17 +704,6 @@ impl Work<'_> {
         }
         self.state[j.idx()] = State::Running;
         self.running += 1;
-        let slot = match self.slots.iter().position(|busy| !busy) {
-            Some(i) => i,
-            None => {
-                self.slots.push(false);
-                self.slots.len() - 1
-            }
-        };
-        self.slots[slot] = true;
-        self.slot_of.insert(j, slot);
-        let expected = self.expected(j);
-        self.progress.started(&job.spec.label, expected);
         let action = job.spec.action.clone();
         let env = job.spec.env.clone();
         let workdir = self.workdir.clone();
@@ -706,7 +734,7 @@ impl Work<'_> {
         if let Some(pool) = &self.pool {
             let _ = pool.send(task);
         } else {
-            let _ = tx.send(run_task(task));
+            let _ = tx.send(Msg::Done(run_task(task)));
         }
     }
 
@@ -714,11 +742,16 @@ impl Work<'_> {
     fn finish(&mut self, d: Done) -> Result<bool, WorkError> {
         let j = d.job;
         self.running -= 1;
-
-        let slot = self.slot_of.remove(&j).unwrap_or(0);
-        if let Some(b) = self.slots.get_mut(slot) {
-            *b = false;
-        }
+        // The trace lane: the first whose last job ended before this one started.
+        let end = d.started + d.took;
+        let slot = match self.slots.iter().position(|e| *e <= d.started) {
+            Some(i) => i,
+            None => {
+                self.slots.push(end);
+                self.slots.len() - 1
+            }
+        };
+        self.slots[slot] = end;
         self.summary.spans.push(Span {
             label: self.g.jobs[j.idx()].spec.label.clone(),
             rule: self.rule_name(j).to_string(),
@@ -958,25 +991,62 @@ struct Task {
     verbose: bool,
 }
 
-/// `-j` worker threads, started once per build, each running one job at a time.
-fn start_pool(n: usize, done: mpsc::Sender<Done>) -> mpsc::Sender<Task> {
+/// What workers tell the scheduler.
+enum Msg {
+    /// A job's command is starting now (sent only when progress shows running jobs).
+    Started(JobId),
+    Done(Done),
+}
+
+/// `-j` worker threads, started once per build, each running one job at a time. The
+/// scheduler queues up to `-j` jobs more than run, so a worker that finishes one takes the
+/// next at once instead of idling while the scheduler wakes up; `stop` makes workers hand
+/// queued jobs back unstarted (a failure without `-k`, or a signal).
+fn start_pool(
+    n: usize,
+    done: mpsc::Sender<Msg>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    notify: bool,
+    keep_going: bool,
+) -> mpsc::Sender<Task> {
     let (tx, rx) = mpsc::channel::<Task>();
     let rx = Arc::new(std::sync::Mutex::new(rx));
     for _ in 0..n.max(1) {
         let rx = rx.clone();
         let done = done.clone();
+        let stop = stop.clone();
         std::thread::spawn(move || loop {
             let task = match rx.lock() {
                 Ok(r) => r.recv(),
                 Err(_) => return,
             };
-            match task {
-                Ok(t) => {
-                    if done.send(run_task(t)).is_err() {
-                        return;
-                    }
+            let Ok(t) = task else {
+                return;
+            };
+            let msg = if stop.load(Ordering::SeqCst) || INTERRUPT.load(Ordering::SeqCst) != 0 {
+                Done {
+                    job: t.j,
+                    ran: false,
+                    result: Err(io::Error::other("not started: the build is stopping")),
+                    outputs: Vec::new(),
+                    stats: Vec::new(),
+                    before: Vec::new(),
+                    started: Instant::now(),
+                    took: Duration::ZERO,
                 }
-                Err(_) => return,
+            } else {
+                if notify && done.send(Msg::Started(t.j)).is_err() {
+                    return;
+                }
+                let d = run_task(t);
+                // Without -k a failure stops the build: no queued job starts after it.
+                if !keep_going && !matches!(d.result, Ok(Outcome::Success)) {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                d
+            };
+            if done.send(Msg::Done(msg)).is_err() {
+                return;
             }
         });
     }
@@ -1029,6 +1099,7 @@ fn run_task(t: Task) -> Done {
     }
     Done {
         job: j,
+        ran: true,
         result,
         outputs: hashes,
         stats: entries,

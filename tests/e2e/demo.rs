@@ -689,6 +689,41 @@ fn keep_going_finishes_the_independent_branches() {
     assert_equals_clean_build(&s);
 }
 
+/// Without `-k`, nothing starts after a failure, even a job already handed to the workers'
+/// queue (they keep one job ready per slot): with `-j 1` and a failing first job, the four
+/// independent jobs behind it never run, and the next run runs them.
+#[test]
+fn without_keep_going_no_queued_job_starts_after_a_failure() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.a]
+outputs = ["a.txt"]
+command = "test -e fixed && echo a > a.txt"
+[rule.b]
+matrix = { i = [1, 2, 3, 4] }
+outputs = ["b${i}.txt"]
+command = "echo ${i} > ${outputs}"
+"#,
+    );
+    let out = s.run(["-j", "1", "a", "b"]);
+    out.assert_code(1);
+    assert_eq!(out.failed(), set(["a"]), "{out}");
+    assert_eq!(
+        out.touched(),
+        set(["a"]),
+        "nothing after the failure\n{out}"
+    );
+    for i in 1..=4 {
+        assert!(!s.exists(&format!("b{i}.txt")), "{out}");
+    }
+    s.write("fixed", "");
+    let next = s.run(["-j", "1", "a", "b"]);
+    next.assert_ok()
+        .assert_ran(&set(["a", "b i=1", "b i=2", "b i=3", "b i=4"]));
+}
+
 #[test]
 fn dry_run_reports_what_would_run_and_runs_nothing() {
     let s = Space::demo();
