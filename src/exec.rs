@@ -10,78 +10,73 @@ use std::sync::{Arc, Mutex};
 
 use crate::expand::Action;
 
-/// The environment variable that marks every process a build starts, with the build's token.
+/// The environment variable that marks every process a build starts, with the run's token.
 pub const RUN_ENV: &str = "QBUILD_RUN";
 
-/// Process groups of running commands, so a signal can stop all of them. With a state
-/// folder, the set is also kept in `.qbuild/running`, so that if qbuild is killed outright
-/// the next run can stop what it left behind before those commands write anything more.
-#[derive(Clone, Default)]
-pub struct Running {
-    groups: Arc<Mutex<HashSet<i32>>>,
-    /// `.qbuild/running`, an append-only list: a `run TOKEN` line written before the first
-    /// command starts, then `+ PGID START` / `- PGID` lines.
-    file: Option<Arc<(PathBuf, Mutex<Option<fs::File>>)>>,
-    /// This build's token, given to every command as `QBUILD_RUN`: a process carrying it
-    /// is ours even if qbuild was killed before it could note the process's group.
-    token: Option<Arc<str>>,
-}
-
-impl Running {
-    pub fn persisted(state_dir: &Path) -> Running {
+/// This qbuild process's token: its pid and start time, unique on the machine.
+pub fn run_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
+        format!("{}.{nanos}", std::process::id())
+    })
+}
+
+/// Put the token into qbuild's own environment, so every command inherits it without a
+/// copy of the environment per spawn. Call before any thread starts.
+pub fn mark_environment() {
+    std::env::set_var(RUN_ENV, run_token());
+}
+
+/// Process groups of running commands, so a signal can stop all of them. With a state
+/// folder, `.qbuild/running` names the run's token (written before the first command
+/// starts, removed when the build ends with nothing running): if qbuild is killed outright,
+/// the next run finds every process carrying the token and stops it before those commands
+/// write anything more. Nothing is written per job.
+#[derive(Clone, Default)]
+pub struct Running {
+    groups: Arc<Mutex<HashSet<i32>>>,
+    /// `.qbuild/running`, and whether the token is in it yet.
+    file: Option<Arc<(PathBuf, Mutex<bool>)>>,
+}
+
+impl Running {
+    pub fn persisted(state_dir: &Path) -> Running {
         Running {
             groups: Arc::default(),
-            file: Some(Arc::new((state_dir.join("running"), Mutex::new(None)))),
-            token: Some(format!("{}.{nanos}", std::process::id()).into()),
+            file: Some(Arc::new((state_dir.join("running"), Mutex::new(false)))),
         }
     }
 
-    /// Before a command starts: make sure the list names this build's token, so a kill
-    /// at any moment after the start leaves a way to find the command.
-    fn prepare(&self) -> Option<&str> {
-        let token = self.token.as_deref()?;
-        self.note(String::new());
-        Some(token)
-    }
-
-    /// Append one line (a single write, kept open: two per job, no rewrite of the file).
-    fn note(&self, line: String) {
-        let Some(file) = &self.file else {
-            return;
-        };
-        let Ok(mut f) = file.1.lock() else {
-            return;
-        };
-        if f.is_none() {
-            *f = fs::OpenOptions::new()
+    /// Before a command starts: make sure the list names this run's token, so a kill at
+    /// any moment after the start leaves a way to find the command.
+    fn prepare(&self) -> Option<&'static str> {
+        let file = self.file.as_ref()?;
+        let mut written = file.1.lock().ok()?;
+        if !*written {
+            let line = format!("run {}\n", run_token());
+            *written = fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&file.0)
-                .ok();
-            if let (Some(f), Some(token)) = (f.as_mut(), &self.token) {
-                let _ = f.write_all(format!("run {token}\n").as_bytes());
-            }
+                .and_then(|mut f| f.write_all(line.as_bytes()))
+                .is_ok();
         }
-        if let Some(f) = f.as_mut().filter(|_| !line.is_empty()) {
-            let _ = f.write_all(line.as_bytes());
-        }
+        Some(run_token())
     }
 
     fn add(&self, pgid: i32) {
         if let Ok(mut s) = self.groups.lock() {
             s.insert(pgid);
         }
-        self.note(format!("+ {pgid} {}\n", start_time(pgid).unwrap_or(0)));
     }
     fn remove(&self, pgid: i32) {
         if let Ok(mut s) = self.groups.lock() {
             s.remove(&pgid);
         }
-        self.note(format!("- {pgid}\n"));
     }
 
     /// At the end of a build with nothing left running: drop the list.
@@ -90,8 +85,8 @@ impl Running {
             return;
         };
         let idle = self.groups.lock().map(|s| s.is_empty()).unwrap_or(false);
-        if let (true, Ok(mut f)) = (idle, file.1.lock()) {
-            *f = None;
+        if let (true, Ok(mut written)) = (idle, file.1.lock()) {
+            *written = false;
             let _ = fs::remove_file(&file.0);
         }
     }
@@ -109,9 +104,9 @@ impl Running {
     }
 }
 
-/// A live process's (process group, start time) from /proc/PID/stat (fields 5 and 22);
-/// `None` for a zombie, which is dead already and only waits to be reaped.
-fn proc_stat(pid: i32) -> Option<(i32, u64)> {
+/// A live process's group from /proc/PID/stat (field 5); `None` for a zombie, which is
+/// dead already and only waits to be reaped.
+fn proc_group(pid: i32) -> Option<i32> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces; fields after it follow the last ')'.
     let rest: Vec<&str> = stat
@@ -121,29 +116,17 @@ fn proc_stat(pid: i32) -> Option<(i32, u64)> {
     if rest.first() == Some(&"Z") {
         return None;
     }
-    Some((rest.get(2)?.parse().ok()?, rest.get(19)?.parse().ok()?))
+    rest.get(2)?.parse().ok()
 }
 
-fn start_time(pid: i32) -> Option<u64> {
-    proc_stat(pid).map(|(_, t)| t)
-}
-
-/// Live processes: (pid, process group, start time).
-fn live_processes() -> Vec<(i32, i32, u64)> {
+/// Live processes: (pid, process group).
+fn live_processes() -> Vec<(i32, i32)> {
     let Ok(dir) = fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| proc_stat(pid).map(|(g, t)| (pid, g, t)))
+        .filter_map(|pid| proc_group(pid).map(|g| (pid, g)))
         .collect()
-}
-
-/// Whether any live process is in group `pgid` and started no earlier than `start`
-/// (the group's leader may be gone while its children live on).
-fn group_alive(pgid: i32, start: u64) -> bool {
-    live_processes()
-        .iter()
-        .any(|&(_, g, t)| g == pgid && t >= start)
 }
 
 /// Whether process `pid` carries `QBUILD_RUN=` one of `tokens` in its environment.
@@ -158,74 +141,46 @@ fn carries_token(pid: i32, tokens: &[String]) -> bool {
     })
 }
 
-/// Stop the process groups a killed qbuild left running (recorded in `.qbuild/running`),
-/// checking each leader's start time so a reused pid is never hit. Returns how many.
+/// Stop what a killed qbuild left running: every live process carrying a token named in
+/// `.qbuild/running`, and the whole group of each such process that leads one (a job's
+/// shell, while it lives). Returns how many process groups were stopped.
 pub fn reap_orphans(state_dir: &Path) -> usize {
     let path = state_dir.join("running");
     let Ok(text) = fs::read_to_string(&path) else {
         return 0;
     };
-    // Replay the list: what was started and never noted as ended may still be running.
-    let mut live: Vec<(i32, u64)> = Vec::new();
-    let mut tokens: Vec<String> = Vec::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        match f.as_slice() {
-            ["run", t] => tokens.push(t.to_string()),
-            ["+", g, t] => {
-                if let (Ok(g), Ok(t)) = (g.parse::<i32>(), t.parse::<u64>()) {
-                    live.push((g, t));
-                }
-            }
-            ["-", g] => {
-                if let Ok(g) = g.parse::<i32>() {
-                    live.retain(|(x, _)| *x != g);
-                }
-            }
-            _ => {}
-        }
-    }
-    let pause = || std::thread::sleep(std::time::Duration::from_millis(5));
-    let mut stopped: HashSet<i32> = HashSet::new();
-    live.retain(|&(pgid, start)| pgid > 1 && start > 0 && group_alive(pgid, start));
-    for &(pgid, _) in &live {
-        // SAFETY: signalling a process group we started, identified by pgid and start time.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
-        }
-        stopped.insert(pgid);
-    }
-    // Processes carrying a killed build's token: those whose group was never noted (the
-    // kill came between their start and the note) and those that left their group.
+    let tokens: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("run "))
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect();
     let me = std::process::id() as i32;
+    let mut stopped: HashSet<i32> = HashSet::new();
+    // Again until none is left: a process may fork while its relatives are being killed.
     for _ in 0..200 {
         if tokens.is_empty() {
             break;
         }
         let marked: Vec<(i32, i32)> = live_processes()
             .into_iter()
-            .filter(|&(pid, _, _)| pid != me && carries_token(pid, &tokens))
-            .map(|(pid, g, _)| (pid, g))
+            .filter(|&(pid, _)| pid != me && carries_token(pid, &tokens))
             .collect();
         if marked.is_empty() {
             break;
         }
         for (pid, g) in marked {
-            // SAFETY: kill(2) of one process that carries our token; no memory involved.
+            // SAFETY: kill(2) of a process carrying a killed run's token, and of the group
+            // it leads; no memory involved.
             unsafe {
+                if g == pid {
+                    libc::kill(-pid, libc::SIGKILL);
+                }
                 libc::kill(pid, libc::SIGKILL);
             }
             stopped.insert(g);
         }
-        pause();
-    }
-    for (pgid, start) in live {
-        for _ in 0..200 {
-            if !group_alive(pgid, start) {
-                break;
-            }
-            pause();
-        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let _ = fs::remove_file(&path);
     stopped.len()
@@ -332,7 +287,10 @@ pub fn run(
         .envs(env.iter().map(|(k, v)| (k, v)))
         .process_group(0);
     if let Some(token) = running.prepare() {
-        cmd.env(RUN_ENV, token);
+        // Inherited when `mark_environment` ran (no copy of the environment per spawn).
+        if std::env::var_os(RUN_ENV).is_none_or(|v| v != token) {
+            cmd.env(RUN_ENV, token);
+        }
     }
     // No pre_exec hook (it would force fork over posix_spawn): a qbuild killed outright
     // leaves its groups in `.qbuild/running`, and the next run stops them first.

@@ -41,6 +41,8 @@ pub fn load_graph(path: &Path, shown: &Path) -> Result<Graph, Diagnostic> {
 
 /// The whole program; returns the exit code.
 pub fn run() -> i32 {
+    // Before any thread starts: every command inherits the run's token.
+    exec::mark_environment();
     let args = cli::Args::parse();
     match run_args(args) {
         Ok(code) => code,

@@ -59,14 +59,12 @@ impl Progress for Plain {
         _eta: Option<Duration>,
     ) {
         let fail = if ok { "" } else { " FAILED" };
-        let _ = writeln!(
-            std::io::stderr(),
-            "[{done}/{total}] {label} ({}){fail}",
-            secs(took)
-        );
+        // One write per line (stderr is unbuffered; `writeln!` would make several).
+        let line = format!("[{done}/{total}] {label} ({}){fail}\n", secs(took));
+        let _ = std::io::stderr().write_all(line.as_bytes());
     }
     fn message(&mut self, text: &str) {
-        let _ = writeln!(std::io::stderr(), "{text}");
+        let _ = std::io::stderr().write_all(format!("{text}\n").as_bytes());
     }
     fn done(&mut self) {}
 }

@@ -122,6 +122,8 @@ struct Done {
     job: JobId,
     /// False when a worker found the build stopping and never started the job.
     ran: bool,
+    /// Which worker ran it (the job's track in `--trace`).
+    slot: usize,
     result: io::Result<Outcome>,
     outputs: Vec<io::Result<Option<Art>>>,
     stats: Vec<(String, StatEntry)>,
@@ -160,8 +162,8 @@ struct Work<'a> {
     procs: Running,
     stats: Arc<HashStats>,
     t0: Instant,
-    /// Trace lanes: when the last job placed in each ended.
-    slots: Vec<Instant>,
+    /// Output folders created (or found) this build.
+    made_dirs: std::collections::HashSet<PathBuf>,
     /// Tells workers to hand queued jobs back unstarted.
     stop: Arc<std::sync::atomic::AtomicBool>,
     /// Sum of the recorded durations of queued and running jobs, for the ETA.
@@ -330,8 +332,8 @@ pub fn build(
         procs: Running::persisted(&workdir.join(".qbuild")),
         stats,
         t0: Instant::now(),
-        slots: Vec::new(),
         stop: Arc::default(),
+        made_dirs: Default::default(),
         inside: crate::clean::Inside::default(),
         pool: None,
         expected_ms: 0,
@@ -670,8 +672,14 @@ impl Work<'_> {
     fn start(&mut self, j: JobId, tx: mpsc::Sender<Msg>) {
         let job = &self.g.jobs[j.idx()];
         let rels = self.g.outputs(j);
-        for &rel in &rels {
-            if !matches!(job.spec.action, Action::Link(_)) {
+        let outputs: Vec<PathBuf> = rels.iter().map(|o| self.workdir.join(o)).collect();
+        let metas: Vec<Option<fs::Metadata>> = outputs
+            .iter()
+            .map(|p| fs::symlink_metadata(p).ok())
+            .collect();
+        for (&rel, meta) in rels.iter().zip(&metas) {
+            let is_link = meta.as_ref().is_some_and(|m| m.file_type().is_symlink());
+            if is_link && !matches!(job.spec.action, Action::Link(_)) {
                 if let Some(to) = crate::clean::link_leading_out(&self.workdir, rel) {
                     let why = format!(
                         "output {rel} is a symlink to {}, outside the work folder; refusing to write through it",
@@ -685,22 +693,23 @@ impl Work<'_> {
                 return self.fail_before_start(j, &why);
             }
         }
-        let outputs: Vec<PathBuf> = rels.iter().map(|o| self.workdir.join(o)).collect();
-        let before: Vec<Option<StatKey>> = outputs
+        let before: Vec<Option<StatKey>> = metas
             .iter()
-            .map(|p| {
-                fs::symlink_metadata(p)
-                    .ok()
-                    .map(|m| StatKey::from_meta(&m, 0))
-            })
+            .map(|m| m.as_ref().map(|m| StatKey::from_meta(m, 0)))
             .collect();
         for (o, rel) in outputs.iter().zip(&rels) {
-            if let Some(dir) = o.parent() {
-                if let Err(e) = fs::create_dir_all(dir) {
-                    let why = format!("cannot create the folder of output {rel}: {e}");
-                    return self.fail_before_start(j, &why);
-                }
+            let Some(dir) = o.parent() else {
+                continue;
+            };
+            // A folder made (or found) once this build is not made again for every job.
+            if self.made_dirs.contains(dir) {
+                continue;
             }
+            if let Err(e) = fs::create_dir_all(dir) {
+                let why = format!("cannot create the folder of output {rel}: {e}");
+                return self.fail_before_start(j, &why);
+            }
+            self.made_dirs.insert(dir.to_path_buf());
         }
         self.state[j.idx()] = State::Running;
         self.running += 1;
@@ -742,16 +751,7 @@ impl Work<'_> {
     fn finish(&mut self, d: Done) -> Result<bool, WorkError> {
         let j = d.job;
         self.running -= 1;
-        // The trace lane: the first whose last job ended before this one started.
-        let end = d.started + d.took;
-        let slot = match self.slots.iter().position(|e| *e <= d.started) {
-            Some(i) => i,
-            None => {
-                self.slots.push(end);
-                self.slots.len() - 1
-            }
-        };
-        self.slots[slot] = end;
+        let slot = d.slot;
         self.summary.spans.push(Span {
             label: self.g.jobs[j.idx()].spec.label.clone(),
             rule: self.rule_name(j).to_string(),
@@ -1011,7 +1011,7 @@ fn start_pool(
 ) -> mpsc::Sender<Task> {
     let (tx, rx) = mpsc::channel::<Task>();
     let rx = Arc::new(std::sync::Mutex::new(rx));
-    for _ in 0..n.max(1) {
+    for slot in 0..n.max(1) {
         let rx = rx.clone();
         let done = done.clone();
         let stop = stop.clone();
@@ -1027,6 +1027,7 @@ fn start_pool(
                 Done {
                     job: t.j,
                     ran: false,
+                    slot,
                     result: Err(io::Error::other("not started: the build is stopping")),
                     outputs: Vec::new(),
                     stats: Vec::new(),
@@ -1038,7 +1039,10 @@ fn start_pool(
                 if notify && done.send(Msg::Started(t.j)).is_err() {
                     return;
                 }
-                let d = run_task(t);
+                let d = Done {
+                    slot,
+                    ..run_task(t)
+                };
                 // Without -k a failure stops the build: no queued job starts after it.
                 if !keep_going && !matches!(d.result, Ok(Outcome::Success)) {
                     stop.store(true, Ordering::SeqCst);
@@ -1100,6 +1104,7 @@ fn run_task(t: Task) -> Done {
     Done {
         job: j,
         ran: true,
+        slot: 0,
         result,
         outputs: hashes,
         stats: entries,
