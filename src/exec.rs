@@ -280,8 +280,13 @@ pub fn run(
     // The command writes into a pipe, which this thread copies to the log (created only
     // when there is output, so quiet commands cost no file) and, with tee, to stderr.
     let (reader, writer) = io::pipe()?;
-    cmd.current_dir(workdir)
-        .stdin(Stdio::null())
+    // A chdir in the child only when the work folder is not already qbuild's own folder
+    // (it is after `-C`, or when qbuild runs where the Qairtfile is).
+    static CWD: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    if CWD.get_or_init(|| std::env::current_dir().ok()).as_deref() != Some(workdir) {
+        cmd.current_dir(workdir);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(writer.try_clone()?)
         .stderr(writer)
         .envs(env.iter().map(|(k, v)| (k, v)))

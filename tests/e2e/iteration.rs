@@ -233,6 +233,19 @@ impl Bg {
         self.lines(Stream::Err).join("\n")
     }
 
+    /// Whether stderr shows `needle` within `timeout` (stdout and stderr are read by
+    /// separate threads, so a line on one may arrive before an earlier line on the other).
+    fn stderr_shows(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr().contains(needle) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            let _ = self.next_line(Duration::from_millis(20));
+        }
+        true
+    }
+
     fn lines(&self, s: Stream) -> Vec<String> {
         self.history
             .iter()
@@ -678,7 +691,7 @@ fn watch_reports_a_broken_qairtfile_and_rebuilds_once_fixed() {
     );
     assert!(errs[0]["error"].as_str().is_some_and(|e| !e.is_empty()));
     assert!(
-        w.bg.stderr().contains(&format!("--> Qairtfile:{line}:")),
+        w.bg.stderr_shows(&format!("--> Qairtfile:{line}:"), Duration::from_secs(5)),
         "the usual diagnostic is printed\n{r}"
     );
 
