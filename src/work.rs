@@ -162,6 +162,8 @@ struct Work<'a> {
     procs: Running,
     stats: Arc<HashStats>,
     t0: Instant,
+    /// Jobs decided up to date before the build started (see `decide_fresh`).
+    fresh: Vec<bool>,
     /// Output folders created (or found) this build.
     made_dirs: std::collections::HashSet<PathBuf>,
     /// Tells workers to hand queued jobs back unstarted.
@@ -223,6 +225,83 @@ pub fn preload(workdir: &Path, db: &Db, scan: bool) -> Preloaded {
         updates,
         stats,
     }
+}
+
+/// The readable key of job `j` from its inputs' contents.
+fn key_parts<'a>(
+    g: &'a Graph,
+    j: JobId,
+    inputs: Vec<(Cow<'a, str>, Hash)>,
+    toolchain: &'a [(String, String)],
+) -> KeyParts<'a> {
+    let job = &g.jobs[j.idx()];
+    KeyParts {
+        action: action_text(&job.spec.action),
+        env: Cow::Borrowed(&job.spec.env),
+        toolchain: Cow::Borrowed(if job.spec.toolchain { toolchain } else { &[] }),
+        inputs,
+        outputs: job.outs.iter().map(|f| Cow::Borrowed(g.path(*f))).collect(),
+    }
+}
+
+/// Each output's identity now (`None`: missing or unreadable).
+fn outputs_now(job: &crate::graph::Job, now: &[Now]) -> Vec<Option<Hash>> {
+    job.outs
+        .iter()
+        .map(|f| match &now[f.idx()] {
+            Now::Have(a) => Some(a.ident),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Which wanted jobs are up to date as the files are now, decided for all jobs in parallel
+/// before the build starts, by the same `decide` the scheduler uses. The scheduler trusts
+/// such a decision only while none of the job's dependencies has run (then its inputs are
+/// still what was decided on). Jobs reading a link's output are left to the scheduler, which
+/// recomputes a link's content from its target.
+fn decide_fresh(
+    g: &Graph,
+    want: &[bool],
+    now: &[Now],
+    ids: &[Hash],
+    records: &rustc_hash::FxHashMap<Hash, crate::db::JobRecord>,
+    toolchain: &[(String, String)],
+) -> Vec<bool> {
+    (0..g.jobs.len())
+        .into_par_iter()
+        .map(|i| {
+            let job = &g.jobs[i];
+            if !want[i] {
+                return false;
+            }
+            let Some(record) = records.get(&ids[i]) else {
+                return false;
+            };
+            let mut inputs = Vec::with_capacity(job.ins.len());
+            for f in &job.ins {
+                let from_link = g.files[f.idx()]
+                    .producer
+                    .is_some_and(|p| matches!(g.jobs[p.idx()].spec.action, Action::Link(_)));
+                match &now[f.idx()] {
+                    Now::Have(a) if !from_link => {
+                        inputs.push((Cow::Borrowed(g.path(*f)), a.content))
+                    }
+                    _ => return false,
+                }
+            }
+            let parts = key_parts(g, JobId(i as u32), inputs, toolchain);
+            let d = decide(
+                &parts,
+                &parts.key(),
+                Some(record),
+                &mut || outputs_now(job, now),
+                &mut || None,
+                false,
+            );
+            !d.stale
+        })
+        .collect()
 }
 
 /// Build the given targets. Returns what happened; errors are only for qbuild's own state.
@@ -307,7 +386,9 @@ pub fn build(
             }
         })
         .collect();
+    let fresh = decide_fresh(g, &want, &now, &ids, &state_db.jobs, &opts.toolchain);
     let mut w = Work {
+        fresh,
         ids,
         g,
         workdir: workdir.to_path_buf(),
@@ -458,6 +539,16 @@ impl Work<'_> {
         {
             return self.settle(j, State::Skipped);
         }
+        // Decided up to date before the build started, and nothing it depends on ran since.
+        if self.fresh[j.idx()]
+            && job
+                .deps
+                .iter()
+                .all(|d| self.state[d.idx()] == State::UpToDate)
+        {
+            self.refresh_link(j);
+            return self.settle(j, State::UpToDate);
+        }
         let mut inputs = Vec::with_capacity(job.ins.len());
         let mut reasons = Vec::new();
         for f in &job.ins {
@@ -486,39 +577,17 @@ impl Work<'_> {
             }
             return self.stale(j, None, reasons);
         }
-        let parts = KeyParts {
-            action: action_text(&job.spec.action),
-            env: Cow::Borrowed(&job.spec.env),
-            toolchain: Cow::Borrowed(if job.spec.toolchain {
-                &self.opts.toolchain
-            } else {
-                &[]
-            }),
-            inputs,
-            outputs: job
-                .outs
-                .iter()
-                .map(|f| Cow::Borrowed(self.g.path(*f)))
-                .collect(),
-        };
+        let parts = key_parts(self.g, j, inputs, &self.opts.toolchain);
         let key = parts.key();
         let id = self.ids[j.idx()];
         let explain = self.opts.explain || self.opts.dry_run;
         let db = self.db;
         let now = &self.now;
-        let outs = &job.outs;
         let d = decide(
             &parts,
             &key,
             self.db_state.jobs.get(&id),
-            &mut || {
-                outs.iter()
-                    .map(|f| match &now[f.idx()] {
-                        Now::Have(a) => Some(a.ident),
-                        _ => None,
-                    })
-                    .collect()
-            },
+            &mut || outputs_now(job, now),
             &mut || db.explain::<OwnedKeyParts>(&id),
             explain,
         );
