@@ -72,13 +72,23 @@ impl<'a> Artifacts<'a> {
 
     /// Content and identity of `rel` now, or `None` if it does not exist.
     pub fn current_art(&self, rel: &str) -> io::Result<Option<Art>> {
+        self.current_art_hinted(rel, None)
+    }
+
+    /// `current_art`, told `rel`'s stat-cache entry by a caller that already has it
+    /// (`Some(None)`: not in the cache), so the cache is not searched.
+    pub fn current_art_hinted(
+        &self,
+        rel: &str,
+        hint: Option<Option<&StatEntry>>,
+    ) -> io::Result<Option<Art>> {
         let path = self.abs(rel);
         let meta = match fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let content = self.hash_with_meta(rel, &path, &meta, 0)?;
+        let content = self.hash_with_meta(rel, &path, &meta, 0, hint)?;
         let ident = if meta.file_type().is_symlink() {
             link_identity(&fs::read_link(&path)?)
         } else {
@@ -93,6 +103,7 @@ impl<'a> Artifacts<'a> {
         path: &Path,
         meta: &fs::Metadata,
         depth: usize,
+        hint: Option<Option<&StatEntry>>,
     ) -> io::Result<Hash> {
         if depth > 64 {
             return Err(io::Error::other(format!(
@@ -112,7 +123,7 @@ impl<'a> Artifacts<'a> {
             let target = path.parent().unwrap_or(Path::new("/")).join(&text);
             let target_key = crate::expand::normalize(&key_for(&self.workdir, &target));
             let th = match fs::symlink_metadata(&target) {
-                Ok(tm) => Some(self.hash_with_meta(&target_key, &target, &tm, depth + 1)?),
+                Ok(tm) => Some(self.hash_with_meta(&target_key, &target, &tm, depth + 1, None)?),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     return Err(io::Error::other(format!(
                         "dangling symlink: {key} -> {} (the target does not exist)",
@@ -139,13 +150,17 @@ impl<'a> Artifacts<'a> {
                     KIND_FILE
                 };
                 let child_key = format!("{key}/{}", String::from_utf8_lossy(&name));
-                let h = self.hash_with_meta(&child_key, &p, &m, depth + 1)?;
+                let h = self.hash_with_meta(&child_key, &p, &m, depth + 1, None)?;
                 t.entry(&name, kind, &h);
             }
             return Ok(t.finish());
         }
         let st = StatKey::from_meta(meta, KIND_FILE);
-        if let Some(e) = self.cache.get(key) {
+        let cached = match hint {
+            Some(known) => known,
+            None => self.cache.get(key),
+        };
+        if let Some(e) = cached {
             if e.trusted(&st) {
                 return Ok(e.hash);
             }

@@ -96,6 +96,11 @@ impl StatCache {
         self.entries.iter().map(|(p, _)| p.as_str())
     }
 
+    /// Every (path, entry), in order.
+    pub fn entries(&self) -> &[(String, StatEntry)] {
+        &self.entries
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -178,8 +178,8 @@ struct Work<'a> {
     pool: Option<mpsc::Sender<Task>>,
 }
 
-fn scan_one(arts: &Artifacts, path: &str) -> Now {
-    match arts.current_art(path) {
+fn scan_one(arts: &Artifacts, path: &str, hint: Option<Option<&StatEntry>>) -> Now {
+    match arts.current_art_hinted(path, hint) {
         Ok(Some(a)) => Now::Have(a),
         Ok(None) => Now::Missing,
         Err(e) => Now::Error(e.to_string()),
@@ -214,8 +214,12 @@ pub fn preload(workdir: &Path, db: &Db, scan: bool) -> Preloaded {
         let arts = Artifacts::new(workdir, &st.stat, &stats);
         // On rayon's threads: while the main thread expands the Qairtfile they share the
         // other core; once it is done, they have both.
-        let paths: Vec<&str> = st.stat.paths().collect();
-        found = paths.par_iter().map(|p| scan_one(&arts, p)).collect();
+        found = st
+            .stat
+            .entries()
+            .par_iter()
+            .map(|(p, e)| scan_one(&arts, p, Some(Some(e))))
+            .collect();
         updates = arts.take_updates();
         phase("preload state and scan", t);
     }
@@ -350,7 +354,7 @@ pub fn build(
             let scanned = state_db.stat.position(path).and_then(|k| scan.get(k));
             *n = match scanned {
                 Some(s) => s.clone(),
-                None => scan_one(&arts, path),
+                None => scan_one(&arts, path, None),
             };
         }
     });
