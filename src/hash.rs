@@ -194,6 +194,23 @@ pub fn hash_file(path: &Path, size: u64, stats: &HashStats) -> io::Result<Hash> 
     let mut h = blake3::Hasher::new();
     h.update(b"qbuild-file\0");
     if size >= MMAP_THRESHOLD {
+        // Ask the kernel to read the file ahead while the threads hash what has arrived: a
+        // cold file is then read as one stream rather than on demand by page faults. Not
+        // for a file that would crowd a quarter of the memory out of the page cache.
+        // SAFETY: sysconf reads system constants.
+        let ram = unsafe {
+            (libc::sysconf(libc::_SC_PHYS_PAGES) as u64)
+                .saturating_mul(libc::sysconf(libc::_SC_PAGESIZE) as u64)
+        };
+        if size <= ram / 4 {
+            if let Ok(f) = fs::File::open(path) {
+                use std::os::fd::AsRawFd;
+                // SAFETY: advice on an open descriptor; no memory involved; failure is harmless.
+                unsafe {
+                    libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
+                }
+            }
+        }
         h.update_mmap_rayon(path)?;
     } else {
         let mut f = fs::File::open(path)?;
