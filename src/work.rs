@@ -178,6 +178,17 @@ struct Work<'a> {
     pool: Option<mpsc::Sender<Task>>,
 }
 
+/// `(0..n).map(f)`, on rayon's threads when `n` is large enough to pay for them (a small
+/// build never starts the pool, whose idle threads spin).
+fn map_range<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+    const PARALLEL_FROM: usize = 2048;
+    if n < PARALLEL_FROM {
+        (0..n).map(f).collect()
+    } else {
+        (0..n).into_par_iter().map(f).collect()
+    }
+}
+
 fn scan_one(arts: &Artifacts, path: &str, hint: Option<Option<&StatEntry>>) -> Now {
     match arts.current_art_hinted(path, hint) {
         Ok(Some(a)) => Now::Have(a),
@@ -214,12 +225,10 @@ pub fn preload(workdir: &Path, db: &Db, scan: bool) -> Preloaded {
         let arts = Artifacts::new(workdir, &st.stat, &stats);
         // On rayon's threads: while the main thread expands the Qairtfile they share the
         // other core; once it is done, they have both.
-        found = st
-            .stat
-            .entries()
-            .par_iter()
-            .map(|(p, e)| scan_one(&arts, p, Some(Some(e))))
-            .collect();
+        let entries = st.stat.entries();
+        found = map_range(entries.len(), |i| {
+            scan_one(&arts, &entries[i].0, Some(Some(&entries[i].1)))
+        });
         updates = arts.take_updates();
         phase("preload state and scan", t);
     }
@@ -272,40 +281,35 @@ fn decide_fresh(
     records: &rustc_hash::FxHashMap<Hash, crate::db::JobRecord>,
     toolchain: &[(String, String)],
 ) -> Vec<bool> {
-    (0..g.jobs.len())
-        .into_par_iter()
-        .map(|i| {
-            let job = &g.jobs[i];
-            if !want[i] {
-                return false;
+    map_range(g.jobs.len(), |i| {
+        let job = &g.jobs[i];
+        if !want[i] {
+            return false;
+        }
+        let Some(record) = records.get(&ids[i]) else {
+            return false;
+        };
+        let mut inputs = Vec::with_capacity(job.ins.len());
+        for f in &job.ins {
+            let from_link = g.files[f.idx()]
+                .producer
+                .is_some_and(|p| matches!(g.jobs[p.idx()].spec.action, Action::Link(_)));
+            match &now[f.idx()] {
+                Now::Have(a) if !from_link => inputs.push((Cow::Borrowed(g.path(*f)), a.content)),
+                _ => return false,
             }
-            let Some(record) = records.get(&ids[i]) else {
-                return false;
-            };
-            let mut inputs = Vec::with_capacity(job.ins.len());
-            for f in &job.ins {
-                let from_link = g.files[f.idx()]
-                    .producer
-                    .is_some_and(|p| matches!(g.jobs[p.idx()].spec.action, Action::Link(_)));
-                match &now[f.idx()] {
-                    Now::Have(a) if !from_link => {
-                        inputs.push((Cow::Borrowed(g.path(*f)), a.content))
-                    }
-                    _ => return false,
-                }
-            }
-            let parts = key_parts(g, JobId(i as u32), inputs, toolchain);
-            let d = decide(
-                &parts,
-                &parts.key(),
-                Some(record),
-                &mut || outputs_now(job, now),
-                &mut || None,
-                false,
-            );
-            !d.stale
-        })
-        .collect()
+        }
+        let parts = key_parts(g, JobId(i as u32), inputs, toolchain);
+        let d = decide(
+            &parts,
+            &parts.key(),
+            Some(record),
+            &mut || outputs_now(job, now),
+            &mut || None,
+            false,
+        );
+        !d.stale
+    })
 }
 
 /// Build the given targets. Returns what happened; errors are only for qbuild's own state.
@@ -347,15 +351,14 @@ pub fn build(
         }
     }
     let arts = Artifacts::new(workdir, &state_db.stat, &stats);
-    let mut now = vec![Now::Unknown; g.files.len()];
-    now.par_iter_mut().enumerate().for_each(|(i, n)| {
-        if touched[i] {
-            let path = &g.files[i].path;
-            let scanned = state_db.stat.position(path).and_then(|k| scan.get(k));
-            *n = match scanned {
-                Some(s) => s.clone(),
-                None => scan_one(&arts, path, None),
-            };
+    let now: Vec<Now> = map_range(g.files.len(), |i| {
+        if !touched[i] {
+            return Now::Unknown;
+        }
+        let path = &g.files[i].path;
+        match state_db.stat.position(path).and_then(|k| scan.get(k)) {
+            Some(s) => s.clone(),
+            None => scan_one(&arts, path, None),
         }
     });
     drop(scan);
@@ -380,16 +383,13 @@ pub fn build(
         }
     }
     // Each wanted job's database id, computed once (they are looked up again and again).
-    let ids: Vec<Hash> = (0..g.jobs.len())
-        .into_par_iter()
-        .map(|i| {
-            if want[i] {
-                job_id(&g.outputs(JobId(i as u32)))
-            } else {
-                [0; 32]
-            }
-        })
-        .collect();
+    let ids: Vec<Hash> = map_range(g.jobs.len(), |i| {
+        if want[i] {
+            job_id(&g.outputs(JobId(i as u32)))
+        } else {
+            [0; 32]
+        }
+    });
     let fresh = decide_fresh(g, &want, &now, &ids, &state_db.jobs, &opts.toolchain);
     let mut w = Work {
         fresh,
@@ -434,14 +434,6 @@ pub fn build(
 impl Work<'_> {
     fn run(&mut self) -> Result<(), WorkError> {
         let (tx, rx) = mpsc::channel::<Msg>();
-        let notify = self.progress.shows_running();
-        self.pool = Some(start_pool(
-            self.opts.jobs,
-            tx.clone(),
-            self.stop.clone(),
-            notify,
-            self.opts.keep_going,
-        ));
         loop {
             while let Some(j) = self.ready.pop_front() {
                 self.check(j);
@@ -813,11 +805,17 @@ impl Work<'_> {
             post,
             verbose,
         };
-        if let Some(pool) = &self.pool {
-            let _ = pool.send(task);
-        } else {
-            let _ = tx.send(Msg::Done(run_task(task)));
-        }
+        // The workers start with the first job that runs (a no-op starts no thread).
+        let pool = self.pool.get_or_insert_with(|| {
+            start_pool(
+                self.opts.jobs,
+                tx.clone(),
+                self.stop.clone(),
+                self.progress.shows_running(),
+                self.opts.keep_going,
+            )
+        });
+        let _ = pool.send(task);
     }
 
     /// Handle a finished job; returns whether a record was written.
