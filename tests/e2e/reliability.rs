@@ -935,6 +935,15 @@ fn set_aside_stores(s: &Space) -> Vec<String> {
         .unwrap_or_default()
 }
 
+fn truncate(path: &Path, len: u64) {
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+        .set_len(len)
+        .expect("truncate");
+}
+
 fn garble(path: &Path, from: usize, len: usize, rng: &mut Rng) {
     let mut b = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let end = from.saturating_add(len).min(b.len());
@@ -990,14 +999,7 @@ fn crash_a_damaged_state_database_is_set_aside_and_everything_rebuilds() {
         (
             "snapshot truncated to 0 bytes".into(),
             Expect::SetAside,
-            Box::new(move |s, _| {
-                fs::File::options()
-                    .write(true)
-                    .open(snap(s))
-                    .expect("open snapshot")
-                    .set_len(0)
-                    .expect("truncate");
-            }),
+            Box::new(move |s, _| truncate(&snap(s), 0)),
         ),
         (
             "first 64 bytes of the snapshot garbled".into(),
@@ -1023,21 +1025,13 @@ fn crash_a_damaged_state_database_is_set_aside_and_everything_rebuilds() {
             Expect::SetAside,
             Box::new(move |s, rng| {
                 let n = fs::metadata(snap(s)).map(|m| m.len()).unwrap_or(1);
-                let f = fs::File::options().write(true).open(snap(s)).expect("open");
-                f.set_len(rng.below(n)).expect("truncate");
+                truncate(&snap(s), rng.below(n));
             }),
         ),
         (
             "explain store: db file truncated to 0 bytes".into(),
             Expect::SameRuns,
-            Box::new(move |s, _| {
-                fs::File::options()
-                    .write(true)
-                    .open(db(s))
-                    .expect("open db")
-                    .set_len(0)
-                    .expect("truncate");
-            }),
+            Box::new(move |s, _| truncate(&db(s), 0)),
         ),
         (
             "explain store: first 4 KiB of the db file garbled".into(),
@@ -1115,11 +1109,7 @@ fn crash_a_damaged_state_database_is_set_aside_and_everything_rebuilds() {
                 {
                     if e.path().is_file() && e.file_name() != "lock" {
                         let n = used_len(&e.path()) as u64;
-                        let f = fs::File::options()
-                            .write(true)
-                            .open(e.path())
-                            .expect("open");
-                        f.set_len(rng.below(n + 1)).expect("truncate");
+                        truncate(&e.path(), rng.below(n + 1));
                     }
                 }
             }),
