@@ -349,6 +349,9 @@ fn copy_output(
     // The last bytes stay in memory too: if the log cannot be written (a full disk), a
     // failure can still show what the command said.
     let mut tail: Vec<u8> = Vec::new();
+    // A log missing some of the output (a write failed) would show a failure's last lines
+    // wrong; it is removed, and the failure shows the in-memory tail instead.
+    let mut broken = false;
     loop {
         let mut pfd = libc::pollfd {
             fd: reader.as_raw_fd(),
@@ -375,7 +378,7 @@ fn copy_output(
         match reader.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if file.is_none() {
+                if file.is_none() && !broken {
                     if let Some(dir) = log.parent() {
                         let _ = fs::create_dir_all(dir);
                     }
@@ -386,9 +389,13 @@ fn copy_output(
                         .truncate(!mode.append)
                         .open(log)
                         .ok();
+                    broken = file.is_none();
                 }
                 if let Some(f) = file.as_mut() {
-                    let _ = f.write_all(&buf[..n]);
+                    if f.write_all(&buf[..n]).is_err() {
+                        file = None;
+                        broken = true;
+                    }
                 }
                 tail.extend_from_slice(&buf[..n]);
                 if tail.len() > 2 * TAIL_BYTES {
@@ -400,7 +407,7 @@ fn copy_output(
             }
         }
     }
-    if file.is_none() && !mode.append {
+    if broken || (file.is_none() && !mode.append) {
         let _ = fs::remove_file(log);
     }
     if tail.len() > TAIL_BYTES {
