@@ -188,14 +188,10 @@ impl Db {
     }
 
     /// Set this state (after it proved unreadable) aside and start a fresh one.
-    pub fn reset(
-        self,
-        state_dir: &Path,
-        why: &str,
-        warn: &mut dyn FnMut(String),
-    ) -> Result<Db, DbError> {
+    pub fn reset(self, why: &str, warn: &mut dyn FnMut(String)) -> Result<Db, DbError> {
+        let state_dir = self.dir.clone();
         drop(self);
-        let aside = set_aside(state_dir, &["snapshot", "journal", "state.sled"]).map_err(
+        let aside = set_aside(&state_dir, &["snapshot", "journal", "state.sled"]).map_err(
             |(path, msg)| DbError::Io {
                 path,
                 msg: format!("cannot move it aside: {msg}"),
@@ -206,7 +202,7 @@ impl Db {
             state_dir.display(),
             aside.display()
         ));
-        Ok(Self::new(state_dir))
+        Ok(Self::new(&state_dir))
     }
 
     /// The explain store, opened on first use. One that cannot be read is set aside with a

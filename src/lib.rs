@@ -150,7 +150,7 @@ impl Session {
                     .ok_or_else(|| Diagnostic::plain("internal: no state database"))?;
                 let mut warn = |m: String| eprintln!("qbuild: warning: {m}");
                 let fresh = old
-                    .reset(&self.workdir.join(".qbuild"), &why, &mut warn)
+                    .reset(&why, &mut warn)
                     .map_err(|e| Diagnostic::plain(e.to_string()))?;
                 let out = self.build_once(loaded, &fresh, None);
                 *db = Some(fresh);
@@ -274,20 +274,15 @@ fn prefetch(workdir: PathBuf) -> Option<std::thread::JoinHandle<Prefetched>> {
 
 /// Take the work-folder lock, stop what a killed qbuild left running, open the state.
 fn open_state(workdir: &Path, wait: bool) -> Result<(lock::Lock, db::Db), Diagnostic> {
-    {
-        let state_dir = workdir.join(".qbuild");
-        std::fs::create_dir_all(&state_dir).map_err(|e| {
-            Diagnostic::plain(format!("cannot create {}: {e}", state_dir.display()))
-        })?;
-        let lock = lock::acquire(&state_dir, wait).map_err(Diagnostic::plain)?;
-        let orphans = exec::reap_orphans(&state_dir);
-        if orphans > 0 {
-            eprintln!(
-                "qbuild: stopped {orphans} command(s) left running by a qbuild that was killed"
-            );
-        }
-        Ok((lock, db::Db::new(&state_dir)))
+    let state_dir = workdir.join(".qbuild");
+    std::fs::create_dir_all(&state_dir)
+        .map_err(|e| Diagnostic::plain(format!("cannot create {}: {e}", state_dir.display())))?;
+    let lock = lock::acquire(&state_dir, wait).map_err(Diagnostic::plain)?;
+    let orphans = exec::reap_orphans(&state_dir);
+    if orphans > 0 {
+        eprintln!("qbuild: stopped {orphans} command(s) left running by a qbuild that was killed");
     }
+    Ok((lock, db::Db::new(&state_dir)))
 }
 
 enum BuildFailure {

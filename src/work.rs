@@ -356,9 +356,12 @@ pub fn build(
             return Now::Unknown;
         }
         let path = &g.files[i].path;
-        match state_db.stat.position(path).and_then(|k| scan.get(k)) {
+        // One search of the cache: its position finds the scan's result, or tells the
+        // hashing which entry to trust.
+        let at = state_db.stat.position(path);
+        match at.and_then(|k| scan.get(k)) {
             Some(s) => s.clone(),
-            None => scan_one(&arts, path, None),
+            None => scan_one(&arts, path, Some(at.map(|k| &state_db.stat.entries()[k].1))),
         }
     });
     drop(scan);
@@ -521,10 +524,6 @@ impl Work<'_> {
         &self.g.model.rules[self.g.jobs[j.idx()].spec.rule as usize].name
     }
 
-    fn out_paths(&self, j: JobId) -> Vec<&str> {
-        self.g.outputs(j)
-    }
-
     /// Prereq: `j` is Ready. Decides it: up to date, stale (queued / would run), or skipped.
     fn check(&mut self, j: JobId) {
         let job = &self.g.jobs[j.idx()];
@@ -630,7 +629,7 @@ impl Work<'_> {
                 "event": "would_run",
                 "rule": self.rule_name(j),
                 "job": self.label(j),
-                "outputs": self.out_paths(j),
+                "outputs": self.g.outputs(j),
                 "reasons": reasons.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
             });
             (self.events)(ev);
@@ -669,7 +668,7 @@ impl Work<'_> {
             "event": "job_finished",
             "rule": self.rule_name(j),
             "job": self.label(j),
-            "outputs": self.out_paths(j),
+            "outputs": self.g.outputs(j),
             "status": "failed",
             "duration_ms": 0,
             "error": why,
@@ -778,42 +777,32 @@ impl Work<'_> {
         }
         self.state[j.idx()] = State::Running;
         self.running += 1;
-        let action = job.spec.action.clone();
-        let env = job.spec.env.clone();
-        let workdir = self.workdir.clone();
-        let log = log_path(&self.workdir, rels[0]);
-        let procs = self.procs.clone();
-        let stats = self.stats.clone();
-        let rels: Vec<String> = rels.iter().map(|r| r.to_string()).collect();
-        let post = Post {
-            allow_empty: job.spec.allow_empty,
-            check: job.spec.check.clone(),
-            before,
-            is_command: matches!(job.spec.action, Action::Shell(_) | Action::Argv(_)),
-        };
-        let verbose = self.opts.verbose;
         let task = Task {
             j,
-            action,
+            action: job.spec.action.clone(),
             outputs,
-            env,
-            workdir,
-            log,
-            procs,
-            stats,
-            rels,
-            post,
-            verbose,
+            env: job.spec.env.clone(),
+            log: log_path(&self.workdir, rels[0]),
+            rels: rels.iter().map(|r| r.to_string()).collect(),
+            post: Post {
+                allow_empty: job.spec.allow_empty,
+                check: job.spec.check.clone(),
+                before,
+                is_command: matches!(job.spec.action, Action::Shell(_) | Action::Argv(_)),
+            },
         };
         // The workers start with the first job that runs (a no-op starts no thread).
         let pool = self.pool.get_or_insert_with(|| {
-            start_pool(
-                self.opts.jobs,
-                tx.clone(),
-                self.stop.clone(),
-                self.progress.shows_running(),
-                self.opts.keep_going,
-            )
+            let crew = Crew {
+                workdir: self.workdir.clone(),
+                procs: self.procs.clone(),
+                stats: self.stats.clone(),
+                verbose: self.opts.verbose,
+                stop: self.stop.clone(),
+                notify: self.progress.shows_running(),
+                keep_going: self.opts.keep_going,
+            };
+            start_pool(self.opts.jobs, tx.clone(), Arc::new(crew))
         });
         let _ = pool.send(task);
     }
@@ -1047,19 +1036,29 @@ use crate::expand::Action;
 
 /// After a command succeeded: every declared output exists, files are non-empty (unless
 /// allowed), and the rule's `check` command passes.
-/// Everything a worker needs to run one job.
+/// What a worker needs to run one job.
 struct Task {
     j: JobId,
     action: Action,
     outputs: Vec<PathBuf>,
     env: Vec<(String, String)>,
-    workdir: PathBuf,
     log: PathBuf,
-    procs: Running,
-    stats: Arc<HashStats>,
     rels: Vec<String>,
     post: Post,
+}
+
+/// What the workers share for the whole build.
+struct Crew {
+    workdir: PathBuf,
+    procs: Running,
+    stats: Arc<HashStats>,
+    /// `-v`: stream each command's output.
     verbose: bool,
+    /// Set: hand queued jobs back unstarted.
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Report each start (progress shows running jobs).
+    notify: bool,
+    keep_going: bool,
 }
 
 /// What workers tell the scheduler.
@@ -1073,19 +1072,13 @@ enum Msg {
 /// scheduler queues up to `-j` jobs more than run, so a worker that finishes one takes the
 /// next at once instead of idling while the scheduler wakes up; `stop` makes workers hand
 /// queued jobs back unstarted (a failure without `-k`, or a signal).
-fn start_pool(
-    n: usize,
-    done: mpsc::Sender<Msg>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    notify: bool,
-    keep_going: bool,
-) -> mpsc::Sender<Task> {
+fn start_pool(n: usize, done: mpsc::Sender<Msg>, crew: Arc<Crew>) -> mpsc::Sender<Task> {
     let (tx, rx) = mpsc::channel::<Task>();
     let rx = Arc::new(std::sync::Mutex::new(rx));
     for slot in 0..n.max(1) {
         let rx = rx.clone();
         let done = done.clone();
-        let stop = stop.clone();
+        let crew = crew.clone();
         std::thread::spawn(move || loop {
             let task = match rx.lock() {
                 Ok(r) => r.recv(),
@@ -1094,7 +1087,9 @@ fn start_pool(
             let Ok(t) = task else {
                 return;
             };
-            let msg = if stop.load(Ordering::SeqCst) || INTERRUPT.load(Ordering::SeqCst) != 0 {
+            let stopping =
+                crew.stop.load(Ordering::SeqCst) || INTERRUPT.load(Ordering::SeqCst) != 0;
+            let msg = if stopping {
                 Done {
                     job: t.j,
                     ran: false,
@@ -1107,16 +1102,13 @@ fn start_pool(
                     took: Duration::ZERO,
                 }
             } else {
-                if notify && done.send(Msg::Started(t.j)).is_err() {
+                if crew.notify && done.send(Msg::Started(t.j)).is_err() {
                     return;
                 }
-                let d = Done {
-                    slot,
-                    ..run_task(t)
-                };
+                let d = run_task(t, &crew, slot);
                 // Without -k a failure stops the build: no queued job starts after it.
-                if !keep_going && !matches!(d.result, Ok(Outcome::Success)) {
-                    stop.store(true, Ordering::SeqCst);
+                if !crew.keep_going && !matches!(d.result, Ok(Outcome::Success)) {
+                    crew.stop.store(true, Ordering::SeqCst);
                 }
                 d
             };
@@ -1130,36 +1122,33 @@ fn start_pool(
 
 /// Run one job: its command, the post-step checks, then hash its outputs (here, off the
 /// scheduler's thread).
-fn run_task(t: Task) -> Done {
+fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
     let Task {
         j,
         action,
         outputs,
         env,
-        workdir,
         log,
-        procs,
-        stats,
         rels,
         post,
-        verbose,
     } = t;
+    let (workdir, procs) = (&crew.workdir, &crew.procs);
     let t0 = Instant::now();
     let mode = exec::LogMode {
         append: false,
-        tee: verbose,
+        tee: crew.verbose,
     };
-    let mut result = exec::run(&action, &outputs, &workdir, &env, &log, mode, &procs);
+    let mut result = exec::run(&action, &outputs, workdir, &env, &log, mode, procs);
     let mut hashes = Vec::new();
     let mut entries = Vec::new();
     if matches!(result, Ok(Outcome::Success)) {
-        result = sanity_check(&outputs, &rels, &post, &workdir, &log, mode, &procs);
+        result = sanity_check(&outputs, &rels, &post, workdir, &log, mode, procs);
     }
     if matches!(result, Ok(Outcome::Success)) {
         // Outputs are new: hash them without the cache. A link's content is derived from
         // its target on the main thread instead.
         let empty = crate::hash::StatCache::default();
-        let arts = Artifacts::new(&workdir, &empty, &stats);
+        let arts = Artifacts::new(workdir, &empty, &crew.stats);
         hashes = rels
             .iter()
             .map(|r| match action {
@@ -1175,7 +1164,7 @@ fn run_task(t: Task) -> Done {
     Done {
         job: j,
         ran: true,
-        slot: 0,
+        slot,
         result,
         outputs: hashes,
         stats: entries,
