@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use support::{assert_set, set, Output, Space, QAIRT_SIM, QBUILD, REPO};
+use support::{assert_set, set, Output, Space, QBUILD, REPO};
 
 // ---------------------------------------------------------------------------------------
 // Background processes
@@ -36,7 +36,6 @@ const QUIET: Duration = Duration::from_secs(2);
 
 /// Variables that change qbuild's or the simulator's behaviour: set by a test explicitly
 /// or not at all (the list lives in support.rs).
-use support::SCRUBBED_ENV;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stream {
@@ -69,20 +68,7 @@ impl Bg {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Bg {
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .current_dir(space.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for k in SCRUBBED_ENV {
-            cmd.env_remove(k);
-        }
-        cmd.env("QNN_SDK_ROOT", support::sdk_root())
-            .env("QAIRT_SIM", QAIRT_SIM);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        let mut cmd = support::command(program, space.path(), args, env);
         let shown = format!(
             "(cd {} && {}{name} {})",
             space.path().display(),
@@ -559,25 +545,8 @@ fn atomic_save(s: &Space, rel: &str, bytes: &[u8]) {
 /// A private copy of the simulated SDK inside the work folder (so its `sdk.yaml` can be
 /// edited); its absolute path, for `QNN_SDK_ROOT`.
 fn own_sdk(s: &Space) -> String {
-    copy_tree(&Path::new(REPO).join("sim-sdk"), &s.join("sdk"));
+    support::copy_tree(&Path::new(REPO).join("sim-sdk"), &s.join("sdk"));
     s.join("sdk").to_string_lossy().into_owned()
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    fs::create_dir_all(to).expect("mkdir");
-    for e in fs::read_dir(from).expect("read dir") {
-        let e = e.expect("entry");
-        let (src, dst) = (e.path(), to.join(e.file_name()));
-        let ft = e.file_type().expect("file type");
-        if ft.is_symlink() {
-            std::os::unix::fs::symlink(fs::read_link(&src).expect("readlink"), &dst)
-                .expect("symlink");
-        } else if ft.is_dir() {
-            copy_tree(&src, &dst);
-        } else {
-            fs::copy(&src, &dst).expect("copy");
-        }
-    }
 }
 
 const SDK_VERSION: &str = "2.31.0.250130";
@@ -1041,7 +1010,7 @@ fn regression_watch_sees_an_edit_behind_a_symlinked_source() {
         work.join("Qairtfile"),
     )
     .expect("copy");
-    copy_tree(&Path::new(REPO).join("models"), &work.join("models"));
+    support::copy_tree(&Path::new(REPO).join("models"), &work.join("models"));
     fs::rename(work.join(ENCODINGS), s.join("shared/llama3.encodings")).expect("mv");
     std::os::unix::fs::symlink("../../shared/llama3.encodings", work.join(ENCODINGS))
         .expect("symlink");

@@ -20,7 +20,6 @@ use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -65,17 +64,6 @@ fn seed() -> u64 {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20_261_126)
 }
-
-/// The variables support.rs scrubs too: a test sets them explicitly or not at all.
-const SCRUBBED_ENV: &[&str] = &[
-    "QAIRT_SIM_FAIL",
-    "QAIRT_SIM_WORK_MS",
-    "QAIRT_SIM_SCALE",
-    "QBUILD_PLAIN",
-    "QNN_SDK_ROOT",
-    "QAIRT_SIM",
-    "REL_SLEEP",
-];
 
 /// A qbuild started in the background, to be signalled or killed.
 struct Bg {
@@ -130,36 +118,12 @@ impl std::fmt::Display for Ended {
 impl Bg {
     /// Start `qbuild ARGS` in `dir` with the bundled SDK and these extra variables.
     fn start(dir: &Path, args: &[&str], env: &[(&str, String)]) -> Bg {
-        let mut cmd = Command::new(support::QBUILD);
-        cmd.args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for k in SCRUBBED_ENV {
-            cmd.env_remove(k);
-        }
-        cmd.env("QNN_SDK_ROOT", support::sdk_root())
-            .env("QAIRT_SIM", support::QAIRT_SIM);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        let mut cmd = support::command(support::QBUILD, dir, args, env);
         let shown = format!("(cd {} && qbuild {})", dir.display(), args.join(" "));
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", support::QBUILD));
-        let mut so = child.stdout.take().expect("stdout");
-        let mut se = child.stderr.take().expect("stderr");
-        let out = std::thread::spawn(move || {
-            let mut b = Vec::new();
-            let _ = so.read_to_end(&mut b);
-            b
-        });
-        let err = std::thread::spawn(move || {
-            let mut b = Vec::new();
-            let _ = se.read_to_end(&mut b);
-            b
-        });
+        let (out, err) = support::read_outputs(&mut child);
         Bg {
             child,
             out: Some(out),

@@ -8,7 +8,8 @@ use std::fmt;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
@@ -30,7 +31,48 @@ pub const SCRUBBED_ENV: &[&str] = &[
     "QBUILD_PLAIN",
     "QNN_SDK_ROOT",
     "QAIRT_SIM",
+    "REL_SLEEP",
 ];
+
+/// `program ARGS` in `dir` with piped output and the test environment: the scrubbed
+/// variables removed, the bundled SDK and simulator set, then `env`.
+pub fn command<K: AsRef<std::ffi::OsStr>, V: AsRef<std::ffi::OsStr>>(
+    program: &str,
+    dir: &Path,
+    args: &[impl AsRef<std::ffi::OsStr>],
+    env: &[(K, V)],
+) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for k in SCRUBBED_ENV {
+        cmd.env_remove(k);
+    }
+    cmd.env("QNN_SDK_ROOT", sdk_root())
+        .env("QAIRT_SIM", QAIRT_SIM);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Read a child's stdout and stderr to the end, each on its own thread.
+pub fn read_outputs(child: &mut Child) -> (JoinHandle<Vec<u8>>, JoinHandle<Vec<u8>>) {
+    let read_all = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = pipe.read_to_end(&mut b);
+            b
+        })
+    };
+    (
+        read_all(Box::new(child.stdout.take().expect("stdout"))),
+        read_all(Box::new(child.stderr.take().expect("stderr"))),
+    )
+}
 
 /// The bundled simulated SDK (`QNN_SDK_ROOT` for every run).
 pub fn sdk_root() -> PathBuf {
@@ -266,7 +308,8 @@ fn walk(root: &Path, dir: &Path, out: &mut Snapshot) {
     }
 }
 
-fn copy_tree(from: &Path, to: &Path) {
+/// Copy a folder tree, keeping symlinks as symlinks.
+pub fn copy_tree(from: &Path, to: &Path) {
     fs::create_dir_all(to).expect("mkdir");
     for e in fs::read_dir(from).unwrap_or_else(|e| panic!("read {}: {e}", from.display())) {
         let e = e.expect("dir entry");
@@ -359,20 +402,7 @@ impl Run<'_> {
         }
         args.extend(self.args.iter().cloned());
         let cwd = self.cwd.clone().unwrap_or_else(|| self.space.root.clone());
-        let mut cmd = Command::new(QBUILD);
-        cmd.args(&args)
-            .current_dir(&cwd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for k in SCRUBBED_ENV {
-            cmd.env_remove(k);
-        }
-        cmd.env("QNN_SDK_ROOT", sdk_root())
-            .env("QAIRT_SIM", QAIRT_SIM);
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
+        let mut cmd = command(QBUILD, &cwd, &args, &self.env);
         let shown = format!(
             "(cd {} && {}qbuild {})",
             cwd.display(),
@@ -385,18 +415,7 @@ impl Run<'_> {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {QBUILD}: {e}"));
-        let mut so = child.stdout.take().expect("stdout");
-        let mut se = child.stderr.take().expect("stderr");
-        let t_out = std::thread::spawn(move || {
-            let mut b = Vec::new();
-            let _ = so.read_to_end(&mut b);
-            b
-        });
-        let t_err = std::thread::spawn(move || {
-            let mut b = Vec::new();
-            let _ = se.read_to_end(&mut b);
-            b
-        });
+        let (t_out, t_err) = read_outputs(&mut child);
         let t0 = Instant::now();
         let status = loop {
             if let Some(st) = child.try_wait().expect("wait") {
