@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-use crate::support::{assert_same_files, assert_set, set, Output, Space};
+use crate::support::{assert_same_files, assert_set, set, Catalog, Job, Space};
 
 const ARS: [u32; 2] = [128, 1];
 const SPLITS: [u32; 4] = [1, 2, 3, 4];
@@ -93,13 +93,6 @@ fn split_of_path(path: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-#[derive(Debug, Clone)]
-struct Job {
-    rule: String,
-    label: String,
-    outputs: Vec<String>,
-}
-
 impl Job {
     /// The splits this job writes something for (empty: per AR or global, e.g. export).
     fn splits(&self) -> BTreeSet<u32> {
@@ -110,11 +103,7 @@ impl Job {
     }
 }
 
-/// Every job of the demo, with its rule and outputs.
-struct Catalog {
-    jobs: Vec<Job>,
-}
-
+/// Views of the demo's jobs.
 impl Catalog {
     /// From a dry run of `all` on a fresh copy of the demo (it writes no output).
     fn of_demo() -> Catalog {
@@ -124,47 +113,8 @@ impl Catalog {
         Catalog::from_events(&out, "would_run")
     }
 
-    fn from_events(out: &Output, event: &str) -> Catalog {
-        let jobs: Vec<Job> = out
-            .events
-            .iter()
-            .filter(|e| e["event"] == event)
-            .map(|e| Job {
-                rule: e["rule"].as_str().expect("rule").to_string(),
-                label: e["job"].as_str().expect("job").to_string(),
-                outputs: e["outputs"]
-                    .as_array()
-                    .expect("outputs")
-                    .iter()
-                    .map(|o| o.as_str().expect("path").to_string())
-                    .collect(),
-            })
-            .collect();
-        assert!(!jobs.is_empty(), "no {event} events\n{out}");
-        Catalog { jobs }
-    }
-
-    fn all(&self) -> BTreeSet<String> {
-        self.select(|_| true)
-    }
-
-    fn select(&self, f: impl Fn(&Job) -> bool) -> BTreeSet<String> {
-        self.jobs
-            .iter()
-            .filter(|j| f(j))
-            .map(|j| j.label.clone())
-            .collect()
-    }
-
     fn rules(&self, rules: &[&str]) -> BTreeSet<String> {
         self.select(|j| rules.contains(&j.rule.as_str()))
-    }
-
-    fn job(&self, label: &str) -> &Job {
-        self.jobs
-            .iter()
-            .find(|j| j.label == label)
-            .unwrap_or_else(|| panic!("no job `{label}`"))
     }
 
     /// Jobs all of whose outputs are symlinks in the built folder `s` (made by qbuild).

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use support::{assert_set, set, Output, Space, QBUILD, REPO};
+use support::{assert_set, set, Catalog, Output, Space, QBUILD, REPO};
 
 // ---------------------------------------------------------------------------------------
 // Background processes
@@ -412,60 +412,7 @@ impl Watch {
 // ---------------------------------------------------------------------------------------
 
 /// One job of the demo, as its `--json` events name it.
-#[derive(Debug, Clone)]
-struct Job {
-    rule: String,
-    label: String,
-    outputs: Vec<String>,
-}
-
-struct Catalog {
-    jobs: Vec<Job>,
-}
-
 impl Catalog {
-    fn from_events(out: &Output, event: &str) -> Catalog {
-        Catalog::from_values(&out.events, event)
-    }
-
-    fn from_values(events: &[Value], event: &str) -> Catalog {
-        Catalog {
-            jobs: events
-                .iter()
-                .filter(|e| e["event"] == event)
-                .map(|e| Job {
-                    rule: e["rule"].as_str().expect("rule").into(),
-                    label: e["job"].as_str().expect("job").into(),
-                    outputs: e["outputs"]
-                        .as_array()
-                        .expect("outputs")
-                        .iter()
-                        .map(|o| o.as_str().expect("path").into())
-                        .collect(),
-                })
-                .collect(),
-        }
-    }
-
-    fn all(&self) -> BTreeSet<String> {
-        self.select(|_| true)
-    }
-
-    fn select(&self, f: impl Fn(&Job) -> bool) -> BTreeSet<String> {
-        self.jobs
-            .iter()
-            .filter(|j| f(j))
-            .map(|j| j.label.clone())
-            .collect()
-    }
-
-    fn job(&self, label: &str) -> &Job {
-        self.jobs
-            .iter()
-            .find(|j| j.label == label)
-            .unwrap_or_else(|| panic!("no job `{label}`"))
-    }
-
     /// The jobs that run a tool of the SDK (not qbuild's own links and config files), of
     /// these rules; `s` is a built space (link jobs are those whose outputs are symlinks).
     fn tools(&self, s: &Space, rules: &[&str]) -> BTreeSet<String> {

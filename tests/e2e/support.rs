@@ -612,3 +612,64 @@ impl Output {
         self
     }
 }
+
+/// One job as the events describe it.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub rule: String,
+    pub label: String,
+    pub outputs: Vec<String>,
+}
+
+/// The jobs of a build, from its `job_finished` (or `would_run`) events. Test modules add
+/// their own views of it (`impl Catalog` in demo.rs and iteration.rs).
+pub struct Catalog {
+    pub jobs: Vec<Job>,
+}
+
+impl Catalog {
+    /// From `out`'s events of this kind; there must be some.
+    pub fn from_events(out: &Output, event: &str) -> Catalog {
+        let cat = Catalog::from_values(&out.events, event);
+        assert!(!cat.jobs.is_empty(), "no {event} events\n{out}");
+        cat
+    }
+
+    pub fn from_values(events: &[serde_json::Value], event: &str) -> Catalog {
+        Catalog {
+            jobs: events
+                .iter()
+                .filter(|e| e["event"] == event)
+                .map(|e| Job {
+                    rule: e["rule"].as_str().expect("rule").into(),
+                    label: e["job"].as_str().expect("job").into(),
+                    outputs: e["outputs"]
+                        .as_array()
+                        .expect("outputs")
+                        .iter()
+                        .map(|o| o.as_str().expect("path").into())
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn all(&self) -> BTreeSet<String> {
+        self.select(|_| true)
+    }
+
+    pub fn select(&self, f: impl Fn(&Job) -> bool) -> BTreeSet<String> {
+        self.jobs
+            .iter()
+            .filter(|j| f(j))
+            .map(|j| j.label.clone())
+            .collect()
+    }
+
+    pub fn job(&self, label: &str) -> &Job {
+        self.jobs
+            .iter()
+            .find(|j| j.label == label)
+            .unwrap_or_else(|| panic!("no job `{label}`"))
+    }
+}
