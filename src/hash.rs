@@ -91,11 +91,6 @@ impl StatCache {
             .ok()
     }
 
-    /// Every path, in order.
-    pub fn paths(&self) -> impl Iterator<Item = &str> {
-        self.entries.iter().map(|(p, _)| p.as_str())
-    }
-
     /// Every (path, entry), in order.
     pub fn entries(&self) -> &[(String, StatEntry)] {
         &self.entries
