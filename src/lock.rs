@@ -1,7 +1,7 @@
 //! The work-folder lock: one build at a time per folder; the second waits (saying so) or fails with `--no-wait`.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// Held for the life of the build; the OS releases it if qbuild dies.
@@ -61,9 +61,12 @@ pub fn try_existing(state_dir: &Path) -> Option<Lock> {
 }
 
 impl Lock {
-    /// Write this process's id into the lock file, for the message of a run that waits.
+    /// Write this process's id into the lock file, for the message of a run that waits:
+    /// over the old one, padded with spaces, never truncating (ext4 flushes a file that was
+    /// truncated to zero when it is closed, a disk write on every run).
     pub fn stamp(&mut self) {
-        let _ = self.file.set_len(0);
-        let _ = write!(self.file, "{}", std::process::id());
+        let _ = self
+            .file
+            .write_all_at(format!("{:<10}", std::process::id()).as_bytes(), 0);
     }
 }
