@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # No-op build of a big synthetic QAIRT-shaped graph: qbuild vs ninja vs GNU make.
 #
-#   bench/noop.sh [-V VARIANTS] [-S SPLITS] [-r RUNS] [-m MAKE_BUILTIN_RUNS] [-w WORKDIR] [-k] [-R]
+#   bench/noop.sh [-V VARIANTS] [-S SPLITS] [-r RUNS] [-m MAKE_BUILTIN_RUNS] [-t TOUCH_RUNS] [-w WORKDIR] [-k] [-R]
 #
 # Generates the graph (bench/gen.py) three times (one folder per tool), builds each fully
 # with -j2, checks the three output trees are byte-identical, then times each tool's
@@ -9,6 +9,8 @@
 # alternation, after 2 warmup rounds; medians), and prints one markdown table with ratios
 # vs ninja. The generated Makefile turns make's built-in rules off; an extra row times the
 # same Makefile with them on (MAKE_BUILTIN_RUNS runs, 0 to skip: ~11 s each at V=3000).
+# A last table times qbuild after `touch` of one variant's sources (same bytes: nothing may
+# run) against its plain no-op, in alternation (TOUCH_RUNS rounds, default RUNS, 0 to skip).
 # Defaults: V=3000, S=4 (90k commands, 114k outputs), RUNS=10, MAKE_BUILTIN_RUNS=3,
 # WORKDIR=a new folder under ${TMPDIR:-/tmp}, removed at the end unless -k.
 # QBUILD=/path/to/qbuild picks the binary (default: <repo>/target/release/qbuild).
@@ -20,14 +22,15 @@
 set -euo pipefail
 source "$(dirname -- "$0")/lib.sh"
 
-V=3000 S=4 RUNS=10 MAKE_BUILTIN_RUNS=3 WORK= KEEP=0 REUSE=0
-while getopts "V:S:r:m:w:kRh" o; do
+V=3000 S=4 RUNS=10 MAKE_BUILTIN_RUNS=3 TOUCH_RUNS= WORK= KEEP=0 REUSE=0
+while getopts "V:S:r:m:t:w:kRh" o; do
     case $o in
         V) V=$OPTARG ;; S) S=$OPTARG ;; r) RUNS=$OPTARG ;; m) MAKE_BUILTIN_RUNS=$OPTARG ;;
-        w) WORK=$OPTARG ;; k) KEEP=1 ;; R) REUSE=1; KEEP=1 ;;
-        *) sed -n '2,20p' "$0"; exit 2 ;;
+        t) TOUCH_RUNS=$OPTARG ;; w) WORK=$OPTARG ;; k) KEEP=1 ;; R) REUSE=1; KEEP=1 ;;
+        *) sed -n '2,22p' "$0"; exit 2 ;;
     esac
 done
+TOUCH_RUNS=${TOUCH_RUNS:-$RUNS}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-900}
 BUILD_TRIES=${BUILD_TRIES:-3}
 
@@ -156,3 +159,27 @@ EOF
 echo
 echo "Commands (bench/alt.py, $RUNS rounds in alternation after 2 warmup rounds; peak RSS = the process's ru_maxrss, as /usr/bin/time -f %M):"
 for t in "${ROWS[@]}"; do echo "- \`${BUILD_CMD[$t]}\`"; done
+
+if [ "$TOUCH_RUNS" -gt 0 ]; then
+    # New mtimes, same bytes: qbuild must run nothing (ninja and make would rerun the
+    # variant's jobs). Checked once, then timed against the plain no-op in alternation.
+    TOUCH="touch $WORK/qbuild/src/v1/*"
+    sh -c "$TOUCH"
+    qb_json=$($QB -C "$WORK/qbuild" -j2 --json | tail -1)
+    echo "$qb_json" | grep -q '"ran":0' || die "qbuild ran something after a touch: $qb_json"
+    note "touched: $TOUCH_RUNS rounds, qbuild after \`$TOUCH\` vs its no-op"
+    python3 "$BENCH_DIR/alt.py" --runs "$TOUCH_RUNS" --warmup 1 --json "$WORK/touched.json" \
+        --cmd touched "${BUILD_CMD[qbuild]}" --prepare touched "$TOUCH" \
+        --cmd noop "${BUILD_CMD[qbuild]}" >/dev/null
+    read -r TM _ _ _ TR _ < <(alt_stats "$WORK/touched.json" touched)
+    read -r NM _ _ _ NR _ < <(alt_stats "$WORK/touched.json" noop)
+    echo
+    echo "### qbuild after \`touch\` of one variant's sources (src/v1/*, same bytes), V=$V S=$S"
+    echo
+    echo "| run | median | peak RSS (median) | vs no-op |"
+    echo "|---|---|---|---|"
+    printf '| after touch (nothing runs) | %s | %s MB | %s |\n' "$(fmt_s "$TM")" "$((TR / 1024))" "$(ratio "$TM" "$NM")"
+    printf '| no-op | %s | %s MB | 1.00x |\n' "$(fmt_s "$NM")" "$((NR / 1024))"
+    echo
+    echo "($TOUCH_RUNS rounds in alternation after 1 warmup round; \`$TOUCH\` before each timed touched run, untimed.)"
+fi

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::hash::{Hash, StatCache, StatEntry};
-use crate::journal::{Entry, Journal};
+use crate::journal::{Entry, JobEntry, Journal};
 
 /// Bumped whenever the on-disk encoding changes; an older database is set aside, not trusted.
 pub const FORMAT: &[u8] = b"qbuild-state-v3";
@@ -77,6 +77,8 @@ pub struct Db {
     sled: std::sync::OnceLock<Result<(sled::Db, sled::Tree), String>>,
     /// Readable keys of jobs still in the journal, by job id.
     pending_explain: std::sync::Mutex<FxHashMap<Hash, Vec<u8>>>,
+    /// Bytes of the snapshot and of the journal, as `load` found them.
+    sizes: std::sync::Mutex<(u64, u64)>,
 }
 
 fn cfg() -> bincode::config::Configuration {
@@ -107,7 +109,7 @@ fn snapshot_bytes(state: &State) -> Vec<u8> {
 /// Read the snapshot file: check its header, length and checksum in a first streamed pass,
 /// then decode it in a second (never holding the file's bytes and the decoded state at
 /// once). `Ok(None)` when there is no snapshot; `Err(Ok(why))` when it cannot be trusted.
-fn read_snapshot(path: &Path) -> Result<Option<State>, Result<String, std::io::Error>> {
+fn read_snapshot(path: &Path) -> Result<Option<(State, u64)>, Result<String, std::io::Error>> {
     use std::io::Read;
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -146,7 +148,7 @@ fn read_snapshot(path: &Path) -> Result<Option<State>, Result<String, std::io::E
         return Err(Ok("its snapshot fails its checksum".into()));
     }
     decode::<State>(&payload)
-        .map(Some)
+        .map(|state| Some((state, head_len as u64 + len)))
         .ok_or_else(|| Ok("its snapshot does not decode".into()))
 }
 
@@ -176,6 +178,7 @@ impl Db {
             journal: Journal::new(&state_dir.join("journal")),
             sled: std::sync::OnceLock::new(),
             pending_explain: Default::default(),
+            sizes: Default::default(),
         }
     }
 
@@ -233,38 +236,58 @@ impl Db {
     /// in one go) overlaid with the journal (jobs finished since).
     pub fn load(&self) -> Result<State, DbError> {
         let path = self.snapshot_path();
-        let mut state = match read_snapshot(&path) {
+        let (mut state, snapshot_len) = match read_snapshot(&path) {
             Ok(state) => state.unwrap_or_default(),
             Err(Ok(msg)) => return Err(DbError::Corrupt { path, msg }),
             Err(Err(e)) => return Err(self.io(e)),
         };
         let mut pending = FxHashMap::default();
-        for e in self.journal.read().map_err(|e| self.io(e))? {
+        let (entries, journal_len) = self.journal.read().map_err(|e| self.io(e))?;
+        for e in entries {
             state.stat.extend(e.stats);
-            state.jobs.insert(e.id, e.record);
-            pending.insert(e.id, e.explain);
+            if let Some(j) = e.job {
+                state.jobs.insert(j.id, j.record);
+                pending.insert(j.id, j.explain);
+            }
         }
         if let Ok(mut p) = self.pending_explain.lock() {
             *p = pending;
         }
+        if let Ok(mut s) = self.sizes.lock() {
+            *s = (snapshot_len, journal_len);
+        }
         Ok(state)
     }
 
-    /// Whether jobs were recorded since the last snapshot.
-    pub fn journal_pending(&self) -> bool {
-        !self.journal.is_empty()
+    /// Whether the journal (as `load` found it) should be folded into a new snapshot at
+    /// the end of this run: it holds job records (their readable keys belong in the
+    /// explain store), or enough stat entries to slow the next load (over a quarter of the
+    /// snapshot's size, and over 4 KiB). Stat entries alone are not worth a durable rewrite
+    /// of the snapshot: losing them only costs a rehash.
+    pub fn compaction_due(&self) -> bool {
+        let jobs = self.pending_explain.lock().map_or(true, |p| !p.is_empty());
+        let (snapshot, journal) = self.sizes.lock().map_or((0, u64::MAX), |s| *s);
+        jobs || journal > (snapshot / 4).max(4 << 10)
+    }
+
+    /// Record stat entries refreshed by a run that recorded no job (files whose times
+    /// changed, bytes not): one journal append, no fsync, no snapshot rewrite.
+    pub fn record_stats(&self, stats: Vec<(String, StatEntry)>) -> Result<(), DbError> {
+        self.journal
+            .append(Entry { job: None, stats })
+            .map_err(|e| self.io(e))
     }
 
     /// Make `state` (which must already hold every journal entry) the new snapshot, move
     /// the journal's readable keys into the explain store, then empty the journal. A crash
     /// in between leaves journal entries that repeat the snapshot: harmless.
     pub fn compact(&self, state: &State) -> Result<(), DbError> {
-        let entries = self.journal.read().map_err(|e| self.io(e))?;
-        if !entries.is_empty() {
+        let (entries, _) = self.journal.read().map_err(|e| self.io(e))?;
+        if entries.iter().any(|e| e.job.is_some()) {
             let (db, explain) = self.sled()?;
             let mut batch = sled::Batch::default();
-            for e in &entries {
-                batch.insert(&e.id, e.explain.as_slice());
+            for j in entries.iter().filter_map(|e| e.job.as_ref()) {
+                batch.insert(&j.id, j.explain.as_slice());
             }
             let err = |source| DbError::Sled {
                 path: self.sled_path(),
@@ -303,12 +326,14 @@ impl Db {
         stats: &[(String, StatEntry)],
     ) -> Result<(), DbError> {
         let e = Entry {
-            id: *id,
-            record: rec.clone(),
-            explain: encode(explain),
+            job: Some(JobEntry {
+                id: *id,
+                record: rec.clone(),
+                explain: encode(explain),
+            }),
             stats: stats.to_vec(),
         };
-        self.journal.append(&e).map_err(|e| self.io(e))
+        self.journal.append(e).map_err(|e| self.io(e))
     }
 }
 

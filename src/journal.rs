@@ -1,4 +1,4 @@
-//! The journal: an append-only file in front of the sled snapshot, one checksummed record per finished job, so a `kill -9` loses at most the job that was finishing without an fsync per job.
+//! The journal: an append-only file in front of the snapshot, one checksummed record per finished job (or per batch of refreshed stat entries), so a `kill -9` loses at most the job that was finishing without an fsync per job.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -11,14 +11,33 @@ use crate::db::{decode, encode, JobRecord};
 use crate::hash::{Hash, StatEntry};
 
 const MAGIC: &[u8; 8] = b"QBJRNL01";
+/// Set in a record's length for an entry of stat entries alone; a job's record has it
+/// clear (as every record had before such entries existed, so older journals read as is).
+const STATS_ONLY: u32 = 1 << 31;
 
-/// One finished job: its record, its readable key (encoded), and its outputs' stat entries.
-#[derive(Debug, Serialize, Deserialize)]
+/// One journal entry: a finished job and its outputs' stat entries, or stat entries alone
+/// (files whose times changed but whose bytes did not, as after a `touch`).
+#[derive(Debug)]
 pub struct Entry {
+    pub job: Option<JobEntry>,
+    pub stats: Vec<(String, StatEntry)>,
+}
+
+/// A finished job: its database id, its record, and its readable key (encoded).
+#[derive(Debug)]
+pub struct JobEntry {
     pub id: Hash,
     pub record: JobRecord,
     pub explain: Vec<u8>,
-    pub stats: Vec<(String, StatEntry)>,
+}
+
+/// A job's record as stored.
+#[derive(Serialize, Deserialize)]
+struct JobPayload {
+    id: Hash,
+    record: JobRecord,
+    explain: Vec<u8>,
+    stats: Vec<(String, StatEntry)>,
 }
 
 pub struct Journal {
@@ -43,10 +62,25 @@ impl Journal {
 
     /// Append one entry with a single `write`: `[len u32][checksum 8][payload]`. The bytes
     /// are in the kernel when this returns, so they survive qbuild being killed.
-    pub fn append(&self, e: &Entry) -> io::Result<()> {
-        let payload = encode(e);
+    pub fn append(&self, e: Entry) -> io::Result<()> {
+        let (payload, flag) = match e.job {
+            Some(j) => (
+                encode(&JobPayload {
+                    id: j.id,
+                    record: j.record,
+                    explain: j.explain,
+                    stats: e.stats,
+                }),
+                0,
+            ),
+            None => (encode(&e.stats), STATS_ONLY),
+        };
+        let len = u32::try_from(payload.len())
+            .ok()
+            .filter(|&l| l < STATS_ONLY)
+            .ok_or_else(|| io::Error::other("journal entry too large"))?;
         let mut rec = Vec::with_capacity(payload.len() + 12);
-        rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&(len | flag).to_le_bytes());
         rec.extend_from_slice(&checksum(&payload));
         rec.extend_from_slice(&payload);
         let mut guard = self
@@ -69,45 +103,54 @@ impl Journal {
         }
     }
 
-    /// Every intact entry, in order. Reading stops at the first torn or garbled record (the
-    /// tail a crash may leave); what follows it is ignored.
-    pub fn read(&self) -> io::Result<Vec<Entry>> {
+    /// Every intact entry, in order, and the file's length. Reading stops at the first torn
+    /// or garbled record (the tail a crash may leave); what follows it is ignored.
+    pub fn read(&self) -> io::Result<(Vec<Entry>, u64)> {
         let mut bytes = Vec::new();
         match File::open(&self.path) {
             Ok(mut f) => {
                 f.read_to_end(&mut bytes)?;
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
             Err(e) => return Err(e),
         }
+        let len = bytes.len() as u64;
         let mut out = Vec::new();
         if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-            return Ok(out);
+            return Ok((out, len));
         }
         let mut at = MAGIC.len();
         while at + 12 <= bytes.len() {
             let mut len = [0u8; 4];
             len.copy_from_slice(&bytes[at..at + 4]);
-            let len = u32::from_le_bytes(len) as usize;
+            let len = u32::from_le_bytes(len);
+            let stats_only = len & STATS_ONLY != 0;
+            let len = (len & !STATS_ONLY) as usize;
             let Some(payload) = bytes.get(at + 12..at + 12 + len) else {
                 break;
             };
             if bytes[at + 4..at + 12] != checksum(payload) {
                 break;
             }
-            match decode::<Entry>(payload) {
+            let entry = if stats_only {
+                decode(payload).map(|stats| Entry { job: None, stats })
+            } else {
+                decode::<JobPayload>(payload).map(|p| Entry {
+                    job: Some(JobEntry {
+                        id: p.id,
+                        record: p.record,
+                        explain: p.explain,
+                    }),
+                    stats: p.stats,
+                })
+            };
+            match entry {
                 Some(e) => out.push(e),
                 None => break,
             }
             at += 12 + len;
         }
-        Ok(out)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        fs::metadata(&self.path)
-            .map(|m| m.len() <= MAGIC.len() as u64)
-            .unwrap_or(true)
+        Ok((out, len))
     }
 
     /// Empty the journal (after its entries are safely in the snapshot).
@@ -130,15 +173,26 @@ mod tests {
 
     fn entry(n: u8) -> Entry {
         Entry {
-            id: [n; 32],
-            record: JobRecord {
-                key: [n; 32],
-                outputs: vec![[n; 32]],
-                duration_ms: n as u64,
-            },
-            explain: vec![n],
+            job: Some(JobEntry {
+                id: [n; 32],
+                record: JobRecord {
+                    key: [n; 32],
+                    outputs: vec![[n; 32]],
+                    duration_ms: n as u64,
+                },
+                explain: vec![n],
+            }),
             stats: Vec::new(),
         }
+    }
+
+    fn durations(j: &Journal) -> Vec<u8> {
+        j.read()
+            .expect("read")
+            .0
+            .iter()
+            .filter_map(|e| e.job.as_ref().map(|j| j.record.duration_ms as u8))
+            .collect()
     }
 
     #[test]
@@ -146,7 +200,7 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let j = Journal::new(&d.path().join("journal"));
         for n in 1..=3 {
-            j.append(&entry(n)).expect("append");
+            j.append(entry(n)).expect("append");
         }
         let len = fs::metadata(d.path().join("journal")).expect("meta").len();
         // Cut into the last record: the first two survive, the third is ignored.
@@ -155,13 +209,7 @@ mod tests {
             .open(d.path().join("journal"))
             .expect("open");
         f.set_len(len - 3).expect("truncate");
-        let got: Vec<u8> = j
-            .read()
-            .expect("read")
-            .iter()
-            .map(|e| e.record.duration_ms as u8)
-            .collect();
-        assert_eq!(got, vec![1, 2]);
+        assert_eq!(durations(&j), vec![1, 2]);
     }
 
     #[test]
@@ -169,12 +217,42 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let p = d.path().join("journal");
         let j = Journal::new(&p);
-        j.append(&entry(1)).expect("append");
-        j.append(&entry(2)).expect("append");
+        j.append(entry(1)).expect("append");
+        j.append(entry(2)).expect("append");
         let mut bytes = fs::read(&p).expect("read");
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
         fs::write(&p, bytes).expect("write");
-        assert_eq!(j.read().expect("read").len(), 1);
+        assert_eq!(j.read().expect("read").0.len(), 1);
+    }
+
+    #[test]
+    fn stat_only_entries_mix_with_job_entries() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let j = Journal::new(&d.path().join("journal"));
+        j.append(entry(1)).expect("append");
+        let stat = StatEntry {
+            stat: crate::hash::StatKey {
+                dev: 4,
+                ino: 3,
+                size: 9,
+                mtime_ns: 1,
+                ctime_ns: 2,
+                kind: 0,
+            },
+            hash: [7; 32],
+            hashed_at_ns: 5,
+        };
+        j.append(Entry {
+            job: None,
+            stats: vec![("a/b".into(), stat)],
+        })
+        .expect("append");
+        j.append(entry(2)).expect("append");
+        let got = j.read().expect("read").0;
+        assert_eq!(got.len(), 3);
+        assert!(got[1].job.is_none());
+        assert_eq!(got[1].stats, vec![("a/b".to_string(), stat)]);
+        assert_eq!(durations(&j), vec![1, 2]);
     }
 }

@@ -144,8 +144,9 @@ struct Work<'a> {
     ids: Vec<Hash>,
     /// The stat cache and job records as loaded, updated as jobs finish.
     db_state: crate::db::State,
-    /// Whether anything went to the journal (so a compaction is due at the end).
-    journal: bool,
+    /// Whether the journal is to be folded into a new snapshot at the end: it held job
+    /// records or grew large (`Db::compaction_due`), or this run recorded a job.
+    compact: bool,
     state: Vec<State>,
     pending: Vec<u32>,
     now: Vec<Now>,
@@ -338,7 +339,7 @@ pub fn build(
         stats,
     } = pre;
     let state_db = state_db?;
-    let journal = db.journal_pending();
+    let compact = db.compaction_due();
     phase("load state", t);
     let t = Instant::now();
     // Every file a wanted job touches, hashed (through the stat cache) in parallel.
@@ -404,7 +405,7 @@ pub fn build(
         progress,
         events,
         db_state: state_db,
-        journal,
+        compact,
         state,
         pending,
         now,
@@ -476,7 +477,13 @@ impl Work<'_> {
         // Jobs never started (stopped early) stay unsettled; nothing is recorded for them.
         let mut updates = std::mem::take(&mut self.stat_updates);
         settle_racy(&self.workdir, &mut updates, &self.stats);
-        if !updates.is_empty() || self.journal {
+        if !self.compact && !updates.is_empty() {
+            // Only refreshed stat entries (a `touch`): appended, not worth an fsync'd
+            // snapshot; if they are lost, the next run hashes those files again.
+            if let Err(e) = self.db.record_stats(updates) {
+                eprintln!("qbuild: warning: {e}; the files touched will be hashed again");
+            }
+        } else if self.compact {
             self.db_state.stat.extend(updates);
             // The journal already holds every record durably: a snapshot that cannot be
             // written now (a full disk) is written by a later run; nothing is lost.
@@ -927,7 +934,7 @@ impl Work<'_> {
             self.settle(j, State::Failed);
         } else if let Some((id, rec)) = record {
             self.db_state.jobs.insert(id, rec);
-            self.journal = true;
+            self.compact = true;
             recorded = true;
             self.stat_updates.extend(d.stats);
             for (f, a) in job.outs.iter().zip(&hashes) {

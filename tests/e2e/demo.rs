@@ -278,6 +278,89 @@ fn touching_every_source_runs_nothing() {
     assert_eq!(out.count("hashed_bytes"), 0, "{out}");
 }
 
+/// A run that only learns new stats (a `touch`) appends them to the journal instead of
+/// rewriting the snapshot (a durable rewrite of every record when nothing ran); the journal
+/// is folded in once it grows past a quarter of the snapshot, or when a job is recorded.
+/// Losing those stats costs a rehash, never a rerun.
+#[test]
+fn a_touch_only_run_appends_to_the_journal_and_keeps_the_snapshot() {
+    let (s, cat) = built_demo();
+    let n = cat.all().len() as u64;
+    let snapshot = s.join(".qbuild/snapshot");
+    let journal = s.join(".qbuild/journal");
+    let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let before = std::fs::read(&snapshot).expect("a built demo has a snapshot");
+    assert_eq!(size(&journal), 0, "a finished build leaves no journal");
+
+    s.touch("models/llama3.onnx", 5);
+    let out = s.run(["all"]);
+    out.assert_nothing_ran(n);
+    assert!(
+        out.count("hashed_bytes") > 0,
+        "the touched file is read\n{out}"
+    );
+    assert!(
+        std::fs::read(&snapshot).expect("snapshot") == before,
+        "the snapshot was rewritten for a touch"
+    );
+    assert!(size(&journal) > 8, "the new stat is not in the journal");
+    let out = s.run(["all"]);
+    out.assert_nothing_ran(n);
+    assert_eq!(
+        out.count("hashed_bytes"),
+        0,
+        "the journal's stat is not used\n{out}"
+    );
+
+    // The journal lost (as a crash may lose it): the file is read again, nothing runs.
+    std::fs::remove_file(&journal).expect("remove the journal");
+    let out = s.run(["all"]);
+    out.assert_nothing_ran(n);
+    assert!(out.count("hashed_bytes") > 0, "{out}");
+
+    // Touch-only runs never let the journal grow past a quarter of the snapshot (and
+    // 4 KiB) plus one run's entry: it is folded in, and the stats stay known.
+    let sources: Vec<String> = s
+        .files()
+        .into_iter()
+        .filter(|f| f.starts_with("models/"))
+        .collect();
+    let mut folded = false;
+    for round in 1..=40 {
+        for f in &sources {
+            s.touch(f, 5 + round);
+        }
+        let had = size(&journal);
+        s.run(["all"]).assert_nothing_ran(n);
+        let bound = (size(&snapshot) / 4).max(4096) + 4096;
+        assert!(
+            size(&journal) <= bound,
+            "journal {} > {bound}",
+            size(&journal)
+        );
+        if had > 0 && size(&journal) == 0 {
+            folded = true;
+            break;
+        }
+    }
+    assert!(folded, "touch-only runs never folded the journal in");
+    let out = s.run(["all"]);
+    out.assert_nothing_ran(n);
+    assert_eq!(out.count("hashed_bytes"), 0, "{out}");
+
+    // A job recorded folds the journal in at the end of its run.
+    for f in &sources {
+        s.touch(f, 60);
+    }
+    s.run(["all"]).assert_nothing_ran(n);
+    assert!(size(&journal) > 8);
+    s.append("models/test_vectors/input_0.raw", "x");
+    let out = s.run(["all"]);
+    assert!(!out.ran().is_empty(), "editing a source ran nothing\n{out}");
+    assert_eq!(size(&journal), 0, "the journal was not folded in");
+    assert_equals_clean_build(&s);
+}
+
 #[test]
 fn moving_the_work_folder_runs_nothing() {
     let (s, cat) = built_demo();
