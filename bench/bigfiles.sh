@@ -206,7 +206,7 @@ if has c; then
         altrun "touch-$what" "$r" 1 --rss-runs 0 \
             --cmd qbuild "$QB -C $DEMO -j2" --prepare qbuild "cd $DEMO && touch $files" \
             --cmd b3sum "b3sum $abs" --prepare b3sum "cd $DEMO && touch $files" \
-            --cmd noop "$QB -C $DEMO -j2"
+            --cmd noop "$QB -C $DEMO -j2" --prepare noop "$QB -C $DEMO -j2 >/dev/null 2>&1"
         get "touch-$what" qbuild; QM=$MED QMIN=$MIN
         get "touch-$what" b3sum; BM=$MED BMIN=$MIN
         get "touch-$what" noop; NM=$MED NMIN=$MIN
@@ -237,7 +237,7 @@ if has c; then
         rm -rf "$D"
     done
     emit ""
-    emit "Commands (alt.py, in alternation, 1 warmup round): prepare \`touch FILES\`, then \`$QB -C DEMO -j2\`; same prepare, then \`b3sum FILES\` (page cache warm for both); and \`$QB -C DEMO -j2\` with no touch (the no-op). ninja/make: \`touch\` the sources, then \`ninja|make -C DIR -j2\` once, on build files from bench/demo_ninja.py."
+    emit "Commands (alt.py, in alternation, 1 warmup round): prepare \`touch FILES\`, then \`$QB -C DEMO -j2\`; same prepare, then \`b3sum FILES\` (page cache warm for both); and \`$QB -C DEMO -j2\` with no touch (the no-op; its prepare is one untimed run of it, which takes in the other commands' touches). ninja/make: \`touch\` the sources, then \`ninja|make -C DIR -j2\` once, on build files from bench/demo_ninja.py."
     emit ""
 fi
 if has a || has c; then rm -rf "$DEMO"; fi
