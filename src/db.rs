@@ -289,15 +289,21 @@ impl Db {
         let (entries, _) = self.journal.read().map_err(|e| self.io(e))?;
         if entries.iter().any(|e| e.job.is_some()) {
             let (db, explain) = self.sled()?;
-            let mut batch = sled::Batch::default();
-            for j in entries.iter().filter_map(|e| e.job.as_ref()) {
-                batch.insert(&j.id, j.explain.as_slice());
-            }
             let err = |source| DbError::Sled {
                 path: self.sled_path(),
                 source,
             };
-            explain.apply_batch(batch).map_err(err)?;
+            // In batches of 64: sled keeps every version of a node a batch rewrote until
+            // the batch ends, so one batch of 10k keys peaked ~40 MB higher (87 MB against
+            // 48 MB for a build of 10k trivial commands).
+            let jobs: Vec<&JobEntry> = entries.iter().filter_map(|e| e.job.as_ref()).collect();
+            for chunk in jobs.chunks(64) {
+                let mut batch = sled::Batch::default();
+                for j in chunk {
+                    batch.insert(&j.id, j.explain.as_slice());
+                }
+                explain.apply_batch(batch).map_err(err)?;
+            }
             db.flush().map_err(err)?;
         }
         write_atomic(&self.snapshot_path(), &snapshot_bytes(state)).map_err(|e| self.io(e))?;
