@@ -81,6 +81,7 @@ fn noop_build(bencher: divan::Bencher, variants: usize) {
         dry_run: false,
         explain: false,
         verbose: false,
+        trace: false,
         toolchain: Vec::new(),
     };
     let run = || {

@@ -45,6 +45,20 @@ pub struct Journal {
     file: Mutex<Option<File>>,
 }
 
+/// Fill `buf` from `r` as far as the data goes; the number of bytes read (short at the end).
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
 fn checksum(payload: &[u8]) -> [u8; 8] {
     let h = blake3::hash(payload);
     let mut c = [0u8; 8];
@@ -103,39 +117,52 @@ impl Journal {
         }
     }
 
-    /// Every intact entry, in order, and the file's length. Reading stops at the first torn
-    /// or garbled record (the tail a crash may leave); what follows it is ignored.
+    /// Every intact entry, in order, and the file's length (see `for_each`).
     pub fn read(&self) -> io::Result<(Vec<Entry>, u64)> {
-        let mut bytes = Vec::new();
-        match File::open(&self.path) {
-            Ok(mut f) => {
-                f.read_to_end(&mut bytes)?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
-            Err(e) => return Err(e),
-        }
-        let len = bytes.len() as u64;
         let mut out = Vec::new();
-        if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-            return Ok((out, len));
+        let len = self.for_each(|e| out.push(e))?;
+        Ok((out, len))
+    }
+
+    /// Hand every intact entry to `f`, in order, streaming (one record in memory at a time:
+    /// a full build's journal holds a record per job), and return the file's length.
+    /// Reading stops at the first torn or garbled record (the tail a crash may leave); what
+    /// follows it is ignored.
+    pub fn for_each(&self, mut f: impl FnMut(Entry)) -> io::Result<u64> {
+        let file = match File::open(&self.path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let len = file.metadata()?.len();
+        let mut r = io::BufReader::with_capacity(1 << 16, file);
+        let mut magic = [0u8; 8];
+        if read_full(&mut r, &mut magic)? < magic.len() || &magic != MAGIC {
+            return Ok(len);
         }
-        let mut at = MAGIC.len();
-        while at + 12 <= bytes.len() {
-            let mut len = [0u8; 4];
-            len.copy_from_slice(&bytes[at..at + 4]);
-            let len = u32::from_le_bytes(len);
-            let stats_only = len & STATS_ONLY != 0;
-            let len = (len & !STATS_ONLY) as usize;
-            let Some(payload) = bytes.get(at + 12..at + 12 + len) else {
+        let mut payload = Vec::new();
+        loop {
+            let mut head = [0u8; 12];
+            if read_full(&mut r, &mut head)? < head.len() {
                 break;
-            };
-            if bytes[at + 4..at + 12] != checksum(payload) {
+            }
+            let mut word = [0u8; 4];
+            word.copy_from_slice(&head[..4]);
+            let word = u32::from_le_bytes(word);
+            let stats_only = word & STATS_ONLY != 0;
+            let n = (word & !STATS_ONLY) as usize;
+            // A garbled length never asks for more than the file holds.
+            if n as u64 > len {
+                break;
+            }
+            payload.resize(n, 0);
+            if read_full(&mut r, &mut payload)? < n || head[4..12] != checksum(&payload) {
                 break;
             }
             let entry = if stats_only {
-                decode(payload).map(|stats| Entry { job: None, stats })
+                decode(&payload).map(|stats| Entry { job: None, stats })
             } else {
-                decode::<JobPayload>(payload).map(|p| Entry {
+                decode::<JobPayload>(&payload).map(|p| Entry {
                     job: Some(JobEntry {
                         id: p.id,
                         record: p.record,
@@ -145,12 +172,11 @@ impl Journal {
                 })
             };
             match entry {
-                Some(e) => out.push(e),
+                Some(e) => f(e),
                 None => break,
             }
-            at += 12 + len;
         }
-        Ok((out, len))
+        Ok(len)
     }
 
     /// Empty the journal (after its entries are safely in the snapshot).

@@ -126,6 +126,7 @@ impl Session {
             dry_run: a.dry_run || a.status,
             explain: a.explain || a.status,
             verbose: a.verbose,
+            trace: a.trace.is_some(),
             toolchain: toolchain
                 .map(|t| vec![(t.name.clone(), t.version.clone())])
                 .unwrap_or_default(),

@@ -51,6 +51,8 @@ pub struct Options {
     pub dry_run: bool,
     pub explain: bool,
     pub verbose: bool,
+    /// Keep a span per job for `--trace` (not kept otherwise: ~100 B a job).
+    pub trace: bool,
     pub toolchain: Vec<(String, String)>,
 }
 
@@ -484,6 +486,7 @@ impl Work<'_> {
                 eprintln!("qbuild: warning: {e}; the files touched will be hashed again");
             }
         } else if self.compact {
+            let t = Instant::now();
             self.db_state.stat.extend(updates);
             // The journal already holds every record durably: a snapshot that cannot be
             // written now (a full disk) is written by a later run; nothing is lost.
@@ -493,6 +496,7 @@ impl Work<'_> {
                 }
                 other => other?,
             }
+            phase("fold the journal into the snapshot", t);
         }
         self.summary.hashed_bytes = self.stats.bytes();
         self.procs.finish();
@@ -819,14 +823,16 @@ impl Work<'_> {
         let j = d.job;
         self.running -= 1;
         let slot = d.slot;
-        self.summary.spans.push(Span {
-            label: self.g.jobs[j.idx()].spec.label.clone(),
-            rule: self.rule_name(j).to_string(),
-            start_us: d.started.saturating_duration_since(self.t0).as_micros() as u64,
-            dur_us: d.took.as_micros() as u64,
-            slot,
-            ok: matches!(d.result, Ok(Outcome::Success)),
-        });
+        if self.opts.trace {
+            self.summary.spans.push(Span {
+                label: self.g.jobs[j.idx()].spec.label.clone(),
+                rule: self.rule_name(j).to_string(),
+                start_us: d.started.saturating_duration_since(self.t0).as_micros() as u64,
+                dur_us: d.took.as_micros() as u64,
+                slot,
+                ok: matches!(d.result, Ok(Outcome::Success)),
+            });
+        }
         if let Some(p) = self.g.jobs[j.idx()].spec.pool {
             self.pool_used[p as usize] -= 1;
         }
