@@ -494,10 +494,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_snapshot_larger_than_its_write_buffer_reads_back_whole() {
+    /// A state folder holding `state` as its snapshot.
+    fn with_snapshot(state: &State) -> (tempfile::TempDir, Db) {
         let d = tempfile::tempdir().expect("tempdir");
         let db = Db::new(d.path());
+        db.compact(state).expect("snapshot");
+        (d, db)
+    }
+
+    #[test]
+    fn a_snapshot_larger_than_its_write_buffer_reads_back_whole() {
         let mut state = State::default();
         state
             .stat
@@ -514,7 +520,7 @@ mod tests {
                 },
             );
         }
-        db.compact(&state).expect("snapshot");
+        let (d, db) = with_snapshot(&state);
         let len = std::fs::metadata(d.path().join("snapshot"))
             .expect("meta")
             .len();
@@ -526,13 +532,11 @@ mod tests {
 
     #[test]
     fn the_journal_overlays_the_snapshot_and_its_latest_stat_wins() {
-        let d = tempfile::tempdir().expect("tempdir");
-        let db = Db::new(d.path());
         let mut state = State::default();
         state
             .stat
             .extend(vec![("a".to_string(), stat(1)), ("b".to_string(), stat(1))]);
-        db.compact(&state).expect("snapshot");
+        let (_d, db) = with_snapshot(&state);
         db.record_stats(vec![("b".to_string(), stat(2)), ("c".to_string(), stat(2))])
             .expect("append");
         db.record_stats(vec![("b".to_string(), stat(3))])
