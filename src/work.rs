@@ -472,9 +472,6 @@ impl Work<'_> {
                     }
                 }
             }
-            if self.stopping {
-                self.stop.store(true, Ordering::SeqCst);
-            }
         }
         // Jobs never started (stopped early) stay unsettled; nothing is recorded for them.
         let mut updates = std::mem::take(&mut self.stat_updates);
@@ -512,7 +509,7 @@ impl Work<'_> {
     fn poll_interrupt(&mut self) {
         let sig = INTERRUPT.load(Ordering::SeqCst);
         if sig != 0 && !self.stopping {
-            self.stopping = true;
+            self.begin_stopping();
             self.summary.interrupted = Some(sig);
             self.progress.message(&format!(
                 "qbuild: interrupted; stopping {} running job(s)",
@@ -661,15 +658,35 @@ impl Work<'_> {
     /// A queued job that a worker handed back unstarted (the build is stopping): it stays
     /// unsettled, like the jobs never queued; nothing ran, nothing is recorded.
     fn unstart(&mut self, j: JobId) {
-        self.running -= 1;
+        self.release(j);
         self.state[j.idx()] = State::Queued;
         self.keys.remove(&j);
+        self.forget_expected(j);
+    }
+
+    /// A job handed to the workers came back (run or not): its slot and pool place free up.
+    fn release(&mut self, j: JobId) {
+        self.running -= 1;
         if let Some(p) = self.g.jobs[j.idx()].spec.pool {
             self.pool_used[p as usize] -= 1;
         }
+    }
+
+    /// Take `j` out of the ETA.
+    fn forget_expected(&mut self, j: JobId) {
         if let Some(ms) = self.expected_of.remove(&j) {
             self.expected_ms = self.expected_ms.saturating_sub(ms);
+            if self.expected(j).is_some() {
+                self.expected_known = self.expected_known.saturating_sub(1);
+            }
         }
+    }
+
+    /// Start no more jobs: the scheduler stops queueing, and workers hand back what is
+    /// queued unstarted.
+    fn begin_stopping(&mut self) {
+        self.stopping = true;
+        self.stop.store(true, Ordering::SeqCst);
     }
 
     fn fail_before_start(&mut self, j: JobId, why: &str) {
@@ -691,12 +708,7 @@ impl Work<'_> {
     /// The one place a job reaches a final state; releases its dependents.
     fn settle(&mut self, j: JobId, st: State) {
         self.state[j.idx()] = st;
-        if let Some(ms) = self.expected_of.remove(&j) {
-            self.expected_ms = self.expected_ms.saturating_sub(ms);
-            if self.expected(j).is_some() {
-                self.expected_known = self.expected_known.saturating_sub(1);
-            }
-        }
+        self.forget_expected(j);
         match st {
             State::UpToDate => self.summary.up_to_date += 1,
             State::Ran => self.summary.ran += 1,
@@ -704,7 +716,7 @@ impl Work<'_> {
             State::Failed => {
                 self.summary.failed += 1;
                 if !self.opts.keep_going {
-                    self.stopping = true;
+                    self.begin_stopping();
                 }
             }
             State::Skipped => self.summary.skipped += 1,
@@ -723,7 +735,6 @@ impl Work<'_> {
 
     fn start_some(&mut self, tx: &mpsc::Sender<Msg>) {
         if self.stopping {
-            self.stop.store(true, Ordering::SeqCst);
             self.queued.clear();
             return;
         }
@@ -821,20 +832,16 @@ impl Work<'_> {
     /// Handle a finished job; returns whether a record was written.
     fn finish(&mut self, d: Done) -> Result<bool, WorkError> {
         let j = d.job;
-        self.running -= 1;
-        let slot = d.slot;
+        self.release(j);
         if self.opts.trace {
             self.summary.spans.push(Span {
                 label: self.g.jobs[j.idx()].spec.label.clone(),
                 rule: self.rule_name(j).to_string(),
                 start_us: d.started.saturating_duration_since(self.t0).as_micros() as u64,
                 dur_us: d.took.as_micros() as u64,
-                slot,
+                slot: d.slot,
                 ok: matches!(d.result, Ok(Outcome::Success)),
             });
-        }
-        if let Some(p) = self.g.jobs[j.idx()].spec.pool {
-            self.pool_used[p as usize] -= 1;
         }
         let job = &self.g.jobs[j.idx()];
         let rels = self.g.outputs(j);
@@ -1047,8 +1054,6 @@ impl Work<'_> {
 
 use crate::expand::Action;
 
-/// After a command succeeded: every declared output exists, files are non-empty (unless
-/// allowed), and the rule's `check` command passes.
 /// What a worker needs to run one job.
 struct Task {
     j: JobId,
@@ -1197,6 +1202,8 @@ struct Post {
     is_command: bool,
 }
 
+/// After a command succeeded: every declared output exists, files are non-empty (unless
+/// allowed), and the rule's `check` command passes.
 fn sanity_check(
     outputs: &[PathBuf],
     rels: &[String],
