@@ -93,7 +93,7 @@ pub fn clean(
     let mut forget = Vec::new();
     for &j in jobs {
         let outputs = g.outputs(j);
-        let id = job_id(&outputs);
+        let id = job_id(outputs.iter().copied());
         let Some(rec) = records.get(&id) else {
             continue;
         };

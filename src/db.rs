@@ -464,11 +464,11 @@ fn try_open(path: &Path) -> Result<(sled::Db, sled::Tree), OpenError> {
 }
 
 /// The database id of a job: a hash of its declared output paths.
-pub fn job_id<S: AsRef<str>>(outputs: &[S]) -> Hash {
+pub fn job_id<'a>(outputs: impl IntoIterator<Item = &'a str>) -> Hash {
     let mut h = blake3::Hasher::new();
     h.update(b"qbuild-job\0");
     for o in outputs {
-        h.update(o.as_ref().as_bytes());
+        h.update(o.as_bytes());
         h.update(b"\0");
     }
     *h.finalize().as_bytes()

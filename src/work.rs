@@ -391,7 +391,8 @@ pub fn build(
     // Each wanted job's database id, computed once (they are looked up again and again).
     let ids: Vec<Hash> = map_range(g.jobs.len(), |i| {
         if want[i] {
-            job_id(&g.outputs(JobId(i as u32)))
+            // Straight from the file table: no vector of paths per job.
+            job_id(g.jobs[i].outs.iter().map(|f| g.path(*f)))
         } else {
             [0; 32]
         }
