@@ -136,9 +136,9 @@ fn write_snapshot(path: &Path, state: &State) -> std::io::Result<()> {
     })
 }
 
-/// Read the snapshot file: check its header, length and checksum in a first streamed pass,
-/// then decode it in a second (never holding the file's bytes and the decoded state at
-/// once). `Ok(None)` when there is no snapshot; `Err(Ok(why))` when it cannot be trusted.
+/// Read the snapshot file whole, check its header, length and checksum, and decode it.
+/// `Ok(None)` when there is no snapshot; `Err(Ok(why))` when it cannot be trusted; with
+/// the state, the file's length.
 fn read_snapshot(path: &Path) -> Result<Option<(State, u64)>, Result<String, std::io::Error>> {
     use std::io::Read;
     let mut f = match std::fs::File::open(path) {
@@ -482,12 +482,8 @@ mod tests {
     fn stat(size: u64) -> StatEntry {
         StatEntry {
             stat: StatKey {
-                dev: 1,
-                ino: 2,
                 size,
-                mtime_ns: 3,
-                ctime_ns: 4,
-                kind: 0,
+                ..StatKey::default()
             },
             hash: [size as u8; 32],
             hashed_at_ns: 5,

@@ -155,13 +155,14 @@ pub fn reap_orphans(state_dir: &Path) -> usize {
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty())
         .collect();
+    if tokens.is_empty() {
+        let _ = fs::remove_file(&path);
+        return 0;
+    }
     let me = std::process::id() as i32;
     let mut stopped: HashSet<i32> = HashSet::new();
     // Again until none is left: a process may fork while its relatives are being killed.
     for _ in 0..200 {
-        if tokens.is_empty() {
-            break;
-        }
         let marked: Vec<(i32, i32)> = live_processes()
             .into_iter()
             .filter(|&(pid, _)| pid != me && carries_token(pid, &tokens))
@@ -298,7 +299,7 @@ pub fn run(
         }
     }
     // No pre_exec hook (it would force fork over posix_spawn): a qbuild killed outright
-    // leaves its groups in `.qbuild/running`, and the next run stops them first.
+    // leaves its token in `.qbuild/running`, and the next run stops what carries it first.
     let mut child = cmd.spawn().map_err(|e| {
         let what = match action {
             Action::Argv(v) => v.first().cloned().unwrap_or_default(),

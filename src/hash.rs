@@ -84,7 +84,7 @@ impl StatCache {
         self.position(path).map(|i| &self.entries[i].1)
     }
 
-    /// Where `path` is among `paths()`.
+    /// Where `path` is among `entries()`.
     pub fn position(&self, path: &str) -> Option<usize> {
         self.entries
             .binary_search_by(|(p, _)| p.as_str().cmp(path))
