@@ -104,6 +104,14 @@ impl StatCache {
         self.entries.is_empty()
     }
 
+    /// Drop the entries of `paths`, which are sorted.
+    pub fn remove(&mut self, paths: &[String]) {
+        if !paths.is_empty() {
+            self.entries
+                .retain(|(p, _)| paths.binary_search(p).is_err());
+        }
+    }
+
     /// Add or replace entries (later ones win).
     pub fn extend(&mut self, new: impl IntoIterator<Item = (String, StatEntry)>) {
         let new = StatCache::from_vec(new.into_iter().collect());
@@ -327,5 +335,8 @@ mod tests {
         let back: StatCache = crate::db::decode(&crate::db::encode(&c)).expect("decodes");
         assert_eq!(back.len(), 3);
         assert_eq!(back.get("c").map(|x| x.hashed_at_ns), Some(4));
+        c.remove(&[p("a"), p("c"), p("d")]);
+        let left: Vec<&str> = c.entries().iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(left, ["b"]);
     }
 }

@@ -147,8 +147,11 @@ struct Work<'a> {
     /// The stat cache and job records as loaded, updated as jobs finish.
     db_state: crate::db::State,
     /// Whether the journal is to be folded into a new snapshot at the end: it held job
-    /// records or grew large (`Db::compaction_due`), or this run recorded a job.
+    /// records or grew large (`Db::compaction_due`), this run recorded a job, or it has
+    /// `dead` entries to drop.
     compact: bool,
+    /// Stat-cache paths to drop when the state is folded (sorted): gone and not in the graph.
+    dead: Vec<String>,
     state: Vec<State>,
     pending: Vec<u32>,
     now: Vec<Now>,
@@ -367,6 +370,15 @@ pub fn build(
             None => scan_one(&arts, path, Some(at.map(|k| &state_db.stat.entries()[k].1))),
         }
     });
+    // Cache entries of files that are gone and no longer in the graph (a renamed job's old
+    // outputs, once deleted): each would cost every later run a stat. Dropped at this run's
+    // end, as ninja's log recompaction drops dead paths; entries of files still on disk stay.
+    let dead: Vec<String> = scan
+        .iter()
+        .zip(state_db.stat.entries())
+        .filter(|(s, (p, _))| matches!(s, Now::Missing) && g.by_path.get(&g.files, p).is_none())
+        .map(|(_, (p, _))| p.clone())
+        .collect();
     drop(scan);
     let mut stat_updates = scan_updates;
     stat_updates.extend(arts.take_updates());
@@ -408,7 +420,8 @@ pub fn build(
         progress,
         events,
         db_state: state_db,
-        compact,
+        compact: compact || !dead.is_empty(),
+        dead,
         state,
         pending,
         now,
@@ -485,6 +498,7 @@ impl Work<'_> {
             }
         } else if self.compact {
             let t = Instant::now();
+            self.db_state.stat.remove(&self.dead);
             self.db_state.stat.extend(updates);
             // The journal already holds every record durably: a snapshot that cannot be
             // written now (a full disk) is written by a later run; nothing is lost.

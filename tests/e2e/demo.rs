@@ -282,6 +282,66 @@ fn touching_every_source_runs_nothing() {
 /// rewriting the snapshot (a durable rewrite of every record when nothing ran); the journal
 /// is folded in once it grows past a quarter of the snapshot, or when a job is recorded.
 /// Losing those stats costs a rehash, never a rerun.
+/// A renamed job's old output stays on disk (qbuild deletes nothing it was not asked to), and
+/// so does its stat-cache entry; once the file is deleted, the entry goes at the next run's
+/// end, so later runs no longer stat it (ninja's log recompaction drops dead paths the same way).
+#[test]
+fn the_state_forgets_files_that_are_gone_and_no_longer_in_the_qairtfile() {
+    let qairtfile = |ids: &str| {
+        format!(
+            "[vars]\nids = [{ids}]\n\n[rule.copy]\nmatrix = {{ i = \"${{ids}}\" }}\n\
+             inputs = [\"src/${{i}}.txt\"]\noutputs = [\"out/${{i}}.txt\"]\n\
+             command = \"cp ${{inputs}} ${{outputs}}\"\n"
+        )
+    };
+    let s = Space::new();
+    s.write("Qairtfile", qairtfile("\"a\", \"b\""))
+        .write("src/a.txt", "a\n")
+        .write("src/b.txt", "b\n")
+        .write("src/c.txt", "c\n");
+    s.build_all();
+    let state = |s: &Space| {
+        let mut bytes = s.read(".qbuild/snapshot");
+        if s.exists(".qbuild/journal") {
+            bytes.extend(s.read(".qbuild/journal"));
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    assert!(
+        state(&s).contains("out/b.txt"),
+        "the snapshot names no path"
+    );
+
+    s.write("Qairtfile", qairtfile("\"a\", \"c\""));
+    s.build_all().assert_ran(&set(["copy i=c"]));
+    assert!(s.exists("out/b.txt"));
+    let out = s.run(["all"]);
+    out.assert_nothing_ran(2);
+    assert!(
+        state(&s).contains("out/b.txt"),
+        "a file still on disk was forgotten"
+    );
+
+    s.remove("out/b.txt");
+    s.run(["all"]).assert_nothing_ran(2);
+    let after = state(&s);
+    assert!(
+        !after.contains("out/b.txt"),
+        "the state still names out/b.txt"
+    );
+    for kept in ["out/a.txt", "out/c.txt", "src/a.txt", "src/c.txt"] {
+        assert!(after.contains(kept), "{kept} was dropped from the state");
+    }
+    let snapshot = s.read(".qbuild/snapshot");
+    let out = s.run(["all"]);
+    out.assert_nothing_ran(2);
+    assert_eq!(out.count("hashed_bytes"), 0, "{out}");
+    assert!(
+        s.read(".qbuild/snapshot") == snapshot,
+        "a no-op with nothing to drop rewrote the snapshot"
+    );
+}
+
 #[test]
 fn a_touch_only_run_appends_to_the_journal_and_keeps_the_snapshot() {
     let (s, cat) = built_demo();
