@@ -38,7 +38,16 @@ pub struct Artifacts<'a> {
     pub stats: &'a HashStats,
     /// New or refreshed stat-cache entries to write back.
     pub updates: Mutex<Vec<(String, StatEntry)>>,
+    /// Folder hashes by key, for an instance used while nothing runs (`before_build`): a
+    /// folder that many links point to (the split's test vectors) is walked once.
+    folders: Option<Mutex<rustc_hash::FxHashMap<String, Hash>>>,
+    /// What the run's opening scan found for a file, by key (`None`: not scanned): trusted
+    /// without another stat.
+    scanned: Option<&'a Scanned<'a>>,
 }
+
+/// A file's content hash as the run's opening scan found it.
+pub type Scanned<'a> = dyn Fn(&str) -> Option<Hash> + Sync + 'a;
 
 impl<'a> Artifacts<'a> {
     pub fn new(workdir: &Path, cache: &'a StatCache, stats: &'a HashStats) -> Self {
@@ -47,7 +56,17 @@ impl<'a> Artifacts<'a> {
             cache,
             stats,
             updates: Mutex::new(Vec::new()),
+            folders: None,
+            scanned: None,
         }
+    }
+
+    /// For hashing before anything runs: each folder is walked at most once, and a file the
+    /// opening scan found is not looked at again. Never for an instance used after a job ran.
+    pub fn before_build(mut self, scanned: &'a Scanned<'a>) -> Self {
+        self.folders = Some(Mutex::default());
+        self.scanned = Some(scanned);
+        self
     }
 
     pub fn abs(&self, rel: &str) -> PathBuf {
@@ -135,12 +154,36 @@ impl<'a> Artifacts<'a> {
             return Ok(hash_link(&text, th.as_ref()));
         }
         if ft.is_dir() {
-            let mut entries: Vec<(Vec<u8>, PathBuf)> = fs::read_dir(path)?
-                .map(|e| e.map(|e| (e.file_name().as_encoded_bytes().to_vec(), e.path())))
+            let memo = |k: &str| {
+                let folders = self.folders.as_ref()?.lock().ok()?;
+                folders.get(k).copied()
+            };
+            if let Some(h) = memo(key) {
+                return Ok(h);
+            }
+            let mut entries: Vec<(Vec<u8>, PathBuf, fs::FileType)> = fs::read_dir(path)?
+                .map(|e| {
+                    let e = e?;
+                    Ok((
+                        e.file_name().as_encoded_bytes().to_vec(),
+                        e.path(),
+                        e.file_type()?,
+                    ))
+                })
                 .collect::<io::Result<_>>()?;
-            entries.sort();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
             let mut t = TreeHasher::new();
-            for (name, p) in entries {
+            for (name, p, ft) in entries {
+                let child_key = format!("{key}/{}", String::from_utf8_lossy(&name));
+                // The folder's listing says it is a file (no stat): the scan's hash stands.
+                if let Some(h) = ft
+                    .is_file()
+                    .then(|| self.scanned.and_then(|f| f(&child_key)))
+                    .flatten()
+                {
+                    t.entry(&name, KIND_FILE, &h);
+                    continue;
+                }
                 let m = fs::symlink_metadata(&p)?;
                 let kind = if m.file_type().is_symlink() {
                     KIND_LINK
@@ -149,11 +192,14 @@ impl<'a> Artifacts<'a> {
                 } else {
                     KIND_FILE
                 };
-                let child_key = format!("{key}/{}", String::from_utf8_lossy(&name));
                 let h = self.hash_with_meta(&child_key, &p, &m, depth + 1, None)?;
                 t.entry(&name, kind, &h);
             }
-            return Ok(t.finish());
+            let h = t.finish();
+            if let Some(Ok(mut folders)) = self.folders.as_ref().map(|m| m.lock()) {
+                folders.insert(key.to_string(), h);
+            }
+            return Ok(h);
         }
         let st = StatKey::from_meta(meta, KIND_FILE);
         let cached = match hint {
@@ -240,5 +286,46 @@ pub fn settle_racy(workdir: &Path, entries: &mut [(String, StatEntry)], stats: &
         if let Ok(fresh) = hash_fresh(&path, st, stats) {
             *entry = fresh;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn before_a_build_a_folder_is_walked_once_and_scanned_files_are_trusted() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let w = d.path();
+        fs::create_dir_all(w.join("tv")).expect("mkdir");
+        fs::write(w.join("tv/a.raw"), "a").expect("write");
+        fs::write(w.join("tv/b.raw"), "b").expect("write");
+        symlink("tv", w.join("l1")).expect("link");
+        symlink("tv", w.join("l2")).expect("link");
+        let (cache, stats) = (StatCache::default(), HashStats::default());
+        let plain = |rel: &str| {
+            Artifacts::new(w, &cache, &stats)
+                .current(rel)
+                .expect("hash")
+                .expect("exists")
+        };
+        let folder = plain("tv");
+
+        // The scan knew tv/a.raw: its hash is used, not the file's bytes.
+        let scanned = |k: &str| (k == "tv/a.raw").then_some([7u8; 32]);
+        let arts = Artifacts::new(w, &cache, &stats).before_build(&scanned);
+        let via_scan = arts.current("tv").expect("hash").expect("exists");
+        assert_ne!(via_scan, folder, "the scan's hash of tv/a.raw was not used");
+        // Walked once: a change now is not seen through the second link by this instance,
+        // and both links show the same folder.
+        fs::write(w.join("tv/c.raw"), "c").expect("write");
+        let l1 = arts.current("l1").expect("hash");
+        let l2 = arts.current("l2").expect("hash");
+        assert_eq!(l1, l2);
+        assert_eq!(l1, Some(hash_link(Path::new("tv"), Some(&via_scan))));
+        // A plain instance (as after a job ran) sees the folder as it is.
+        assert_ne!(plain("tv"), folder);
+        assert_ne!(plain("l1"), hash_link(Path::new("tv"), Some(&folder)));
     }
 }

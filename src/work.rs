@@ -356,7 +356,11 @@ pub fn build(
             }
         }
     }
-    let arts = Artifacts::new(workdir, &state_db.stat, &stats);
+    let scanned = |key: &str| match state_db.stat.position(key).and_then(|k| scan.get(k)) {
+        Some(Now::Have(a)) => Some(a.content),
+        _ => None,
+    };
+    let arts = Artifacts::new(workdir, &state_db.stat, &stats).before_build(&scanned);
     let now: Vec<Now> = map_range(g.files.len(), |i| {
         if !touched[i] {
             return Now::Unknown;
@@ -379,10 +383,10 @@ pub fn build(
         .filter(|(s, (p, _))| matches!(s, Now::Missing) && g.by_path.get(&g.files, p).is_none())
         .map(|(_, (p, _))| p.clone())
         .collect();
-    drop(scan);
     let mut stat_updates = scan_updates;
     stat_updates.extend(arts.take_updates());
     drop(arts);
+    drop(scan);
     phase("stat and hash", t);
 
     let mut state = vec![State::Skipped; g.jobs.len()];
