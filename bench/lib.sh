@@ -48,6 +48,17 @@ print(r["median"], r["mean"], r["sd"], r["min"], int(r["rss_kb_median"]), r["run
 EOF
 }
 
+# paired_ratio JSON A B: the median over rounds of A's time / B's time in the same round
+# (alt.py runs every command once per round, so a change in background load mostly cancels).
+paired_ratio() {
+    python3 - "$1" "$2" "$3" <<'EOF'
+import json, statistics, sys
+runs = {x["name"]: x["times"] for x in json.load(open(sys.argv[1]))}
+a, b = runs[sys.argv[2]], runs[sys.argv[3]]
+print(f"{statistics.median(x / y for x, y in zip(a, b)):.2f}x")
+EOF
+}
+
 # fmt_s SECONDS: human time.
 fmt_s() {
     python3 -c '
