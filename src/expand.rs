@@ -149,7 +149,8 @@ pub struct Pool {
 pub struct Model {
     pub source: Source,
     pub rules: Vec<RuleInfo>,
-    pub jobs: Vec<JobSpec>,
+    /// Boxed: the graph takes each spec over as it is, without a second buffer of specs.
+    pub jobs: Vec<Box<JobSpec>>,
     pub pools: Vec<Pool>,
     pub default: Vec<Str>,
     pub aliases: Vec<(Str, Vec<Str>)>,
@@ -927,12 +928,15 @@ fn matches(
     Ok(true)
 }
 
+// Boxed specs (see `Model::jobs`): the graph takes them over one by one, never holding a
+// second buffer of every spec.
+#[allow(clippy::vec_box)]
 fn expand_rule<'a>(
     g: &mut Globals<'a>,
     ri: u32,
     rule: &'a RuleDef,
     pools: &[Pool],
-    jobs: &mut Vec<JobSpec>,
+    jobs: &mut Vec<Box<JobSpec>>,
 ) -> Result<(), Diagnostic> {
     let src = g.src;
     // Matrix axes.
@@ -1039,7 +1043,7 @@ fn expand_rule<'a>(
 
     let mut idx = vec![0usize; axes.len()];
     let total = total.unwrap_or(0);
-    // Exactly: a doubled buffer of 240-byte specs is tens of MB at 100k jobs.
+    // Exactly: a doubled buffer would be idle memory for the whole run.
     jobs.reserve_exact(total.min(1 << 20));
     for _ in 0..total {
         let assignment: Vec<(Rc<str>, Rc<str>)> = axes
@@ -1153,7 +1157,7 @@ fn expand_rule<'a>(
                             format!("link `{link}` points at itself"),
                         ));
                     }
-                    jobs.push(JobSpec {
+                    jobs.push(Box::new(JobSpec {
                         rule: ri,
                         label: format!("link {link} ({label_base})"),
                         inputs: Vec::new(),
@@ -1167,7 +1171,7 @@ fn expand_rule<'a>(
                         check: None,
                         toolchain: false,
                         allow_empty: true,
-                    });
+                    }));
                 }
             }
             if matches!(rule.action, RawAction::LinksOnly) {
@@ -1234,7 +1238,7 @@ fn expand_rule<'a>(
                 allow_empty: rule.allow_empty,
             }
         };
-        jobs.push(job);
+        jobs.push(Box::new(job));
     }
     Ok(())
 }

@@ -36,7 +36,7 @@ pub struct File {
 pub struct Job {
     /// The expanded rule instance; its `inputs`, `outputs` and `order_only` are emptied
     /// once interned (read paths through `ins`, `outs`, `order`).
-    pub spec: JobSpec,
+    pub spec: Box<JobSpec>,
     pub ins: Vec<FileId>,
     pub outs: Vec<FileId>,
     /// Built before this job, but not part of its key (a link's target).
