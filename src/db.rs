@@ -355,13 +355,27 @@ impl Db {
                 }
             })
             .map_err(|e| self.io(e))?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        apply(&mut jobs)?;
-        if any {
-            let (db, _) = self.sled()?;
-            db.flush().map_err(err)?;
+        let explained = match failed {
+            Some(e) => Err(e),
+            None => apply(&mut jobs).and_then(|()| match any {
+                true => self.sled()?.0.flush().map(drop).map_err(err),
+                false => Ok(()),
+            }),
+        };
+        match explained {
+            // The explain store never decides what runs: one that fails for any reason but
+            // the disk's is set aside (the next run starts a new one), and the snapshot is
+            // written all the same. Only this run's jobs lose their explanations.
+            Err(e) if e.is_corruption() => {
+                let aside = set_aside(&self.dir, &["state.sled"]).map_or_else(
+                    |(_, m)| format!("could not move it: {m}"),
+                    |p| format!("moved it to {}", p.display()),
+                );
+                eprintln!(
+                    "qbuild: warning: the explain store failed ({e}); {aside}: the jobs of this run cannot be explained"
+                );
+            }
+            other => other?,
         }
         write_snapshot(&self.snapshot_path(), state).map_err(|e| self.io(e))?;
         self.journal.clear().map_err(|e| self.io(e))

@@ -488,6 +488,9 @@ struct Tally {
     /// Kills after which the next run called the store unreadable and set it aside, losing
     /// every record (a bug on first builds; an Edit trial fails on it at once).
     state_set_aside: usize,
+    /// Kills after which the next run set the explain store aside (it never decides what
+    /// runs, so nothing else changes).
+    explain_store_set_aside: usize,
     /// Jobs not reported finished, with intact outputs, that the dry run found up to date:
     /// qbuild was killed between writing a job's record and printing its event (at most
     /// one job per kill). Tolerated a few times; a systematic "record before the command
@@ -647,7 +650,12 @@ impl Project {
             {
                 tally.with_reaped_leftovers += 1;
             }
-            if dry.stderr.contains("unreadable") {
+            let set_aside = says_state_unreadable(&dry.stderr);
+            if dry.stderr.contains("the explain store") {
+                // Only explanations are lost (reliability.rs' damage table: same runs).
+                tally.explain_store_set_aside += 1;
+            }
+            if set_aside {
                 // A store that held records before this build must survive the kill. (On a
                 // first build see crash_the_state_database_survives_a_kill_before_the_first_job_finishes.)
                 assert_ne!(
@@ -657,7 +665,6 @@ impl Project {
                 );
                 tally.state_set_aside += 1;
             }
-            let set_aside = dry.stderr.contains("unreadable");
             let would = dry.would_run();
             let snap = s.snapshot();
             let mut needed = BTreeSet::new();
@@ -760,6 +767,13 @@ impl Project {
 
 /// What every crash harness asserts once all its trials ran (each trial already checked
 /// that nothing unfinished is trusted and that the rebuild equals a clean build).
+/// Whether qbuild said the state database (not merely the explain store) was unreadable.
+fn says_state_unreadable(stderr: &str) -> bool {
+    stderr
+        .lines()
+        .any(|l| l.contains("the state database") && l.contains("is unreadable"))
+}
+
 fn check_tally(t: &Tally, n: usize) {
     assert_eq!(t.trials, n);
     assert!(
