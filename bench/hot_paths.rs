@@ -70,8 +70,45 @@ fn expand_qairtfile(bencher: divan::Bencher, variants: usize) {
 fn noop_build(bencher: divan::Bencher, variants: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = write_tree(dir.path(), variants);
-    let g = qbuild::load_graph(&file, Path::new("Qairtfile")).expect("loads");
-    let state = dir.path().join(".qbuild");
+    bench_noop(bencher, dir.path(), &file);
+}
+
+/// A no-op where 16 splits each link one folder of `files` test vectors and read it (the
+/// real pipeline's shape): the folder must be walked once, not once per link.
+#[divan::bench(args = [100, 1000], sample_count = 20)]
+fn noop_linked_folder(bencher: divan::Bencher, files: usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("tv")).expect("mkdir");
+    for i in 0..files {
+        std::fs::write(d.join(format!("tv/input_{i}.raw")), [i as u8; 128]).expect("write");
+    }
+    std::fs::write(d.join("model.txt"), "model\n").expect("write");
+    let file = d.join("Qairtfile");
+    std::fs::write(
+        &file,
+        r#"[vars]
+splits = { range = [1, 16] }
+[rule.split]
+matrix = { s = "${splits}" }
+inputs = ["model.txt"]
+outputs = ["out/split_${s}.txt"]
+links = [{ link = "out/tv_${s}", to = "tv" }]
+command = "cat ${inputs} > out/split_${s}.txt"
+[rule.quantize]
+matrix = { s = "${splits}" }
+inputs = ["out/split_${s}.txt", "out/tv_${s}"]
+outputs = ["out/q_${s}.txt"]
+command = "ls ${inputs} > ${outputs}"
+"#,
+    )
+    .expect("write");
+    bench_noop(bencher, d, &file);
+}
+
+fn bench_noop(bencher: divan::Bencher, dir: &Path, file: &Path) {
+    let g = qbuild::load_graph(file, Path::new("Qairtfile")).expect("loads");
+    let state = dir.join(".qbuild");
     std::fs::create_dir_all(&state).expect("mkdir");
     let db = Db::new(&state);
     let jobs: Vec<JobId> = (0..g.jobs.len()).map(|i| JobId(i as u32)).collect();
@@ -84,18 +121,7 @@ fn noop_build(bencher: divan::Bencher, variants: usize) {
         trace: false,
         toolchain: Vec::new(),
     };
-    let run = || {
-        build(
-            &g,
-            dir.path(),
-            &db,
-            &jobs,
-            &opts,
-            &mut Quiet,
-            &mut |_| {},
-            None,
-        )
-    };
+    let run = || build(&g, dir, &db, &jobs, &opts, &mut Quiet, &mut |_| {}, None);
     let first = run().expect("first build");
     assert!(first.ok());
     bencher.bench(|| {
