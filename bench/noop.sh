@@ -40,6 +40,7 @@ need timeout "apt-get install -y coreutils"
 need ninja "apt-get update && apt-get install -y ninja-build"
 need make "apt-get update && apt-get install -y make"
 need b3sum "cargo install b3sum   (or: apt-get install -y b3sum)"
+[ -x /usr/bin/time ] || die "/usr/bin/time is missing: apt-get install -y time"
 [ "$MISSING" = 0 ] || exit 1
 
 if [ -z "$WORK" ]; then WORK=$(mktemp -d "${TMPDIR:-/tmp}/qbuild-noop.XXXXXX"); fi
@@ -50,7 +51,7 @@ trap cleanup EXIT
 snapshot_qbuild "$WORK"
 note "work dir $WORK ($(df -h "$WORK" | awk 'NR==2 {print $4}') free)"
 
-declare -A BUILD_CMD NOOP_CMD FULL_S
+declare -A BUILD_CMD NOOP_CMD FULL_S FULL_RSS
 BUILD_CMD[qbuild]="$QB -C $WORK/qbuild -j2"
 BUILD_CMD[ninja]="ninja -C $WORK/ninja -j2"
 BUILD_CMD[make]="make -C $WORK/make -j2"
@@ -59,7 +60,7 @@ TOOLS=(qbuild ninja make)
 declare -A TRIES
 for t in "${TOOLS[@]}"; do
     if [ "$REUSE" = 1 ] && [ -e "$WORK/$t/.bench-built" ]; then
-        read -r FULL_S[$t] TRIES[$t] <"$WORK/$t/.bench-built"
+        read -r FULL_S[$t] TRIES[$t] FULL_RSS[$t] <"$WORK/$t/.bench-built"
         note "reusing built $WORK/$t (full build took $(fmt_s "${FULL_S[$t]}") in ${TRIES[$t]} invocation(s))"
         continue
     fi
@@ -72,12 +73,15 @@ for t in "${TOOLS[@]}"; do
         python3 "$BENCH_DIR/gen.py" --variants "$V" --splits "$S" --out "$WORK/$t" --only "$only"
     fi
     # Full build, one tool at a time.
-    total=0 ok=0
+    total=0 ok=0 peak=0
     for ((try = 1; try <= BUILD_TRIES; try++)); do
         note "full build of $t, invocation $try: ${BUILD_CMD[$t]} (timeout ${BUILD_TIMEOUT}s)"
         start=$(date +%s.%N)
         rc=0
-        timeout "$BUILD_TIMEOUT" ${BUILD_CMD[$t]} >"$WORK/$t.build.$try.log" 2>&1 || rc=$?
+        timeout "$BUILD_TIMEOUT" /usr/bin/time -f %M -o "$WORK/$t.build.$try.rss" ${BUILD_CMD[$t]} \
+            >"$WORK/$t.build.$try.log" 2>&1 || rc=$?
+        kb=$(tail -1 "$WORK/$t.build.$try.rss" 2>/dev/null | tr -dc 0-9)
+        [ "${kb:-0}" -gt "$peak" ] && peak=$kb
         total=$(python3 -c "import sys; print(float(sys.argv[1]) + float(sys.argv[3]) - float(sys.argv[2]))" "$total" "$start" "$(date +%s.%N)")
         if [ "$rc" = 0 ]; then ok=1; break; fi
         tail -3 "$WORK/$t.build.$try.log" >&2
@@ -85,8 +89,8 @@ for t in "${TOOLS[@]}"; do
         note "  $t: timed out after ${BUILD_TIMEOUT}s; resuming"
     done
     [ "$ok" = 1 ] || die "$t: full build not finished after $BUILD_TRIES invocations of ${BUILD_TIMEOUT}s"
-    FULL_S[$t]=$total TRIES[$t]=$try
-    echo "$total $try" >"$WORK/$t/.bench-built"
+    FULL_S[$t]=$total TRIES[$t]=$try FULL_RSS[$t]=$peak
+    echo "$total $try $peak" >"$WORK/$t/.bench-built"
     note "  $t: $(fmt_s "$total") in $try invocation(s)"
 done
 
@@ -128,7 +132,7 @@ if [ "$MAKE_BUILTIN_RUNS" -gt 0 ]; then
         --cmd make-builtin "${BUILD_CMD[make-builtin]}" >/dev/null
     read -r MED[make-builtin] MEAN[make-builtin] SD[make-builtin] MIN[make-builtin] RSS[make-builtin] NRUN[make-builtin] \
         < <(alt_stats "$WORK/noop-builtin.json" make-builtin)
-    FULL_S[make-builtin]=${FULL_S[make]} TRIES[make-builtin]=${TRIES[make]}
+    FULL_S[make-builtin]=${FULL_S[make]} TRIES[make-builtin]=${TRIES[make]} FULL_RSS[make-builtin]=${FULL_RSS[make]}
     ROWS+=(make-builtin)
 fi
 
@@ -139,13 +143,14 @@ machine_info "$WORK"
 echo "- qbuild: $(cat "$WORK/bin/qbuild.commit" 2>/dev/null || echo '?')"
 echo "- qbuild no-op hashed_bytes: $HASHED"
 echo
-echo "| tool | no-op median | mean ± sd | min | runs | vs ninja | peak RSS (median) | vs ninja | full build -j2 (1 run) |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| tool | no-op median | mean ± sd | min | runs | vs ninja | peak RSS (median) | vs ninja | full build -j2 (1 run) | full build peak RSS |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for t in "${ROWS[@]}"; do
-    printf '| %s | %s | %s ± %s | %s | %s | %s | %s MB | %s | %s |\n' "$t" \
+    printf '| %s | %s | %s ± %s | %s | %s | %s | %s MB | %s | %s | %s |\n' "$t" \
         "$(fmt_s "${MED[$t]}")" "$(fmt_s "${MEAN[$t]}")" "$(fmt_s "${SD[$t]}")" "$(fmt_s "${MIN[$t]}")" "${NRUN[$t]}" \
         "$(ratio "${MED[$t]}" "${MED[ninja]}")" "$((RSS[$t] / 1024))" "$(ratio "${RSS[$t]}" "${RSS[ninja]}")" \
-        "$(fmt_s "${FULL_S[$t]}")$([ "${TRIES[$t]}" = 1 ] || echo " (${TRIES[$t]} invocations)")"
+        "$(fmt_s "${FULL_S[$t]}")$([ "${TRIES[$t]}" = 1 ] || echo " (${TRIES[$t]} invocations)")" \
+        "$([ -n "${FULL_RSS[$t]:-}" ] && [ "${FULL_RSS[$t]}" -gt 0 ] && echo "$((FULL_RSS[$t] / 1024)) MB" || echo "not recorded")"
 done
 echo
 python3 - "${MED[qbuild]}" "${MED[ninja]}" "${RSS[qbuild]}" "${RSS[ninja]}" <<'EOF'
