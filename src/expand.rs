@@ -1,6 +1,8 @@
 //! Expanding a parsed Qairtfile: variable interpolation, matrix expansion and path checks, giving one job per rule instance.
 
-use std::collections::HashMap;
+// Fx, not SipHash: these maps are looked up for every variable reference of every job. Their
+// keys come from the Qairtfile, which runs commands of its own: no flooding to guard against.
+use rustc_hash::FxHashMap as HashMap;
 use std::rc::Rc;
 
 use crate::diag::{closest, Diagnostic, Source};
@@ -738,7 +740,7 @@ pub fn normalize(p: &str) -> String {
 /// Expand every rule of the Qairtfile into jobs.
 pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
     let src = &q.source;
-    let mut defs = HashMap::new();
+    let mut defs = HashMap::default();
     for (k, v) in &q.vars {
         if defs.insert(k.text.as_str(), v).is_some() {
             return Err(src.error(
@@ -751,8 +753,8 @@ pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
         src,
         names: q.vars.iter().map(|(k, _)| k.text.as_str()).collect(),
         defs,
-        memo: HashMap::new(),
-        templates: HashMap::new(),
+        memo: HashMap::default(),
+        templates: HashMap::default(),
     };
     let mut pools: Vec<Pool> = Vec::new();
     for p in &q.pools {
@@ -763,7 +765,7 @@ pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
     }
     let mut rules = Vec::new();
     let mut jobs = Vec::new();
-    let mut seen_rules: HashMap<&str, ()> = HashMap::new();
+    let mut seen_rules: HashMap<&str, ()> = HashMap::default();
     for (ri, rule) in q.rules.iter().enumerate() {
         if rule.toolchain && q.toolchain.is_none() {
             return Err(src
@@ -1089,7 +1091,7 @@ fn expand_rule<'a>(
                 scope: Some(Scope {
                     matrix: &assignment,
                     lets: &lets,
-                    let_memo: HashMap::new(),
+                    let_memo: HashMap::default(),
                     io: None,
                 }),
                 stack: Vec::new(),

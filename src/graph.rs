@@ -65,17 +65,17 @@ impl PathIndex {
     }
 
     pub fn get(&self, files: &[File], p: &str) -> Option<FileId> {
-        self.table
-            .find(hash_path(p), |f| files[f.idx()].path == p)
-            .copied()
+        self.get_hashed(files, p, hash_path(p))
     }
 
-    /// Add `id`, whose path is not in the index yet.
-    fn insert(&mut self, files: &[File], id: FileId) {
+    fn get_hashed(&self, files: &[File], p: &str, hash: u64) -> Option<FileId> {
+        self.table.find(hash, |f| files[f.idx()].path == p).copied()
+    }
+
+    /// Add `id`, whose path (of hash `hash`) is not in the index yet.
+    fn insert_hashed(&mut self, files: &[File], id: FileId, hash: u64) {
         self.table
-            .insert_unique(hash_path(&files[id.idx()].path), id, |f| {
-                hash_path(&files[f.idx()].path)
-            });
+            .insert_unique(hash, id, |f| hash_path(&files[f.idx()].path));
     }
 }
 
@@ -114,7 +114,8 @@ impl Graph {
         let mut by_path = PathIndex::with_capacity(specs.len() * 4 / 3);
         // Each path is moved (not copied) into `files` the first time it is seen.
         let mut intern = |p: String, files: &mut Vec<File>| -> FileId {
-            if let Some(id) = by_path.get(files, &p) {
+            let hash = hash_path(&p);
+            if let Some(id) = by_path.get_hashed(files, &p, hash) {
                 return id;
             }
             let id = FileId(files.len() as u32);
@@ -122,7 +123,7 @@ impl Graph {
                 path: p,
                 producer: None,
             });
-            by_path.insert(files, id);
+            by_path.insert_hashed(files, id, hash);
             id
         };
         let mut jobs = Vec::with_capacity(specs.len());
