@@ -328,7 +328,9 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
     let a = &session.args;
     let builds = !(a.check || a.list || a.graph || a.clean);
     let fetching = builds.then(|| prefetch(session.workdir.clone())).flatten();
-    let loaded = session.load()?;
+    // The graph can be big and the process ends after this function: never freed piece by
+    // piece (that was 5% of a 90k `--check`).
+    let loaded = std::mem::ManuallyDrop::new(session.load()?);
     let (graph, args) = (&loaded.graph, &session.args);
     if args.check {
         check_sources(graph, &session.workdir)?;
@@ -417,8 +419,6 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         return Ok(EXIT_OK);
     }
     let (_, code) = session.build(&loaded, &mut db, pre)?;
-    // The graph can be big; the process is ending, so skip freeing it piece by piece.
-    std::mem::forget(loaded);
     Ok(code)
 }
 
