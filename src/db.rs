@@ -357,9 +357,12 @@ impl Db {
             .map_err(|e| self.io(e))?;
         let explained = match failed {
             Some(e) => Err(e),
-            None => apply(&mut jobs).and_then(|()| match any {
-                true => self.sled()?.0.flush().map(drop).map_err(err),
-                false => Ok(()),
+            None => apply(&mut jobs).and_then(|()| {
+                if any {
+                    self.sled()?.0.flush().map(drop).map_err(err)
+                } else {
+                    Ok(())
+                }
             }),
         };
         match explained {
