@@ -45,18 +45,13 @@ pub struct Journal {
     file: Mutex<Option<File>>,
 }
 
-/// Fill `buf` from `r` as far as the data goes; the number of bytes read (short at the end).
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+/// Fill `buf` from `r` (std's `read_exact`); `false` when the data ends first (a torn tail).
+fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+    match r.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
     }
-    Ok(got)
 }
 
 fn checksum(payload: &[u8]) -> [u8; 8] {
@@ -138,13 +133,13 @@ impl Journal {
         let len = file.metadata()?.len();
         let mut r = io::BufReader::with_capacity(1 << 16, file);
         let mut magic = [0u8; 8];
-        if read_full(&mut r, &mut magic)? < magic.len() || &magic != MAGIC {
+        if !fill(&mut r, &mut magic)? || &magic != MAGIC {
             return Ok(len);
         }
         let mut payload = Vec::new();
         loop {
             let mut head = [0u8; 12];
-            if read_full(&mut r, &mut head)? < head.len() {
+            if !fill(&mut r, &mut head)? {
                 break;
             }
             let mut word = [0u8; 4];
@@ -157,7 +152,7 @@ impl Journal {
                 break;
             }
             payload.resize(n, 0);
-            if read_full(&mut r, &mut payload)? < n || head[4..12] != checksum(&payload) {
+            if !fill(&mut r, &mut payload)? || head[4..12] != checksum(&payload) {
                 break;
             }
             let entry = if stats_only {
