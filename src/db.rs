@@ -341,30 +341,28 @@ impl Db {
             explain.apply_batch(batch).map_err(err)
         };
         let mut jobs = Vec::with_capacity(BATCH);
-        let mut any = false;
-        let mut failed = None;
+        // After a failure, the rest of the journal is still read (`for_each` does not stop)
+        // but no longer written.
+        let mut explained = Ok(());
         self.journal
             .for_each(|e| {
-                let Some(j) = e.job else { return };
-                any = true;
-                if failed.is_none() {
+                if let (Some(j), Ok(())) = (e.job, &explained) {
                     jobs.push(j);
                     if jobs.len() == BATCH {
-                        failed = apply(&mut jobs).err();
+                        explained = apply(&mut jobs);
                     }
                 }
             })
             .map_err(|e| self.io(e))?;
-        let explained = match failed {
-            Some(e) => Err(e),
-            None => apply(&mut jobs).and_then(|()| {
-                if any {
-                    self.sled()?.0.flush().map(drop).map_err(err)
-                } else {
-                    Ok(())
-                }
-            }),
+        // The store is open iff something was written to it (or read for an explanation:
+        // flushing it then is a no-op).
+        let flush = || match self.sled.get() {
+            Some(Ok((db, _))) => db.flush().map(drop).map_err(err),
+            _ => Ok(()),
         };
+        let explained = explained
+            .and_then(|()| apply(&mut jobs))
+            .and_then(|()| flush());
         match explained {
             // The explain store never decides what runs: one that fails for any reason but
             // the disk's is set aside (the next run starts a new one), and the snapshot is
