@@ -494,13 +494,7 @@ impl Work<'_> {
         // Jobs never started (stopped early) stay unsettled; nothing is recorded for them.
         let mut updates = std::mem::take(&mut self.stat_updates);
         settle_racy(&self.workdir, &mut updates, &self.stats);
-        if !self.compact && !updates.is_empty() {
-            // Only refreshed stat entries (a `touch`): appended, not worth an fsync'd
-            // snapshot; if they are lost, the next run hashes those files again.
-            if let Err(e) = self.db.record_stats(updates) {
-                eprintln!("qbuild: warning: {e}; the files touched will be hashed again");
-            }
-        } else if self.compact {
+        if self.compact {
             let t = Instant::now();
             self.db_state.stat.remove(&self.dead);
             self.db_state.stat.extend(updates);
@@ -513,6 +507,12 @@ impl Work<'_> {
                 other => other?,
             }
             phase("fold the journal into the snapshot", t);
+        } else if !updates.is_empty() {
+            // Only refreshed stat entries (a `touch`): appended, not worth an fsync'd
+            // snapshot; if they are lost, the next run hashes those files again.
+            if let Err(e) = self.db.record_stats(updates) {
+                eprintln!("qbuild: warning: {e}; the files touched will be hashed again");
+            }
         }
         self.summary.hashed_bytes = self.stats.bytes();
         self.procs.finish();
