@@ -161,29 +161,23 @@ impl<'a> Artifacts<'a> {
             if let Some(h) = memo(key) {
                 return Ok(h);
             }
-            let mut entries: Vec<(Vec<u8>, PathBuf, fs::FileType)> = fs::read_dir(path)?
-                .map(|e| {
-                    let e = e?;
-                    Ok((
-                        e.file_name().as_encoded_bytes().to_vec(),
-                        e.path(),
-                        e.file_type()?,
-                    ))
-                })
+            let mut entries: Vec<(Vec<u8>, fs::DirEntry)> = fs::read_dir(path)?
+                .map(|e| e.map(|e| (e.file_name().as_encoded_bytes().to_vec(), e)))
                 .collect::<io::Result<_>>()?;
             entries.sort_by(|a, b| a.0.cmp(&b.0));
             let mut t = TreeHasher::new();
-            for (name, p, ft) in entries {
+            for (name, e) in entries {
                 let child_key = format!("{key}/{}", String::from_utf8_lossy(&name));
                 // The folder's listing says it is a file (no stat): the scan's hash stands.
-                if let Some(h) = ft
-                    .is_file()
-                    .then(|| self.scanned.and_then(|f| f(&child_key)))
-                    .flatten()
-                {
+                let from_scan = match self.scanned {
+                    Some(scanned) if e.file_type()?.is_file() => scanned(&child_key),
+                    _ => None,
+                };
+                if let Some(h) = from_scan {
                     t.entry(&name, KIND_FILE, &h);
                     continue;
                 }
+                let p = e.path();
                 let m = fs::symlink_metadata(&p)?;
                 let kind = if m.file_type().is_symlink() {
                     KIND_LINK
