@@ -278,10 +278,6 @@ fn touching_every_source_runs_nothing() {
     assert_eq!(out.count("hashed_bytes"), 0, "{out}");
 }
 
-/// A run that only learns new stats (a `touch`) appends them to the journal instead of
-/// rewriting the snapshot (a durable rewrite of every record when nothing ran); the journal
-/// is folded in once it grows past a quarter of the snapshot, or when a job is recorded.
-/// Losing those stats costs a rehash, never a rerun.
 /// A renamed job's old output stays on disk (qbuild deletes nothing it was not asked to), and
 /// so does its stat-cache entry; once the file is deleted, the entry goes at the next run's
 /// end, so later runs no longer stat it (ninja's log recompaction drops dead paths the same way).
@@ -342,6 +338,10 @@ fn the_state_forgets_files_that_are_gone_and_no_longer_in_the_qairtfile() {
     );
 }
 
+/// A run that only learns new stats (a `touch`) appends them to the journal instead of
+/// rewriting the snapshot (a durable rewrite of every record when nothing ran); the journal
+/// is folded in once it grows past a quarter of the snapshot, or when a job is recorded.
+/// Losing those stats costs a rehash, never a rerun.
 #[test]
 fn a_touch_only_run_appends_to_the_journal_and_keeps_the_snapshot() {
     let (s, cat) = built_demo();
