@@ -80,7 +80,7 @@ for t in "${TOOLS[@]}"; do
         rc=0
         timeout "$BUILD_TIMEOUT" /usr/bin/time -f %M -o "$WORK/$t.build.$try.rss" ${BUILD_CMD[$t]} \
             >"$WORK/$t.build.$try.log" 2>&1 || rc=$?
-        kb=$(tail -1 "$WORK/$t.build.$try.rss" 2>/dev/null | tr -dc 0-9)
+        kb=$(tail -1 "$WORK/$t.build.$try.rss" 2>/dev/null | tr -dc 0-9 || true)  # none if killed
         [ "${kb:-0}" -gt "$peak" ] && peak=$kb
         total=$(python3 -c "import sys; print(float(sys.argv[1]) + float(sys.argv[3]) - float(sys.argv[2]))" "$total" "$start" "$(date +%s.%N)")
         if [ "$rc" = 0 ]; then ok=1; break; fi
