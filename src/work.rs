@@ -965,6 +965,18 @@ impl Work<'_> {
             self.keys.remove(&j);
             self.settle(j, State::Failed);
         } else if let Some((id, rec)) = record {
+            // The event first: the record is in the journal, so a kill from here on leaves
+            // a job that is up to date; reporting it at once keeps "recorded but never
+            // reported" to the few microseconds between the two writes.
+            let ev = json!({
+                "event": "job_finished",
+                "rule": self.rule_name(j),
+                "job": job.spec.label,
+                "outputs": rels,
+                "status": "ok",
+                "duration_ms": took_ms,
+            });
+            (self.events)(ev);
             self.db_state.jobs.insert(id, rec);
             self.compact = true;
             recorded = true;
@@ -977,15 +989,6 @@ impl Work<'_> {
             let eta = self.eta();
             self.progress
                 .finished(done, total, &job.spec.label, true, d.took, eta);
-            let ev = json!({
-                "event": "job_finished",
-                "rule": self.rule_name(j),
-                "job": job.spec.label,
-                "outputs": rels,
-                "status": "ok",
-                "duration_ms": took_ms,
-            });
-            (self.events)(ev);
             self.settle(j, State::Ran);
         }
         Ok(recorded)

@@ -493,8 +493,8 @@ struct Tally {
     explain_store_set_aside: usize,
     /// Jobs not reported finished, with intact outputs, that the dry run found up to date:
     /// qbuild was killed between writing a job's record and printing its event (at most
-    /// one job per kill). Tolerated a few times; a systematic "record before the command
-    /// finished" bug would show up far more often.
+    /// one job per kill, asserted in each trial). The event follows the record at once, so
+    /// this is rare; a slow step creeping in between would make it common.
     recorded_not_reported: Vec<String>,
     /// Kills after which the next run would rerun more than needed (what did not finish,
     /// what is damaged, and their dependents), other than by setting the store aside.
@@ -668,6 +668,7 @@ impl Project {
             let would = dry.would_run();
             let snap = s.snapshot();
             let mut needed = BTreeSet::new();
+            let mut unreported = Vec::new();
             for (label, outs) in &self.jobs {
                 let damaged: Vec<&String> = outs
                     .iter()
@@ -685,9 +686,22 @@ impl Project {
                     needed.insert(label.clone());
                     if !would.contains(label) {
                         // Outputs intact (else the check above failed): see the field's doc.
-                        tally.recorded_not_reported.push(format!("{what}: {label}"));
+                        unreported.push(label.clone());
                     }
                 }
+            }
+            // qbuild handles one finished job at a time and flushes its event right after
+            // the record: one kill can catch at most one job between the two.
+            assert!(
+                unreported.len() <= 1,
+                "{what}: {} jobs not reported finished were found up to date: {unreported:?}\n{dry}\nkilled run:\n{ended}",
+                unreported.len()
+            );
+            for label in unreported {
+                // Up to date now: a later build of this trial neither runs nor reports it,
+                // so it is counted once.
+                must_run.remove(&label);
+                tally.recorded_not_reported.push(format!("{what}: {label}"));
             }
             // No needless rerun: only what is needed and what depends on it.
             let excess: BTreeSet<String> = would
@@ -781,7 +795,7 @@ fn check_tally(t: &Tally, n: usize) {
         "most trials must kill qbuild mid-build: {t:?}"
     );
     assert!(
-        t.recorded_not_reported.len() <= 2,
+        t.recorded_not_reported.len() * 5 <= n,
         "jobs not reported finished were found up to date too often:\n{}",
         t.recorded_not_reported.join("\n")
     );
