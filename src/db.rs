@@ -320,6 +320,13 @@ impl Db {
     /// the journal's readable keys into the explain store, then empty the journal. A crash
     /// in between leaves journal entries that repeat the snapshot: harmless.
     pub fn compact(&self, state: &State) -> Result<(), DbError> {
+        self.fold_explain()?;
+        self.write_snapshot(state)
+    }
+
+    /// The first half of `compact`: move the journal's readable keys into the explain
+    /// store. It needs no state, so a build runs it beside its last re-hash.
+    pub fn fold_explain(&self) -> Result<(), DbError> {
         let err = |source| DbError::Sled {
             path: self.sled_path(),
             source,
@@ -378,6 +385,11 @@ impl Db {
             }
             other => other?,
         }
+        Ok(())
+    }
+
+    /// The second half of `compact`: `state` becomes the snapshot; the journal is emptied.
+    pub fn write_snapshot(&self, state: &State) -> Result<(), DbError> {
         write_snapshot(&self.snapshot_path(), state).map_err(|e| self.io(e))?;
         self.journal.clear().map_err(|e| self.io(e))
     }

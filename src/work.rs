@@ -493,14 +493,30 @@ impl Work<'_> {
         }
         // Jobs never started (stopped early) stay unsettled; nothing is recorded for them.
         let mut updates = std::mem::take(&mut self.stat_updates);
-        settle_racy(&self.workdir, &mut updates, &self.stats);
-        if self.compact {
+        let t = Instant::now();
+        // The explain store's half of the compaction needs no stat entry: it runs on a
+        // second thread while this one re-hashes what was written in the last clock tick.
+        let (db, workdir, stats) = (self.db, &self.workdir, &self.stats);
+        let explained = std::thread::scope(|sc| {
+            let fold = self.compact.then(|| sc.spawn(|| db.fold_explain()));
+            settle_racy(workdir, &mut updates, stats);
+            fold.map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(DbError::Io {
+                        path: workdir.join(".qbuild"),
+                        msg: "the explain store's fold panicked".into(),
+                    })
+                })
+            })
+        });
+        phase("rehash files written in the last clock tick (and fold)", t);
+        if let Some(explained) = explained {
             let t = Instant::now();
             self.db_state.stat.remove(&self.dead);
             self.db_state.stat.extend(updates);
             // The journal already holds every record durably: a snapshot that cannot be
             // written now (a full disk) is written by a later run; nothing is lost.
-            match self.db.compact(&self.db_state) {
+            match explained.and_then(|()| self.db.write_snapshot(&self.db_state)) {
                 Err(e) if !e.is_corruption() => {
                     eprintln!("qbuild: warning: {e}; the journal keeps this run's records")
                 }
