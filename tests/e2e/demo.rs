@@ -1000,3 +1000,37 @@ fn without_json_progress_goes_to_stderr_only() {
         "{again}"
     );
 }
+
+/// The `case` semantics the demo's convert rule relies on (split 1 converts the split ONNX):
+/// a matching case's lets win over the rule's, a case may add a let of its own, only the
+/// first matching case applies, and an instance no case matches keeps the rule's lets.
+/// A misspelt name is suggested from the case's lets too.
+#[test]
+fn case_lets_override_the_rules_lets_and_the_first_match_wins() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.t]
+matrix = { i = [1, 2, 3] }
+let = { word = "base${i}", tail = "" }
+case = [
+  { when = { i = 2 }, let = { word = "two", own = "+own", tail = "${own}" } },
+  { when = { i = 2 }, let = { word = "never" } },
+  { when = { i = 3 }, let = { tail = "+three" } },
+]
+outputs = ["out/${i}.txt"]
+command = "echo ${word}${tail} > ${outputs}"
+"#,
+    );
+    s.build_all();
+    assert_eq!(s.read_string("out/1.txt"), "base1\n");
+    assert_eq!(s.read_string("out/2.txt"), "two+own\n");
+    assert_eq!(s.read_string("out/3.txt"), "base3+three\n");
+    // A name only a case defines is known, for suggestions, to the instances it matches.
+    s.replace("Qairtfile", "tail = \"${own}\"", "tail = \"${onw}\"");
+    let out = s.run(["all"]);
+    out.assert_code(2);
+    assert!(out.stderr.contains("unknown variable `onw`"), "{out}");
+    assert!(out.stderr.contains("did you mean `own`?"), "{out}");
+}
