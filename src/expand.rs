@@ -408,8 +408,11 @@ impl Globals<'_> {
 /// Per-instance variables: matrix values, lets, and for actions the inputs/outputs.
 struct Scope<'s> {
     matrix: &'s [(Rc<str>, Rc<str>)],
-    lets: &'s HashMap<&'s str, &'s RawValue>,
-    let_memo: HashMap<String, Val>,
+    lets: &'s [(Str, RawValue)],
+    /// The lets of the `case` this instance matched: they win over `lets`.
+    case_lets: &'s [(Str, RawValue)],
+    /// Lets evaluated so far (a rule has a handful: a list beats a map).
+    let_memo: Vec<(&'s str, Val)>,
     io: Option<(Val, Val)>,
 }
 
@@ -448,15 +451,16 @@ impl Eval<'_, '_, '_> {
             if let Some((_, v)) = scope.matrix.iter().find(|(k, _)| &**k == name) {
                 return Ok(Val::Scalar(v.clone()));
             }
-            if let Some(v) = scope.let_memo.get(name) {
+            if let Some((_, v)) = scope.let_memo.iter().find(|(k, _)| *k == name) {
                 return Ok(v.clone());
             }
-            if let Some(raw) = scope.lets.get(name).copied() {
+            let (case_lets, lets) = (scope.case_lets, scope.lets);
+            if let Some((key, raw)) = case_lets.iter().chain(lets).find(|(k, _)| k.text == name) {
                 self.stack.push(name.to_string());
                 let v = self.value(raw)?;
                 self.stack.pop();
                 if let Some(scope) = &mut self.scope {
-                    scope.let_memo.insert(name.to_string(), v.clone());
+                    scope.let_memo.push((key.text.as_str(), v.clone()));
                 }
                 return Ok(v);
             }
@@ -478,7 +482,13 @@ impl Eval<'_, '_, '_> {
         let mut known: Vec<&str> = self.g.names.clone();
         if let Some(scope) = &self.scope {
             known.extend(scope.matrix.iter().map(|(k, _)| &**k));
-            known.extend(scope.lets.keys().copied());
+            known.extend(
+                scope
+                    .case_lets
+                    .iter()
+                    .chain(scope.lets)
+                    .map(|(k, _)| k.text.as_str()),
+            );
             if scope.io.is_some() {
                 known.extend(["inputs", "outputs"]);
             }
@@ -1037,11 +1047,6 @@ fn expand_rule<'a>(
         .as_ref()
         .map(|d| parse_template(src, d))
         .transpose()?;
-    let base_lets: HashMap<&str, &RawValue> = rule
-        .lets
-        .iter()
-        .map(|(k, v)| (k.text.as_str(), v))
-        .collect();
 
     let mut idx = vec![0usize; axes.len()];
     let total = total.unwrap_or(0);
@@ -1076,12 +1081,10 @@ fn expand_rule<'a>(
         if excluded {
             continue;
         }
-        let mut lets = base_lets.clone();
+        let mut case_lets: &[(Str, RawValue)] = &[];
         for case in &rule.cases {
             if matches(&mut e, &case.when, &assignment, "when")? {
-                for (k, v) in &case.lets {
-                    lets.insert(k.text.as_str(), v);
-                }
+                case_lets = &case.lets;
                 break;
             }
         }
@@ -1090,8 +1093,9 @@ fn expand_rule<'a>(
                 g: &mut *g,
                 scope: Some(Scope {
                     matrix: &assignment,
-                    lets: &lets,
-                    let_memo: HashMap::default(),
+                    lets: &rule.lets,
+                    case_lets,
+                    let_memo: Vec::new(),
                     io: None,
                 }),
                 stack: Vec::new(),
@@ -1190,7 +1194,8 @@ fn expand_rule<'a>(
                 g: &mut *g,
                 scope: Some(Scope {
                     matrix: &assignment,
-                    lets: &lets,
+                    lets: &rule.lets,
+                    case_lets,
                     let_memo,
                     io: Some((Val::list(inputs.clone()), Val::list(outputs.clone()))),
                 }),
