@@ -779,8 +779,6 @@ impl Project {
     }
 }
 
-/// What every crash harness asserts once all its trials ran (each trial already checked
-/// that nothing unfinished is trusted and that the rebuild equals a clean build).
 /// Whether qbuild said the state database (not merely the explain store) was unreadable.
 fn says_state_unreadable(stderr: &str) -> bool {
     stderr
@@ -788,6 +786,8 @@ fn says_state_unreadable(stderr: &str) -> bool {
         .any(|l| l.contains("the state database") && l.contains("is unreadable"))
 }
 
+/// What every crash harness asserts once all its trials ran (each trial already checked
+/// that nothing unfinished is trusted and that the rebuild equals a clean build).
 fn check_tally(t: &Tally, n: usize) {
     assert_eq!(t.trials, n);
     assert!(
