@@ -500,14 +500,8 @@ impl Work<'_> {
         let explained = std::thread::scope(|sc| {
             let fold = self.compact.then(|| sc.spawn(|| db.fold_explain()));
             settle_racy(workdir, &mut updates, stats);
-            fold.map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(DbError::Io {
-                        path: workdir.join(".qbuild"),
-                        msg: "the explain store's fold panicked".into(),
-                    })
-                })
-            })
+            // A panic in the fold goes on as if it had run on this thread.
+            fold.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
         });
         phase("rehash files written in the last clock tick (and fold)", t);
         if let Some(explained) = explained {
