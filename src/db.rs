@@ -321,7 +321,7 @@ impl Db {
     /// in between leaves journal entries that repeat the snapshot: harmless.
     pub fn compact(&self, state: &State) -> Result<(), DbError> {
         self.fold_explain()?;
-        self.write_snapshot(state)
+        self.commit_snapshot(state)
     }
 
     /// The first half of `compact`: move the journal's readable keys into the explain
@@ -389,7 +389,7 @@ impl Db {
     }
 
     /// The second half of `compact`: `state` becomes the snapshot; the journal is emptied.
-    pub fn write_snapshot(&self, state: &State) -> Result<(), DbError> {
+    pub fn commit_snapshot(&self, state: &State) -> Result<(), DbError> {
         write_snapshot(&self.snapshot_path(), state).map_err(|e| self.io(e))?;
         self.journal.clear().map_err(|e| self.io(e))
     }

@@ -510,7 +510,7 @@ impl Work<'_> {
             self.db_state.stat.extend(updates);
             // The journal already holds every record durably: a snapshot that cannot be
             // written now (a full disk) is written by a later run; nothing is lost.
-            match explained.and_then(|()| self.db.write_snapshot(&self.db_state)) {
+            match explained.and_then(|()| self.db.commit_snapshot(&self.db_state)) {
                 Err(e) if !e.is_corruption() => {
                     eprintln!("qbuild: warning: {e}; the journal keeps this run's records")
                 }
