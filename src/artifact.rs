@@ -38,12 +38,18 @@ pub struct Artifacts<'a> {
     pub stats: &'a HashStats,
     /// New or refreshed stat-cache entries to write back.
     pub updates: Mutex<Vec<(String, StatEntry)>>,
-    /// Folder hashes by key, for an instance used while nothing runs (`before_build`): a
-    /// folder that many links point to (the split's test vectors) is walked once.
-    folders: Option<Mutex<rustc_hash::FxHashMap<String, Hash>>>,
+    /// Set for an instance used while nothing runs (`before_build`).
+    before: Option<BeforeBuild<'a>>,
+}
+
+/// What hashing may take for granted while nothing runs.
+struct BeforeBuild<'a> {
+    /// Folder hashes by key: a folder that many links point to (the split's test vectors)
+    /// is walked once.
+    folders: Mutex<rustc_hash::FxHashMap<String, Hash>>,
     /// What the run's opening scan found for a file, by key (`None`: not scanned): trusted
     /// without another stat.
-    scanned: Option<&'a Scanned<'a>>,
+    scanned: &'a Scanned<'a>,
 }
 
 /// A file's content hash as the run's opening scan found it.
@@ -56,16 +62,17 @@ impl<'a> Artifacts<'a> {
             cache,
             stats,
             updates: Mutex::new(Vec::new()),
-            folders: None,
-            scanned: None,
+            before: None,
         }
     }
 
     /// For hashing before anything runs: each folder is walked at most once, and a file the
     /// opening scan found is not looked at again. Never for an instance used after a job ran.
     pub fn before_build(mut self, scanned: &'a Scanned<'a>) -> Self {
-        self.folders = Some(Mutex::default());
-        self.scanned = Some(scanned);
+        self.before = Some(BeforeBuild {
+            folders: Mutex::default(),
+            scanned,
+        });
         self
     }
 
@@ -155,7 +162,7 @@ impl<'a> Artifacts<'a> {
         }
         if ft.is_dir() {
             let memo = |k: &str| {
-                let folders = self.folders.as_ref()?.lock().ok()?;
+                let folders = self.before.as_ref()?.folders.lock().ok()?;
                 folders.get(k).copied()
             };
             if let Some(h) = memo(key) {
@@ -169,8 +176,8 @@ impl<'a> Artifacts<'a> {
             for (name, e) in entries {
                 let child_key = format!("{key}/{}", String::from_utf8_lossy(&name));
                 // The folder's listing says it is a file (no stat): the scan's hash stands.
-                let from_scan = match self.scanned {
-                    Some(scanned) if e.file_type()?.is_file() => scanned(&child_key),
+                let from_scan = match &self.before {
+                    Some(b) if e.file_type()?.is_file() => (b.scanned)(&child_key),
                     _ => None,
                 };
                 if let Some(h) = from_scan {
@@ -190,7 +197,7 @@ impl<'a> Artifacts<'a> {
                 t.entry(&name, kind, &h);
             }
             let h = t.finish();
-            if let Some(Ok(mut folders)) = self.folders.as_ref().map(|m| m.lock()) {
+            if let Some(Ok(mut folders)) = self.before.as_ref().map(|b| b.folders.lock()) {
                 folders.insert(key.to_string(), h);
             }
             return Ok(h);
