@@ -34,6 +34,9 @@ pub fn link_identity(text: &Path) -> Hash {
 /// Hashes artifacts under a work folder; safe to share between threads.
 pub struct Artifacts<'a> {
     pub workdir: PathBuf,
+    /// The work folder is the process's current folder (the usual case), so a relative key
+    /// names its file as it is: no joined copy, and the kernel walks fewer components.
+    workdir_is_cwd: bool,
     pub cache: &'a StatCache,
     pub stats: &'a HashStats,
     /// New or refreshed stat-cache entries to write back.
@@ -59,6 +62,7 @@ impl<'a> Artifacts<'a> {
     pub fn new(workdir: &Path, cache: &'a StatCache, stats: &'a HashStats) -> Self {
         Artifacts {
             workdir: workdir.to_path_buf(),
+            workdir_is_cwd: std::env::current_dir().is_ok_and(|c| c == workdir),
             cache,
             stats,
             updates: Mutex::new(Vec::new()),
@@ -76,8 +80,13 @@ impl<'a> Artifacts<'a> {
         self
     }
 
-    pub fn abs(&self, rel: &str) -> PathBuf {
-        self.workdir.join(rel)
+    /// The path of a key (relative to the work folder, or absolute).
+    pub fn abs<'k>(&self, key: &'k str) -> std::borrow::Cow<'k, Path> {
+        if self.workdir_is_cwd {
+            std::borrow::Cow::Borrowed(Path::new(key))
+        } else {
+            std::borrow::Cow::Owned(self.workdir.join(key))
+        }
     }
 
     /// The content hash of `rel` now (what readers see), or `None` if it does not exist.
