@@ -89,6 +89,11 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serde::encode_to_vec(v, cfg()).unwrap_or_default()
 }
 
+/// `encode`, appended to `buf`.
+pub fn encode_into<T: Serialize>(v: &T, buf: &mut Vec<u8>) {
+    let _ = bincode::serde::encode_into_std_write(v, buf, cfg());
+}
+
 pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Option<T> {
     bincode::serde::decode_from_slice(b, cfg())
         .ok()

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::db::{encode, JobRecord};
+use crate::db::{encode_into, JobRecord};
 use crate::expand::Action;
 use crate::hash::{hex, Hash};
 
@@ -49,10 +49,17 @@ impl KeyParts<'_> {
     }
 
     pub fn key(&self) -> Hash {
-        let mut h = blake3::Hasher::new();
-        h.update(b"qbuild-key-v1\0");
-        h.update(&encode(self));
-        *h.finalize().as_bytes()
+        // Encoded into a buffer kept per thread: every job of every run computes its key,
+        // and a fresh vector grew through ~7 reallocations for each.
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        BUF.with_borrow_mut(|buf| {
+            buf.clear();
+            buf.extend_from_slice(b"qbuild-key-v1\0");
+            encode_into(self, buf);
+            *blake3::hash(buf).as_bytes()
+        })
     }
 }
 
