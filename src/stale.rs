@@ -303,6 +303,26 @@ mod tests {
         }
     }
 
+    /// The key is what every recorded job is compared with: if its bytes changed, every
+    /// user's next build would rerun everything. The value was computed by the code before
+    /// keys were encoded into a reused buffer (e027bdc).
+    #[test]
+    fn the_key_of_a_job_is_stable_across_versions() {
+        let p = KeyParts {
+            action: "qairt-converter --input_network a.onnx -o b.dlc".into(),
+            env: Cow::Owned(vec![("QNN_SDK_ROOT".into(), "/opt/qnn".into())]),
+            toolchain: Cow::Owned(vec![("qairt".into(), "2.31.0".into())]),
+            inputs: vec![("a.onnx".into(), [7; 32]), ("list.txt".into(), [3; 32])],
+            outputs: vec!["b.dlc".into()],
+        };
+        let want = "84e72f936446b80505ec52d464e7f30da9b214c7c98a434de28d792abbc5de41";
+        assert_eq!(hex(&p.key()), want);
+        // Twice on one thread: the reused buffer starts empty each time.
+        assert_eq!(hex(&p.key()), want);
+        assert_ne!(parts("x", 1).key(), p.key());
+        assert_eq!(hex(&p.key()), want);
+    }
+
     #[test]
     fn explanation_agrees_with_key() {
         let old = parts("q --act_bitwidth 16", 1);
