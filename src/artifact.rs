@@ -80,8 +80,8 @@ impl<'a> Artifacts<'a> {
         self
     }
 
-    /// The path of a key (relative to the work folder, or absolute).
-    pub fn abs<'k>(&self, key: &'k str) -> std::borrow::Cow<'k, Path> {
+    /// The path to open for a key (a key is relative to the work folder, or absolute).
+    pub fn fs_path<'k>(&self, key: &'k str) -> std::borrow::Cow<'k, Path> {
         if self.workdir_is_cwd {
             std::borrow::Cow::Borrowed(Path::new(key))
         } else {
@@ -96,7 +96,7 @@ impl<'a> Artifacts<'a> {
 
     /// Identity of `rel` now (a link's text, else its content hash), or `None` if absent.
     pub fn identity(&self, rel: &str) -> io::Result<Option<Hash>> {
-        let path = self.abs(rel);
+        let path = self.fs_path(rel);
         match fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_symlink() => Ok(Some(link_identity(&fs::read_link(&path)?))),
             Ok(_) => self.current(rel),
@@ -117,7 +117,7 @@ impl<'a> Artifacts<'a> {
         rel: &str,
         hint: Option<Option<&StatEntry>>,
     ) -> io::Result<Option<Art>> {
-        let path = self.abs(rel);
+        let path = self.fs_path(rel);
         let meta = match fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
