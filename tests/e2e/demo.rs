@@ -1034,3 +1034,46 @@ command = "echo ${word}${tail} > ${outputs}"
     assert!(out.stderr.contains("unknown variable `onw`"), "{out}");
     assert!(out.stderr.contains("did you mean `own`?"), "{out}");
 }
+
+/// A state of more than 32 KB is read on a second thread while the Qairtfile loads (a
+/// smaller one in line; every other test here has a small one): the decisions are the
+/// same. 400 `content` jobs, half reading each of two sources.
+#[test]
+fn a_state_read_on_a_second_thread_decides_as_one_read_in_line() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.a]
+matrix = { i = { range = [1, 200] } }
+inputs = ["a.txt"]
+outputs = ["a/${i}.txt"]
+content = "a ${i}"
+[rule.b]
+matrix = { i = { range = [1, 200] } }
+inputs = ["b.txt"]
+outputs = ["b/${i}.txt"]
+content = "b ${i}"
+"#,
+    );
+    s.write("a.txt", "a").write("b.txt", "b");
+    let label = |r: &str, i: u32| format!("{r} i={i}");
+    let all: BTreeSet<String> = (1..=200)
+        .flat_map(|i| [label("a", i), label("b", i)])
+        .collect();
+    s.run(["all"]).assert_ok().assert_ran(&all);
+    let snapshot = s.read(".qbuild/snapshot").len();
+    assert!(
+        snapshot >= 32 << 10,
+        "snapshot {snapshot} B: too small to take the thread"
+    );
+    s.run(["all"]).assert_nothing_ran(400);
+    // One source touched (same bytes), the other changed: only its readers run.
+    s.touch("a.txt", 5).write("b.txt", "b2");
+    let bs: BTreeSet<String> = (1..=200).map(|i| label("b", i)).collect();
+    s.run(["all"]).assert_ok().assert_ran(&bs);
+    s.run(["all"]).assert_nothing_ran(400);
+    let clean = s.copy_of(&["Qairtfile", "a.txt", "b.txt"]);
+    clean.run(["all"]).assert_ok().assert_ran(&all);
+    assert_same_files(&s.snapshot(), &clean.snapshot(), "incremental vs clean");
+}
