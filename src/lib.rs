@@ -275,9 +275,9 @@ fn prefetch(workdir: PathBuf) -> Option<Fetch> {
     };
     // Below this, loading the state and stat'ing its files takes about as long as a new
     // thread takes to start running here (~0.1-0.5 ms: it often waits for the main
-    // thread's core): the demo's no-op was 7% faster doing it in line (3.31 -> 3.08 ms,
-    // 200 rounds; 14 KB of snapshot). At 160 KB (600 jobs) the two were even; at 1.6 MB
-    // (6,000 jobs) the thread saved 7%.
+    // thread's core): the demo's no-op (14 KB of snapshot) went from 2.69 to 2.27 ms in
+    // line (200 rounds). At 160 KB (600 jobs) in line was 3% faster per round but the
+    // thread had the best runs; at 1.6 MB (6,000 jobs) the thread saved 7%.
     const IN_LINE_BELOW: u64 = 32 << 10;
     Some(if snapshot.len() < IN_LINE_BELOW {
         Fetch::Done(Box::new(fetch()))
