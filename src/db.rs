@@ -86,10 +86,12 @@ fn cfg() -> bincode::config::Configuration {
 }
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    bincode::serde::encode_to_vec(v, cfg()).unwrap_or_default()
+    let mut buf = Vec::new();
+    encode_into(v, &mut buf);
+    buf
 }
 
-/// `encode`, appended to `buf`.
+/// `encode`, appended to `buf` (a key is encoded into a buffer reused per thread).
 pub fn encode_into<T: Serialize>(v: &T, buf: &mut Vec<u8>) {
     let _ = bincode::serde::encode_into_std_write(v, buf, cfg());
 }
