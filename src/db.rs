@@ -257,7 +257,7 @@ impl Db {
             Err(OpenError::Io(msg)) => Err(msg),
             Err(OpenError::Corrupt(why)) => {
                 let aside = set_aside(&self.dir, &["state.sled"]).map_err(|(_, m)| m)?;
-                eprintln!(
+                say!(
                     "qbuild: warning: the explain store {} is unreadable ({why}); moved it to {}: earlier runs cannot be explained",
                     path.display(),
                     aside.display()
@@ -386,7 +386,7 @@ impl Db {
                     |(_, m)| format!("could not move it: {m}"),
                     |p| format!("moved it to {}", p.display()),
                 );
-                eprintln!(
+                say!(
                     "qbuild: warning: the explain store failed ({e}); {aside}: the jobs of this run cannot be explained"
                 );
             }

@@ -1,5 +1,18 @@
 //! qbuild: an incremental build system for the QAIRT LLM compile pipeline; `run` is the whole program behind a thin `main`.
 
+// Every message goes through `say!`: `eprintln!` panics when stderr is gone.
+#![warn(clippy::print_stderr, clippy::print_stdout)]
+
+/// Print a line to stderr, or drop it if stderr is gone (`qbuild 2>&1 | head`): unlike
+/// `eprintln!`, which panics there, a run whose reader left still finishes and records its
+/// work, as it does when progress lines cannot be written.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod artifact;
 pub mod clean;
 pub mod cli;
@@ -47,7 +60,7 @@ pub fn run() -> i32 {
     match run_args(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("{e}");
+            say!("{e}");
             EXIT_BAD_INPUT
         }
     }
@@ -149,7 +162,7 @@ impl Session {
                 let old = db
                     .take()
                     .ok_or_else(|| Diagnostic::plain("internal: no state database"))?;
-                let mut warn = |m: String| eprintln!("qbuild: warning: {m}");
+                let mut warn = |m: String| say!("qbuild: warning: {m}");
                 let fresh = old
                     .reset(&why, &mut warn)
                     .map_err(|e| Diagnostic::plain(e.to_string()))?;
@@ -237,7 +250,7 @@ impl Session {
         if count == 0 && summary.failed == 0 && !opts.dry_run {
             line = format!("qbuild: nothing to do, {} up to date", summary.up_to_date);
         }
-        eprintln!("{line}");
+        say!("{line}");
         let code = match summary.interrupted {
             Some(sig) => 128 + sig,
             None if summary.ok() => EXIT_OK,
@@ -310,7 +323,7 @@ fn open_state(workdir: &Path, wait: bool) -> Result<(lock::Lock, db::Db), Diagno
     let lock = lock::acquire(&state_dir, wait).map_err(Diagnostic::plain)?;
     let orphans = exec::reap_orphans(&state_dir);
     if orphans > 0 {
-        eprintln!("qbuild: stopped {orphans} command(s) left running by a qbuild that was killed");
+        say!("qbuild: stopped {orphans} command(s) left running by a qbuild that was killed");
     }
     Ok((lock, db::Db::new(&state_dir)))
 }
@@ -388,7 +401,7 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
                 )
                 .with_hint("remove it, or use it"));
         }
-        eprintln!(
+        say!(
             "qbuild: {} is valid: {} rules, {} jobs, {} files",
             args.file.display(),
             graph.model.rules.len(),
@@ -435,15 +448,15 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         let done = clean::clean(graph, &session.workdir, db, &jobs, dry)
             .map_err(|e| Diagnostic::plain(e.to_string()))?;
         for (p, why) in &done.kept {
-            eprintln!("qbuild: kept {p}: {why}");
+            say!("qbuild: kept {p}: {why}");
         }
         if dry {
             for p in &done.removed {
-                eprintln!("qbuild: would remove {p}");
+                say!("qbuild: would remove {p}");
             }
-            eprintln!("qbuild: would remove {} output(s)", done.removed.len());
+            say!("qbuild: would remove {} output(s)", done.removed.len());
         } else {
-            eprintln!("qbuild: removed {} output(s)", done.removed.len());
+            say!("qbuild: removed {} output(s)", done.removed.len());
         }
         return Ok(EXIT_OK);
     }

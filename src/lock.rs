@@ -34,7 +34,7 @@ pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, String> {
                     state_dir.parent().unwrap_or(state_dir).display()
                 ));
             }
-            eprintln!("qbuild: waiting for another qbuild{who} to finish in this folder...");
+            say!("qbuild: waiting for another qbuild{who} to finish in this folder...");
             file.lock()
                 .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
         }

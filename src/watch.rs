@@ -123,8 +123,8 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
                 Some(l)
             }
             Err(d) => {
-                eprintln!("{d}");
-                eprintln!("qbuild: fix the error above; watching for changes");
+                say!("{d}");
+                say!("qbuild: fix the error above; watching for changes");
                 emit(serde_json::json!({
                     "event": "qairtfile_error",
                     "error": d.message,
@@ -155,7 +155,7 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
                     } else {
                         ""
                     };
-                    eprintln!(
+                    say!(
                         "qbuild: warning: cannot watch {}: {text}{hint}",
                         dir.display()
                     );
@@ -173,10 +173,10 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
         }
         drop(loaded);
         if crate::work::INTERRUPT.load(Ordering::SeqCst) != 0 {
-            eprintln!("qbuild: stopped watching");
+            say!("qbuild: stopped watching");
             return Ok(128 + crate::work::INTERRUPT.load(Ordering::SeqCst));
         }
-        eprintln!(
+        say!(
             "qbuild: watching {} file(s) and {} folder(s); Ctrl-C to stop",
             want.files.len(),
             want.trees.len()
@@ -188,20 +188,20 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
         loop {
             let sig = crate::work::INTERRUPT.load(Ordering::SeqCst);
             if sig != 0 {
-                eprintln!("qbuild: stopped watching");
+                say!("qbuild: stopped watching");
                 return Ok(128 + sig);
             }
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(Ok(ev)) if relevant(&ev, &want, &s.workdir) => break,
                 Ok(Ok(_)) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Ok(Err(e)) => eprintln!("qbuild: warning: watch error: {e}"),
+                Ok(Err(e)) => say!("qbuild: warning: watch error: {e}"),
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(Diagnostic::plain("the file watcher stopped"));
                 }
             }
         }
         while rx.recv_timeout(QUIET).is_ok() {}
-        eprintln!("qbuild: change seen; rebuilding");
+        say!("qbuild: change seen; rebuilding");
     }
 }
 

@@ -34,7 +34,7 @@ pub fn phase(what: &str, since: Instant) {
             .ok()
             .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
             .map_or(0, |pages| pages * 4096 / 1_000_000);
-        eprintln!(
+        say!(
             "qbuild: timing: {what}: {:.1} ms, rss {rss_mb} MB",
             since.elapsed().as_secs_f64() * 1e3
         );
@@ -512,7 +512,7 @@ impl Work<'_> {
             // written now (a full disk) is written by a later run; nothing is lost.
             match explained.and_then(|()| self.db.commit_snapshot(&self.db_state)) {
                 Err(e) if !e.is_corruption() => {
-                    eprintln!("qbuild: warning: {e}; the journal keeps this run's records")
+                    say!("qbuild: warning: {e}; the journal keeps this run's records")
                 }
                 other => other?,
             }
@@ -521,7 +521,7 @@ impl Work<'_> {
             // Only refreshed stat entries (a `touch`): appended, not worth an fsync'd
             // snapshot; if they are lost, the next run hashes those files again.
             if let Err(e) = self.db.record_stats(updates) {
-                eprintln!("qbuild: warning: {e}; the files touched will be hashed again");
+                say!("qbuild: warning: {e}; the files touched will be hashed again");
             }
         }
         self.summary.hashed_bytes = self.stats.bytes();

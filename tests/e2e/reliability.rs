@@ -3026,3 +3026,65 @@ fn io_a_nearly_full_disk_does_not_discard_the_state() {
     );
     s.run(["all"]).assert_nothing_ran(5);
 }
+
+/// Run qbuild in `s` as `qbuild ARGS 2>&1 | head -0` would: its stdout and stderr are pipes
+/// whose reader has already gone, so every write fails with EPIPE. Returns its exit code
+/// (`None` if a signal ended it).
+fn run_with_reader_gone(s: &Space, args: &[&str]) -> Option<i32> {
+    let mut child = support::command(support::QBUILD, s.path(), args, &[] as &[(&str, &str)])
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", support::QBUILD));
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return st.code();
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("qbuild {} did not finish within 60 s", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `qbuild 2>&1 | head -1`: once the reader is gone, a build neither panics (exit 101)
+/// nor stops halfway; it finishes, records its work and exits with its usual status. The
+/// same for a dry run with `--explain`, `--json` on stdout, and a failing build.
+#[test]
+fn io_a_reader_that_goes_away_neither_stops_nor_crashes_a_build() {
+    let s = Space::new();
+    io_space(&s);
+    let build = ["-j2", "--explain", "--json", "all"];
+    assert_eq!(run_with_reader_gone(&s, &build), Some(0));
+    for i in 1..=3 {
+        assert_eq!(
+            s.read_string(&format!("out/g{i}.txt")),
+            format!("input {i}\n")
+        );
+    }
+    s.run(["all"]).assert_nothing_ran(4);
+
+    s.write("src/in_2.txt", "input 2, edited\n");
+    assert_eq!(
+        run_with_reader_gone(&s, &["-n", "--explain", "all"]),
+        Some(0)
+    );
+    assert_eq!(
+        s.run(["-n", "all"]).would_run(),
+        support::set(["gen i=2", "sum"])
+    );
+    assert_eq!(run_with_reader_gone(&s, &build), Some(0));
+    assert!(s.read_string("out/sum.txt").contains("input 2, edited"));
+    s.run(["all"]).assert_nothing_ran(4);
+
+    s.replace(
+        "Qairtfile",
+        "cat ${inputs} > ${outputs}\"\n\n[rule.sum]",
+        "false\"\n\n[rule.sum]",
+    );
+    assert_eq!(run_with_reader_gone(&s, &build), Some(1));
+    assert_eq!(run_with_reader_gone(&s, &["--bogus"]), Some(2));
+}
