@@ -28,9 +28,9 @@ pub struct Args {
     /// Change to DIR before doing anything.
     #[arg(short = 'C', value_name = "DIR")]
     pub dir: Option<PathBuf>,
-    /// Run N jobs at once (default: the number of CPUs).
-    #[arg(short = 'j', long = "jobs", value_name = "N")]
-    pub jobs: Option<usize>,
+    /// Run N jobs at once, N >= 1 (default: the number of CPUs).
+    #[arg(short = 'j', long = "jobs", value_name = "N", value_parser = jobs)]
+    pub jobs: Option<std::num::NonZeroUsize>,
     /// Keep building what does not depend on a failed job.
     #[arg(short = 'k', long = "keep-going")]
     pub keep_going: bool,
@@ -70,4 +70,13 @@ pub struct Args {
     /// Fail at once instead of waiting when another build holds the work folder.
     #[arg(long = "no-wait")]
     pub no_wait: bool,
+}
+
+/// `-j N`: a whole number of at least 1 (make refuses 0 too; ninja's "no limit" would start
+/// every ready QAIRT job at once, tens of GB of RAM each).
+fn jobs(v: &str) -> Result<std::num::NonZeroUsize, String> {
+    match v.parse::<usize>() {
+        Ok(n) => std::num::NonZeroUsize::new(n).ok_or_else(|| "use 1 or more".to_string()),
+        Err(_) => Err("a whole number of jobs, 1 or more".to_string()),
+    }
 }

@@ -130,11 +130,10 @@ impl Session {
     pub fn options(&self, toolchain: Option<&toolchain::Verified>) -> work::Options {
         let a = &self.args;
         work::Options {
-            jobs: a.jobs.unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            }),
+            jobs: a
+                .jobs
+                .or_else(|| std::thread::available_parallelism().ok())
+                .map_or(1, |n| n.get()),
             keep_going: a.keep_going,
             dry_run: a.dry_run || a.status,
             explain: a.explain || a.status,

@@ -266,3 +266,33 @@ fn alias_named_all_is_refused() {
     let err = refuse(&format!("{HARMLESS}\n[alias]\nall = [\"x\"]\n"));
     assert!(err.contains("`all` is reserved"), "{err}");
 }
+
+/// Regression: `-j 0` was taken as `-j 1`. make refuses it and ninja reads it as "no limit"
+/// (every ready QAIRT job at once); qbuild refuses it, as it does any `-j` that is not a
+/// whole number of at least 1.
+#[test]
+fn jobs_must_be_one_or_more() {
+    let s = Space::new();
+    s.write("Qairtfile", HARMLESS);
+    for (j, says) in [("0", "use 1 or more"), ("two", "a whole number of jobs")] {
+        let out = crate::support::command(
+            crate::support::QBUILD,
+            s.path(),
+            &["-j", j, "all"],
+            &[] as &[(&str, &str)],
+        )
+        .output()
+        .expect("run qbuild");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.starts_with(&format!(
+                "error: invalid value '{j}' for '--jobs <N>': {says}"
+            )),
+            "{stderr}"
+        );
+        assert!(!s.exists("ran.txt"));
+    }
+    s.run(["all"]).assert_ok();
+    assert!(s.exists("ran.txt"));
+}
