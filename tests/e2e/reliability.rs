@@ -2248,7 +2248,8 @@ fn hostile_qairtfiles_never_panic_or_hang_and_every_rejection_has_a_position() {
 }
 
 /// Issue 5.4, in process: many more cases through the library (parse, expand, graph):
-/// no panic, no hang, every error located (a `Diagnostic` with a location).
+/// no panic, no hang, every error located (a `Diagnostic` with a location), and located
+/// inside the file: a line that exists, shown with its own text, a column on that line.
 #[test]
 fn hostile_qairtfiles_through_the_library_are_always_located() {
     use qbuild::diag::Source;
@@ -2267,16 +2268,34 @@ fn hostile_qairtfiles_through_the_library_are_always_located() {
             };
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
-                let r = qbuild::qairtfile::parse(Source::new(Path::new("Qairtfile"), text))
+                let r = qbuild::qairtfile::parse(Source::new(Path::new("Qairtfile"), text.clone()))
                     .and_then(|q| qbuild::expand::expand(&q))
                     .and_then(qbuild::graph::Graph::build)
                     .map(|_| ());
-                let _ = tx.send(r.map_err(|d| (d.location.is_some(), d.to_string())));
+                let _ = tx.send(r.map_err(|d| {
+                    // Some(true): the line exists, its text is the one shown, the column is on it.
+                    let inside = d.location.as_ref().map(|l| {
+                        let line = text.split('\n').nth(l.line.wrapping_sub(1));
+                        line.is_some_and(|t| {
+                            let t = t.trim_end_matches('\r');
+                            l.line_text == t && l.column <= t.chars().count() + 1
+                        })
+                    });
+                    (inside, d.to_string())
+                }));
             });
             let fail = match rx.recv_timeout(Duration::from_secs(20)) {
-                Ok(Ok(())) | Ok(Err((true, _))) => None,
-                Ok(Err((false, msg))) => Some((
-                    format!("no location: {}", msg.lines().next().unwrap_or("")),
+                Ok(Ok(())) | Ok(Err((Some(true), _))) => None,
+                Ok(Err((inside, msg))) => Some((
+                    format!(
+                        "{}: {}",
+                        if inside.is_none() {
+                            "no location"
+                        } else {
+                            "a location outside the file"
+                        },
+                        msg.lines().next().unwrap_or("")
+                    ),
                     msg,
                 )),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
