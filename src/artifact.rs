@@ -211,6 +211,20 @@ impl<'a> Artifacts<'a> {
             }
             return Ok(h);
         }
+        if !ft.is_file() {
+            // Opening a FIFO would wait for a writer forever (and SIGINT would not end it).
+            use std::os::unix::fs::FileTypeExt;
+            let what = if ft.is_fifo() {
+                "a FIFO (named pipe)"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "a device"
+            };
+            return Err(io::Error::other(format!(
+                "{key} is {what}; qbuild hashes files, symlinks and folders"
+            )));
+        }
         let st = StatKey::from_meta(meta, KIND_FILE);
         let cached = match hint {
             Some(known) => known,

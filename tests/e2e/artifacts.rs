@@ -660,6 +660,75 @@ command = "wc -l < out/list.txt > out/report.txt"
     assert_noop(&s, 2, &[]);
 }
 
+/// Regression: a FIFO as an input (or inside an input folder) hung the run for good in
+/// `open`, which waits for a writer, and Ctrl-C could not end it. A FIFO, socket or device
+/// is not an artifact: the jobs that read or write one fail, naming it; the rest build.
+#[test]
+fn a_fifo_fails_the_jobs_that_read_or_write_it_instead_of_hanging() {
+    let s = space_with(
+        r#"
+[rule.one]
+inputs = ["in.fifo"]
+outputs = ["out/one.txt"]
+command = "echo one > out/one.txt"
+
+[rule.tree]
+inputs = ["tv"]
+outputs = ["out/tree.txt"]
+command = "ls tv > out/tree.txt"
+
+[rule.makes]
+outputs = ["out/made.fifo"]
+command = "mkdir -p out && mkfifo out/made.fifo"
+
+[rule.fine]
+outputs = ["out/fine.txt"]
+command = "echo fine > out/fine.txt"
+"#,
+    );
+    s.write("tv/a.raw", "a");
+    for p in ["in.fifo", "tv/p.fifo"] {
+        let st = std::process::Command::new("mkfifo")
+            .arg(s.join(p))
+            .status()
+            .expect("mkfifo");
+        assert!(st.success());
+    }
+    let out = s.run(["-k", "all"]);
+    out.assert_code(1);
+    assert_eq!(out.failed(), set(["one", "tree", "makes"]), "{out}");
+    assert_eq!(out.ran(), set(["fine"]), "{out}");
+    for (job, path) in [
+        ("one", "in.fifo"),
+        ("tree", "tv/p.fifo"),
+        ("makes", "out/made.fifo"),
+    ] {
+        let says = format!("{path} is a FIFO (named pipe)");
+        let block = out.stderr.split("FAILED: ").find(|b| b.starts_with(job));
+        assert!(
+            block.is_some_and(|b| b.contains(&says)),
+            "{job}: {says}\n{out}"
+        );
+    }
+    assert!(
+        !s.exists("out/made.fifo"),
+        "the FIFO output is removed\n{out}"
+    );
+
+    // Files in their place: exactly the failed jobs run.
+    s.remove("in.fifo").write("in.fifo", "now a file");
+    s.remove("tv/p.fifo");
+    s.replace(
+        "Qairtfile",
+        "mkfifo out/made.fifo",
+        "echo made > out/made.fifo",
+    );
+    s.run(["all"])
+        .assert_ok()
+        .assert_ran(&set(["one", "tree", "makes"]));
+    assert_noop(&s, 4, &[]);
+}
+
 #[test]
 fn a_directory_output_must_exist_and_may_be_read() {
     let s = space_with(
