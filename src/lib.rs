@@ -410,7 +410,11 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         return Ok(EXIT_OK);
     }
     if args.list {
-        print_list(graph);
+        if args.json {
+            list_json(graph);
+        } else {
+            print_list(graph);
+        }
         return Ok(EXIT_OK);
     }
     if args.graph {
@@ -569,6 +573,21 @@ fn print_list(g: &Graph) {
                 let _ = writeln!(out, "    {}", g.path(*o));
             }
         }
+    }
+}
+
+/// `--list --json`: one `target` event per job, in the Qairtfile's order, with the fields
+/// `would_run` uses (`rule`, `job`, `outputs`) plus its `inputs`.
+fn list_json(g: &Graph) {
+    let mut emit = json_emitter(true);
+    for j in &g.jobs {
+        emit(serde_json::json!({
+            "event": "target",
+            "rule": g.model.rules[j.spec.rule as usize].name,
+            "job": j.spec.label,
+            "outputs": j.outs.iter().map(|f| g.path(*f)).collect::<Vec<_>>(),
+            "inputs": j.ins.iter().map(|f| g.path(*f)).collect::<Vec<_>>(),
+        }));
     }
 }
 

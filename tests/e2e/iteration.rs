@@ -1671,6 +1671,29 @@ fn list_shows_rules_instances_and_outputs() {
     }
     assert_eq!(counts["quantize"], 8);
     assert_eq!(counts["mha2sha"], 6);
+
+    // `--list --json`: one `target` event per job, the same jobs and outputs, plus inputs.
+    let json = s.run(["--list"]);
+    json.assert_ok();
+    let key = |c: &Catalog| -> BTreeSet<(String, String, Vec<String>)> {
+        c.jobs
+            .iter()
+            .map(|j| (j.rule.clone(), j.label.clone(), j.outputs.clone()))
+            .collect()
+    };
+    let targets = Catalog::from_events(&json, "target");
+    assert_eq!(targets.jobs.len(), cat.jobs.len(), "{json}");
+    assert_eq!(key(&targets), key(&cat), "{json}");
+    let export = json
+        .events
+        .iter()
+        .find(|e| e["event"] == "target" && e["job"] == "export ar=128")
+        .unwrap_or_else(|| panic!("no export ar=128\n{json}"));
+    assert_eq!(
+        export["inputs"],
+        serde_json::json!(["models/llama3.onnx", "models/llama3.encodings"]),
+        "{json}"
+    );
     // Listing builds nothing.
     assert!(!s.exists(BIN1), "{out}");
 }
