@@ -186,6 +186,7 @@ impl Graph {
                 deps: Vec::new(),
             });
         }
+        check_nested_outputs(&model, &jobs, &files, &by_path)?;
         let mut g: DiGraph<(), ()> = DiGraph::with_capacity(jobs.len(), jobs.len() * 2);
         for _ in 0..jobs.len() {
             g.add_node(());
@@ -352,6 +353,63 @@ fn output_span(model: &Model, spec: &JobSpec, oi: usize) -> std::ops::Range<usiz
             .get(t.unwrap_or(0) as usize)
             .map_or(rule.name_span.clone(), |s| s.span.clone()),
     }
+}
+
+/// An output inside another job's output (a folder) is refused: the folder's hash would
+/// change whenever the inner file's job ran, so the folder's job would rerun as if its
+/// output had been edited by hand (Bazel refuses such prefixes too). Within one job it is
+/// fine: both are written by the same command.
+fn check_nested_outputs(
+    model: &Model,
+    jobs: &[Job],
+    files: &[File],
+    by_path: &PathIndex,
+) -> Result<(), Diagnostic> {
+    // One lookup per folder above each output: 17 ms at 90k jobs (114k outputs), 3% of a
+    // no-op there. (Remembering folders already found clear saved nothing: few outputs
+    // share a folder.)
+    for (ji, job) in jobs.iter().enumerate() {
+        for (oi, f) in job.outs.iter().enumerate() {
+            let path = files[f.idx()].path.as_str();
+            let mut end = path.len();
+            while let Some(slash) = path[..end].rfind('/') {
+                end = slash;
+                let folder = &path[..end];
+                let Some(owner) = by_path
+                    .get(files, folder)
+                    .and_then(|outer| files[outer.idx()].producer.map(|o| (outer, o)))
+                    .filter(|(_, o)| o.idx() != ji)
+                else {
+                    continue;
+                };
+                let (outer, owner) = owner;
+                let other = &jobs[owner.idx()];
+                let there = output_span(
+                    model,
+                    &other.spec,
+                    other.outs.iter().position(|x| *x == outer).unwrap_or(0),
+                );
+                let loc = model.source.locate(there);
+                return Err(model
+                    .source
+                    .error(
+                        output_span(model, &job.spec, oi),
+                        format!(
+                            "`{path}` is inside `{folder}`, an output of `{}`",
+                            other.spec.label
+                        ),
+                    )
+                    .with_hint(format!(
+                        "a folder output belongs to one job (`{}`, at {}:{}:{}): write `{path}` elsewhere, or make it in that job",
+                        other.spec.label,
+                        loc.file.display(),
+                        loc.line,
+                        loc.column
+                    )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn cycle_error(model: &Model, jobs: &[Job], files: &[File], scc: &[NodeIndex]) -> Diagnostic {

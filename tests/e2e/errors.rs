@@ -102,6 +102,45 @@ command = \"cat a.txt > b.txt\"
     );
 }
 
+/// An output inside another job's folder output would make that folder look hand-edited
+/// whenever the inner file's job ran (its folder job then reran for nothing, as found
+/// by hand). Refused wherever the two rules are in the file; within one job it is fine.
+#[test]
+fn an_output_inside_another_jobs_folder_output_is_refused() {
+    let inner_first = format!(
+        "{HARMLESS}
+[rule.inner]
+outputs = [\"sha/ar1/b.onnx\"]
+command = \"mkdir -p sha/ar1 && echo b > sha/ar1/b.onnx\"
+
+[rule.folder]
+outputs = [\"sha\"]
+command = \"mkdir -p sha && echo a > sha/a.onnx\"
+"
+    );
+    assert_eq!(
+        refuse(&inner_first),
+        "error: `sha/ar1/b.onnx` is inside `sha`, an output of `folder`
+ --> Qairtfile:6:12
+  |
+6 | outputs = [\"sha/ar1/b.onnx\"]
+  |            ^^^^^^^^^^^^^^^^
+  = hint: a folder output belongs to one job (`folder`, at Qairtfile:10:12): write `sha/ar1/b.onnx` elsewhere, or make it in that job
+"
+    );
+    // One job writing a folder and a file in it: accepted, and a reader of the file
+    // depends on that job.
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.folder]\noutputs = [\"sha\", \"sha/a.onnx\"]\ncommand = \"mkdir -p sha && echo a > sha/a.onnx\"\n\n\
+         [rule.reader]\ninputs = [\"sha/a.onnx\"]\noutputs = [\"r.txt\"]\ncommand = \"cat sha/a.onnx > r.txt\"\n",
+    );
+    s.run(["all"]).assert_ok();
+    assert_eq!(s.read_string("r.txt"), "a\n");
+    s.run(["all"]).assert_nothing_ran(2);
+}
+
 #[test]
 fn two_rules_write_one_path() {
     let q = format!(
