@@ -227,8 +227,6 @@ impl Graph {
         })
     }
 
-    /// Resolve command-line targets to jobs. A target is `all`, an alias, a rule name, or a path
-    /// (relative to the work folder, or to `cwd`). A source path that exists needs no job.
     /// Resolve targets to jobs. A target is `all`, an alias, a rule name, or a path
     /// (relative to the work folder, or to `cwd`); a source path that exists needs no job.
     /// Targets written in the Qairtfile (`default`, aliases) carry their span, so errors
