@@ -149,7 +149,9 @@ impl<'a> Artifacts<'a> {
         let ft = meta.file_type();
         if ft.is_symlink() {
             let text = fs::read_link(path)?;
-            if text.is_absolute() && !key.starts_with('/') {
+            // An absolute link to a place inside the work folder breaks when the folder moves;
+            // one to shared storage outside (model weights, say) does not, and is followed.
+            if text.is_absolute() && !key.starts_with('/') && text.starts_with(&self.workdir) {
                 return Err(io::Error::other(format!(
                     "{key} is an absolute symlink (-> {}); links inside the work folder must be relative so the folder can move",
                     text.display()

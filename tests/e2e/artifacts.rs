@@ -465,6 +465,8 @@ fn links_pointing_outside_the_work_folder_are_refused_at_load() {
     );
 }
 
+/// An absolute symlink inside the work folder that points inside it is an error (it breaks
+/// when the folder moves); one that points to shared storage outside is followed.
 #[test]
 fn an_absolute_symlink_inside_the_work_folder_is_an_error() {
     let q = r#"
@@ -477,14 +479,38 @@ command = "cat src/in.txt > out/r.txt"
 inputs = ["src/tv"]
 outputs = ["out/l.txt"]
 command = "ls src/tv > out/l.txt"
+
+[rule.shared]
+inputs = ["src/weights.bin"]
+outputs = ["out/w.txt"]
+command = "cat src/weights.bin > out/w.txt"
 "#;
     let s = space_with(q);
     s.write("data/a.txt", "a\n").write("src/tv/f.raw", "f");
     symlink(s.join("data/a.txt"), s.join("src/in.txt")).unwrap();
     symlink(s.join("data/a.txt"), s.join("src/tv/abs.raw")).unwrap();
+    // An absolute link to shared storage outside the work folder survives a move: followed.
+    let storage = Space::new();
+    storage.write("llama3/weights.bin", "w1");
+    symlink(
+        storage.join("llama3/weights.bin"),
+        s.join("src/weights.bin"),
+    )
+    .unwrap();
     let out = s.run(["-k", "all"]);
     out.assert_code(1);
     assert_set(&out.failed(), &set(["read", "list"]), "failed jobs", &out);
+    assert_set(&out.ran(), &set(["shared"]), "ran", &out);
+    assert_eq!(s.read_string("out/w.txt"), "w1");
+    storage.write("llama3/weights.bin", "w2");
+    let out = s.run(["-k", "all"]);
+    assert_set(
+        &out.ran(),
+        &set(["shared"]),
+        "ran after the shared file changed",
+        &out,
+    );
+    assert_eq!(s.read_string("out/w.txt"), "w2");
     for (job, link) in [("read", "src/in.txt"), ("list", "src/tv/abs.raw")] {
         let err = job_error(&out, job);
         assert!(
@@ -505,6 +531,7 @@ command = "ls src/tv > out/l.txt"
     s.run(["all"])
         .assert_ok()
         .assert_ran(&set(["read", "list"]));
+    s.run(["all"]).assert_nothing_ran(3);
 }
 
 #[test]
