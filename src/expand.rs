@@ -902,6 +902,27 @@ fn output_path(src: &Source, s: &Str, p: &str, what: &str) -> Result<String, Dia
     Ok(n)
 }
 
+/// Check and normalise a path a job reads: anything but a folder that holds `.qbuild/`
+/// (the work folder or one above it) or a path inside it. qbuild writes its state on every
+/// run, so a job reading it would never be up to date.
+fn input_path(src: &Source, s: &Str, p: &str) -> Result<String, Diagnostic> {
+    let n = normalize(p);
+    let holds_state = n.split('/').all(|c| c == ".." || c == ".");
+    if holds_state || n == ".qbuild" || n.starts_with(".qbuild/") {
+        let what = if holds_state {
+            "holds qbuild's own state folder (.qbuild/)"
+        } else {
+            "is inside qbuild's own state folder"
+        };
+        return Err(src
+            .error(s.span.clone(), format!("input `{p}` {what}"))
+            .with_hint(
+                "qbuild writes .qbuild/ on every run, so the job would never be up to date: name the folders it reads",
+            ));
+    }
+    Ok(n)
+}
+
 /// The relative text of a link at `link` pointing at `to` (both normalised, work-relative).
 pub fn relative_link(link: &str, to: &str) -> String {
     let from: Vec<&str> = link.split('/').collect();
@@ -1107,7 +1128,7 @@ fn expand_rule<'a>(
                     if p.is_empty() {
                         return Err(src.error(t.str.span.clone(), "an input path is empty"));
                     }
-                    inputs.push(normalize(&p));
+                    inputs.push(input_path(src, &t.str, &p)?);
                     input_template.push(ti as u16);
                 }
             }

@@ -104,6 +104,9 @@ pub struct Graph {
     pub by_path: PathIndex,
     /// Job → jobs that consume its outputs.
     pub dependents: Vec<Vec<JobId>>,
+    /// Output → the folders in the graph that hold it (a generated file in a source folder
+    /// that some job reads): their content changes when it is written.
+    pub holders: rustc_hash::FxHashMap<FileId, Vec<FileId>>,
 }
 
 impl Graph {
@@ -186,7 +189,13 @@ impl Graph {
                 deps: Vec::new(),
             });
         }
-        check_nested_outputs(&model, &jobs, &files, &by_path)?;
+        let holds = nested_outputs(&model, &jobs, &files, &by_path)?;
+        let mut holders: rustc_hash::FxHashMap<FileId, Vec<FileId>> = Default::default();
+        for (folder, inside) in &holds {
+            for (_, out) in inside {
+                holders.entry(*out).or_default().push(*folder);
+            }
+        }
         let mut g: DiGraph<(), ()> = DiGraph::with_capacity(jobs.len(), jobs.len() * 2);
         for _ in 0..jobs.len() {
             g.add_node(());
@@ -199,6 +208,28 @@ impl Graph {
                 .chain(&job.order)
                 .filter_map(|f| files[f.idx()].producer)
                 .collect();
+            // A folder it reads (or links to) that holds other jobs' outputs: it waits for them.
+            for (i, f) in job.ins.iter().chain(&job.order).enumerate() {
+                for &(p, out) in holds.get(f).map_or(&[][..], Vec::as_slice) {
+                    if p.idx() == ji {
+                        let rule = &model.rules[job.spec.rule as usize];
+                        let t = job.spec.input_template.get(i).copied().unwrap_or(0);
+                        return Err(model
+                            .source
+                            .error(
+                                rule.input_span(t),
+                                format!(
+                                    "`{}` reads `{}`, which holds `{}`, one of its own outputs",
+                                    job.spec.label,
+                                    files[f.idx()].path,
+                                    files[out.idx()].path
+                                ),
+                            )
+                            .with_hint("a job cannot read what it writes: write the output elsewhere, or read only the files it needs"));
+                    }
+                    deps.push(p);
+                }
+            }
             deps.sort_unstable();
             deps.dedup();
             for d in &deps {
@@ -224,6 +255,7 @@ impl Graph {
             jobs,
             by_path,
             dependents,
+            holders,
         })
     }
 
@@ -357,15 +389,21 @@ fn output_span(model: &Model, spec: &JobSpec, oi: usize) -> std::ops::Range<usiz
 /// change whenever the inner file's job ran, so the folder's job would rerun as if its
 /// output had been edited by hand (Bazel refuses such prefixes too). Within one job it is
 /// fine: both are written by the same command.
-fn check_nested_outputs(
+///
+/// Returns the folders in the graph that hold outputs (a source folder of test vectors with
+/// a generated file in it, say): folder -> (producer, output) for each output inside, so
+/// that a job reading the folder waits for those producers.
+#[allow(clippy::type_complexity)]
+fn nested_outputs(
     model: &Model,
     jobs: &[Job],
     files: &[File],
     by_path: &PathIndex,
-) -> Result<(), Diagnostic> {
+) -> Result<rustc_hash::FxHashMap<FileId, Vec<(JobId, FileId)>>, Diagnostic> {
     // One lookup per folder above each output: 17 ms at 90k jobs (114k outputs), 3% of a
     // no-op there. (Remembering folders already found clear saved nothing: few outputs
     // share a folder.)
+    let mut holds: rustc_hash::FxHashMap<FileId, Vec<(JobId, FileId)>> = Default::default();
     for (ji, job) in jobs.iter().enumerate() {
         for (oi, f) in job.outs.iter().enumerate() {
             let path = files[f.idx()].path.as_str();
@@ -373,14 +411,17 @@ fn check_nested_outputs(
             while let Some(slash) = path[..end].rfind('/') {
                 end = slash;
                 let folder = &path[..end];
-                let Some(owner) = by_path
-                    .get(files, folder)
-                    .and_then(|outer| files[outer.idx()].producer.map(|o| (outer, o)))
-                    .filter(|(_, o)| o.idx() != ji)
-                else {
+                let Some(outer) = by_path.get(files, folder) else {
                     continue;
                 };
-                let (outer, owner) = owner;
+                let owner = match files[outer.idx()].producer {
+                    None => {
+                        holds.entry(outer).or_default().push((JobId(ji as u32), *f));
+                        continue;
+                    }
+                    Some(o) if o.idx() == ji => continue,
+                    Some(o) => o,
+                };
                 let other = &jobs[owner.idx()];
                 let there = output_span(
                     model,
@@ -407,7 +448,7 @@ fn check_nested_outputs(
             }
         }
     }
-    Ok(())
+    Ok(holds)
 }
 
 fn cycle_error(model: &Model, jobs: &[Job], files: &[File], scc: &[NodeIndex]) -> Diagnostic {

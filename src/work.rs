@@ -633,6 +633,27 @@ impl Work<'_> {
         }
     }
 
+    /// The folders that hold `j`'s outputs (see `Graph::holders`) have new content once it
+    /// ran: hash them again for the jobs that read them, which waited for `j`.
+    fn rehash_holders(&mut self, j: JobId) {
+        let g = self.g;
+        let folders: Vec<crate::graph::FileId> = g.jobs[j.idx()]
+            .outs
+            .iter()
+            .filter_map(|f| g.holders.get(f))
+            .flatten()
+            .copied()
+            .collect();
+        if folders.is_empty() {
+            return;
+        }
+        let arts = Artifacts::new(&self.workdir, &self.db_state.stat, &self.stats);
+        for f in folders {
+            self.now[f.idx()] = scan_one(&arts, g.path(f), None);
+        }
+        self.stat_updates.extend(arts.take_updates());
+    }
+
     /// For a link job: its output's content is its text plus what its target holds now.
     fn refresh_link(&mut self, j: JobId) {
         let job = &self.g.jobs[j.idx()];
@@ -670,8 +691,12 @@ impl Work<'_> {
                 "reasons": reasons.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
             });
             (self.events)(ev);
-            for f in self.g.jobs[j.idx()].outs.clone() {
+            let g = self.g;
+            for f in &g.jobs[j.idx()].outs {
                 self.now[f.idx()] = Now::WillRebuild;
+                for h in g.holders.get(f).map_or(&[][..], Vec::as_slice) {
+                    self.now[h.idx()] = Now::WillRebuild;
+                }
             }
             self.settle(j, State::WouldRun);
             return;
@@ -994,6 +1019,7 @@ impl Work<'_> {
             for (f, a) in job.outs.iter().zip(&hashes) {
                 self.now[f.idx()] = Now::Have(*a);
             }
+            self.rehash_holders(j);
             self.refresh_link(j);
             let (done, total) = self.counts(1);
             let eta = self.eta();

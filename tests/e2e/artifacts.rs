@@ -756,6 +756,57 @@ command = "echo fine > out/fine.txt"
     assert_noop(&s, 4, &[]);
 }
 
+/// Found by hand: a job writing a file into a source folder that another job reads.
+/// The reader did not wait for the writer, and once it did, it recorded the folder as it
+/// was before the writer ran, so every second build reran it. Now the reader waits, sees
+/// the folder as written, a dry run predicts it, and early cutoff holds through the folder.
+#[test]
+fn a_file_written_into_a_folder_that_is_read_orders_its_reader() {
+    let q = r#"
+[rule.list]
+inputs = ["tv"]
+outputs = ["out/list.txt"]
+command = "cat tv/* > out/list.txt"
+
+[rule.gen]
+outputs = ["tv/gen.raw"]
+command = "sleep 0.3; echo g1 > tv/gen.raw"
+"#;
+    let s = space_with(q);
+    s.write("tv/a.raw", "a\n");
+    let both = set(["list", "gen"]);
+    s.run(["all"]).assert_ok().assert_ran(&both);
+    assert_eq!(s.read_string("out/list.txt"), "a\ng1\n");
+    assert_noop(&s, 2, &[]);
+
+    // A new output of `gen`: the dry run says both, and both run.
+    s.replace("Qairtfile", "echo g1", "echo g2");
+    let dry = s.run(["-n", "all"]);
+    assert_eq!(dry.would_run(), both, "{dry}");
+    s.run(["all"]).assert_ok().assert_ran(&both);
+    assert_eq!(s.read_string("out/list.txt"), "a\ng2\n");
+    assert_noop(&s, 2, &[]);
+
+    // `gen` reruns and writes the same bytes: the folder is unchanged, `list` is spared.
+    s.replace(
+        "Qairtfile",
+        "sleep 0.3; echo g2",
+        "sleep 0.3; true; echo g2",
+    );
+    s.run(["all"]).assert_ok().assert_ran(&set(["gen"]));
+    assert_noop(&s, 2, &[]);
+
+    // The same outputs as a clean build of the same Qairtfile and sources.
+    let clean = space_with(&s.read_string("Qairtfile"));
+    clean.write("tv/a.raw", "a\n");
+    clean.run(["all"]).assert_ok();
+    assert_eq!(
+        clean.read_string("out/list.txt"),
+        s.read_string("out/list.txt")
+    );
+    assert_eq!(clean.read_string("tv/gen.raw"), s.read_string("tv/gen.raw"));
+}
+
 #[test]
 fn a_directory_output_must_exist_and_may_be_read() {
     let s = space_with(

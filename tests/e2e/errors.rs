@@ -141,6 +141,44 @@ command = \"mkdir -p sha && echo a > sha/a.onnx\"
     s.run(["all"]).assert_nothing_ran(2);
 }
 
+/// A job reading a folder that holds its own output would never be up to date (its output
+/// changes its input), and one reading the work folder (or `.qbuild/`) reads the state
+/// qbuild writes on every run: both refused at load.
+#[test]
+fn a_job_that_would_read_what_it_or_qbuild_writes_is_refused() {
+    let own = format!(
+        "{HARMLESS}
+[rule.a]
+inputs = [\"models\"]
+outputs = [\"models/index.txt\"]
+command = \"ls models > models/index.txt\"
+"
+    );
+    assert_eq!(
+        refuse(&own),
+        "error: `a` reads `models`, which holds `models/index.txt`, one of its own outputs
+ --> Qairtfile:6:11
+  |
+6 | inputs = [\"models\"]
+  |           ^^^^^^^^
+  = hint: a job cannot read what it writes: write the output elsewhere, or read only the files it needs
+"
+    );
+    for (input, says) in [
+        (".", "holds qbuild's own state folder (.qbuild/)"),
+        ("sub/../..", "holds qbuild's own state folder (.qbuild/)"),
+        (".qbuild/journal", "is inside qbuild's own state folder"),
+    ] {
+        refuse_at(
+            &format!(
+                "{HARMLESS}\n[rule.a]\ninputs = [\"{input}\"]\noutputs = [\"a.txt\"]\ncommand = \"true\"\n"
+            ),
+            &format!("input `{input}` {says}"),
+            "Qairtfile:6:11",
+        );
+    }
+}
+
 #[test]
 fn two_rules_write_one_path() {
     let q = format!(
