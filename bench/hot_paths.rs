@@ -116,6 +116,7 @@ fn bench_noop(bencher: divan::Bencher, dir: &Path, file: &Path) {
         jobs: 2,
         keep_going: false,
         dry_run: false,
+        read_only: false,
         explain: false,
         verbose: false,
         trace: false,

@@ -136,6 +136,7 @@ impl Session {
                 .map_or(1, |n| n.get()),
             keep_going: a.keep_going,
             dry_run: a.dry_run || a.status,
+            read_only: self.read_only_dry_run(),
             explain: a.explain || a.status,
             verbose: a.verbose,
             trace: a.trace.is_some(),
@@ -143,6 +144,27 @@ impl Session {
                 .map(|t| vec![(t.name.clone(), t.version.clone())])
                 .unwrap_or_default(),
         }
+    }
+
+    /// A dry run (`-n`, `--status`, `--clean -n`) where qbuild cannot write its state
+    /// folder (or, without one, the work folder): it reads the state without the lock and
+    /// writes nothing, as `ninja -n` does, instead of failing to open the lock.
+    pub fn read_only_dry_run(&self) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        if !(self.args.dry_run || self.args.status) {
+            return false;
+        }
+        let state_dir = self.workdir.join(".qbuild");
+        let probe = if state_dir.is_dir() {
+            state_dir
+        } else {
+            self.workdir.clone()
+        };
+        let Ok(c) = std::ffi::CString::new(probe.as_os_str().as_bytes()) else {
+            return false;
+        };
+        // SAFETY: access(2) reads the NUL-terminated path we own.
+        unsafe { libc::access(c.as_ptr(), libc::W_OK) != 0 }
     }
 
     /// Run one build; if the state database proves unreadable, set it aside and build
@@ -425,11 +447,14 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
     let (_lock, db, pre) = match fetching.and_then(Fetch::join) {
         Some((mut lock, db, pre)) => {
             lock.stamp();
-            (lock, db, Some(pre))
+            (Some(lock), db, Some(pre))
+        }
+        None if session.read_only_dry_run() => {
+            (None, db::Db::new(&session.workdir.join(".qbuild")), None)
         }
         None => {
             let (lock, db) = session.open_state()?;
-            (lock, db, None)
+            (Some(lock), db, None)
         }
     };
     work::phase("lock and open state", t);

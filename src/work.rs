@@ -49,6 +49,9 @@ pub struct Options {
     pub jobs: usize,
     pub keep_going: bool,
     pub dry_run: bool,
+    /// A dry run in a work folder qbuild cannot write (a read-only mount of someone's
+    /// build): no lock, and nothing written at the end (refreshed stats are dropped).
+    pub read_only: bool,
     pub explain: bool,
     pub verbose: bool,
     /// Keep a span per job for `--trace` (not kept otherwise: ~100 B a job).
@@ -493,6 +496,11 @@ impl Work<'_> {
         }
         // Jobs never started (stopped early) stay unsettled; nothing is recorded for them.
         let mut updates = std::mem::take(&mut self.stat_updates);
+        if self.opts.read_only {
+            self.summary.hashed_bytes = self.stats.bytes();
+            self.procs.finish();
+            return Ok(());
+        }
         let t = Instant::now();
         // The explain store's half of the compaction needs no stat entry: it runs on a
         // second thread while this one re-hashes what was written in the last clock tick.

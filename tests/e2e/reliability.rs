@@ -2858,6 +2858,57 @@ fn io_read_only_work_folder_fails_clearly_and_claims_nothing() {
     );
 }
 
+/// A dry run only reads: in a work folder qbuild cannot write (state folder included, as
+/// on a read-only mount of a colleague's build), `-n`, `--status` and `--clean -n` answer
+/// without the lock, exactly as in a writable folder, and write nothing. A real build
+/// there still stops with a clear error.
+///
+/// Regression (found by hand): all three failed with "cannot open the lock".
+#[test]
+fn io_a_dry_run_in_a_read_only_work_folder_answers_and_writes_nothing() {
+    let name = "io_a_dry_run_in_a_read_only_work_folder_answers_and_writes_nothing";
+    let s = Space::new();
+    io_space(&s);
+    s.build_all();
+    s.write("src/in_2.txt", "input 2, edited\n");
+    let stale = support::set(["gen i=2", "sum"]);
+    let expected = s.run(["-n", "all"]).would_run();
+    assert_eq!(expected, stale);
+    let state_before = fs::read(s.join(".qbuild/snapshot")).expect("snapshot");
+    let mp = Space::new();
+    {
+        let (view, _guard) = match read_only_view(&s, &mp.join("view"), false) {
+            Ok(v) => v,
+            Err(why) => return skip(name, &why),
+        };
+        let v = Space::at(&view);
+        for args in [
+            vec!["-n", "all"],
+            vec!["--status"],
+            vec!["-n", "--explain", "all"],
+        ] {
+            let out = v.run(args.clone());
+            out.assert_ok();
+            assert_no_panic(&out.stderr, name);
+            assert_eq!(out.would_run(), stale, "{args:?}\n{out}");
+        }
+        let clean = v.run(["--clean", "-n"]);
+        clean.assert_ok();
+        assert!(
+            clean.stderr.contains("qbuild: would remove 4 output(s)"),
+            "{clean}"
+        );
+        let build = v.run(["all"]);
+        assert_ne!(build.code, 0, "{build}");
+        assert!(says_read_only(&build.stderr), "{build}");
+    }
+    assert_eq!(
+        fs::read(s.join(".qbuild/snapshot")).expect("snapshot"),
+        state_before
+    );
+    s.run(["all"]).assert_ok().assert_ran(&stale);
+}
+
 /// Issue 5.6, "a clear error": when an output folder must be created in a read-only work
 /// folder, the error names the cause.
 ///
