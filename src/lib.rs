@@ -179,6 +179,15 @@ impl Session {
             .as_ref()
             .ok_or_else(|| Diagnostic::plain("internal: no state database"))?;
         match self.build_once(loaded, current, pre) {
+            Err(BuildFailure::Corrupt(why)) if self.read_only_dry_run() => {
+                say!("qbuild: warning: {why}; the folder is read-only, so it stays as it is and this dry run answers as if nothing had been built");
+                // No such folder: an empty state, read without writing anything.
+                let none = db::Db::new(&self.workdir.join(".qbuild").join("(unreadable)"));
+                self.build_once(loaded, &none, None).map_err(|e| match e {
+                    BuildFailure::Corrupt(w) => Diagnostic::plain(w),
+                    BuildFailure::Other(d) => d,
+                })
+            }
             Err(BuildFailure::Corrupt(why)) => {
                 let old = db
                     .take()

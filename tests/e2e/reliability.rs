@@ -2907,6 +2907,20 @@ fn io_a_dry_run_in_a_read_only_work_folder_answers_and_writes_nothing() {
         state_before
     );
     s.run(["all"]).assert_ok().assert_ran(&stale);
+
+    // An unreadable state in a read-only folder: left as it is, everything would run.
+    s.write(".qbuild/snapshot", "garbage");
+    {
+        let (view, _guard) = match read_only_view(&s, &mp.join("view2"), false) {
+            Ok(v) => v,
+            Err(why) => return skip(name, &why),
+        };
+        let out = Space::at(&view).run(["-n", "all"]);
+        out.assert_ok();
+        assert_eq!(out.would_run().len(), 4, "{out}");
+        assert!(out.stderr.contains("as if nothing had been built"), "{out}");
+    }
+    assert_eq!(s.read_string(".qbuild/snapshot"), "garbage");
 }
 
 /// Issue 5.6, "a clear error": when an output folder must be created in a read-only work
