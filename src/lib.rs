@@ -244,7 +244,13 @@ impl Session {
                 )))
             })?;
         }
-        let status = if summary.ok() { "ok" } else { "failed" };
+        let status = if summary.interrupted.is_some() {
+            "interrupted"
+        } else if summary.ok() {
+            "ok"
+        } else {
+            "failed"
+        };
         emit(serde_json::json!({
             "event": "build_finished",
             "status": status,
@@ -279,6 +285,14 @@ impl Session {
         }
         if count == 0 && summary.failed == 0 && !opts.dry_run {
             line = format!("qbuild: nothing to do, {} up to date", summary.up_to_date);
+        }
+        if let Some(sig) = summary.interrupted {
+            let name = match sig {
+                libc::SIGINT => "SIGINT",
+                libc::SIGTERM => "SIGTERM",
+                _ => "a signal",
+            };
+            line.push_str(&format!("; stopped by {name}"));
         }
         say!("{line}");
         let code = match summary.interrupted {

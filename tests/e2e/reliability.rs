@@ -1385,6 +1385,23 @@ fn interrupt(sig: i32, code: i32, ignore_term: bool) {
     );
     assert_no_panic(&ended.stderr, "interrupt");
     assert!(ended.stderr.contains("interrupted"), "{ended}");
+    let name = if sig == libc::SIGINT {
+        "SIGINT"
+    } else {
+        "SIGTERM"
+    };
+    assert!(
+        ended.stderr.contains(&format!("; stopped by {name}")),
+        "{ended}"
+    );
+    let last: Value = ended
+        .stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_default();
+    assert_eq!(last["event"], "build_finished", "{ended}");
+    assert_eq!(last["status"], "interrupted", "{ended}");
     if ignore_term {
         assert!(
             took >= Duration::from_millis(2500) && took < Duration::from_secs(15),
