@@ -961,7 +961,16 @@ impl Work<'_> {
             let removed = self.remove_partial_outputs(j, &d.before);
             let mut text = format!("FAILED: {}\n  {why}", job.spec.label);
             if let Action::Shell(cmd) = &job.spec.action {
-                text.push_str(&format!("\n  command: {cmd}"));
+                // Whole, to copy and rerun; but not a flood (a rule over 40k inputs).
+                const SHOWN: usize = 4096;
+                let mut end = cmd.len().min(SHOWN);
+                while !cmd.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.push_str(&format!("\n  command: {}", &cmd[..end]));
+                if end < cmd.len() {
+                    text.push_str(&format!(" … ({} more bytes)", cmd.len() - end));
+                }
             }
             if !removed.is_empty() {
                 text.push_str(&format!(
@@ -984,16 +993,20 @@ impl Work<'_> {
                     text.push_str(&format!("    {l}\n"));
                 }
             }
-            if !text.ends_with('\n') {
-                text.push('\n');
+            // A command that printed nothing (or never started) leaves no log to point at.
+            if log.exists() {
+                if !text.ends_with('\n') {
+                    text.push('\n');
+                }
+                text.push_str(&format!("  log: {}", log.display()));
             }
-            text.push_str(&format!("  log: {}", log.display()));
+            let text = text.trim_end_matches('\n');
             let (done, total) = self.counts(1);
             let eta = self.eta();
             self.progress
                 .finished(done, total, &job.spec.label, false, d.took, eta);
             if self.summary.interrupted.is_none() {
-                self.progress.message(&text);
+                self.progress.message(text);
             }
             let ev = json!({
                 "event": "job_finished",

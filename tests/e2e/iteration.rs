@@ -1292,6 +1292,45 @@ command = "i=1; while [ $i -le 30 ]; do echo noisy-line-$i; i=$((i+1)); done; ex
     );
 }
 
+/// Regression (found by hand): a command that failed without printing anything, or could
+/// not start at all (its command line too long for `sh`), was reported with `log: PATH`
+/// for a log that was never written.
+#[test]
+fn a_failure_that_printed_nothing_points_at_no_log() {
+    let s = Space::new();
+    let long = "x".repeat(300_000);
+    s.write(
+        "Qairtfile",
+        format!(
+            r#"
+[rule.silent]
+outputs = ["out/silent.txt"]
+command = "exit 4"
+
+[rule.huge]
+outputs = ["out/huge.txt"]
+command = "echo {long} {long} {long} {long} {long} {long} {long} {long} > out/huge.txt"
+"#
+        ),
+    );
+    let out = s.run(["-k", "all"]);
+    out.assert_code(1);
+    assert_eq!(out.failed(), set(["silent", "huge"]), "{out}");
+    assert!(out.stderr.contains("exited with status 4"), "{out}");
+    assert!(out.stderr.contains("Argument list too long"), "{out}");
+    for o in ["out/silent.txt", "out/huge.txt"] {
+        assert!(!log_of(&s, o).exists(), "{o}");
+    }
+    assert!(!out.stderr.contains("log: "), "{out}");
+    // The 2.4 MB command is shown cut, not whole.
+    assert!(
+        out.stderr.len() < 20_000,
+        "{} bytes of stderr",
+        out.stderr.len()
+    );
+    assert!(out.stderr.contains(" more bytes)"), "{out}");
+}
+
 #[test]
 fn verbose_streams_command_output_live() {
     // The tools' output on stderr with -v (the demo).
