@@ -54,6 +54,15 @@ pub fn load_graph(path: &Path, shown: &Path) -> Result<Graph, Diagnostic> {
 
 /// The whole program; returns the exit code.
 pub fn run() -> i32 {
+    // First: the opening scan may hash on another thread before anything else is set up.
+    // SAFETY: the handler only writes and exits, both async-signal-safe. (Rust's own
+    // SIGBUS handler watches for stack overflows, which Linux reports as SIGSEGV.)
+    unsafe {
+        libc::signal(
+            libc::SIGBUS,
+            on_bus_error as *const () as libc::sighandler_t,
+        );
+    }
     // Before any thread starts: every command inherits the run's token.
     exec::mark_environment();
     let args = cli::Args::parse();
@@ -568,6 +577,21 @@ fn check_sources(g: &Graph, workdir: &Path) -> Result<(), Diagnostic> {
 
 extern "C" fn on_signal(sig: libc::c_int) {
     work::INTERRUPT.store(sig, Ordering::SeqCst);
+}
+
+/// A big file is hashed through a memory map; if it shrinks meanwhile (a model export
+/// rewritten during a build), reading the pages past its new end raises SIGBUS, which
+/// killed qbuild with a bare "Bus error". Say what happened instead, then end: no
+/// unfinished job is recorded, and the next run stops any command still running.
+extern "C" fn on_bus_error(_: libc::c_int) {
+    const MSG: &[u8] =
+        b"\nqbuild: error: a file shrank or vanished while it was being hashed (SIGBUS); \
+stopping. Nothing unfinished is recorded: run qbuild again (it stops any command left running).\n";
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static buffer.
+    unsafe {
+        libc::write(2, MSG.as_ptr().cast(), MSG.len());
+        libc::_exit(EXIT_FAILED);
+    }
 }
 
 pub fn install_signal_handlers() {

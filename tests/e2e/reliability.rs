@@ -1499,6 +1499,54 @@ command = "echo partial > out/slow.txt; if [ -e slow.flag ]; then (sleep 1.5; ec
     s.run(["all"]).assert_nothing_ran(1);
 }
 
+/// A SIGBUS (what reading a memory-mapped file raises when the file shrinks under it: a
+/// model rewritten while qbuild hashes it) ends qbuild with a message and exit 1, not a
+/// bare "Bus error"; the next run stops what was left running and builds as usual.
+/// (The truncation race itself was reproduced by hand: 2 GB input, cold cache, `truncate`
+/// 0.3 s into the run; same message, exit 1.)
+#[test]
+fn signals_a_bus_error_says_what_happened_and_the_next_run_recovers() {
+    adopt_leftovers();
+    let tok = token("sigbus");
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        format!(
+            r#"
+[rule.slow]
+outputs = ["out/slow.txt"]
+env = {{ REL_MARK = "{tok}" }}
+command = "echo partial > out/slow.txt; if [ -e slow.flag ]; then sleep 30; fi; echo done >> out/slow.txt"
+"#
+        ),
+    )
+    .write("slow.flag", "");
+    let bg = Bg::start(s.path(), &["-j", "2", "--json", "all"], &[]);
+    let up = wait_until(Duration::from_secs(20), || {
+        !marked_processes(&tok).is_empty()
+    });
+    assert!(up, "the job never got going");
+    bg.signal(libc::SIGBUS);
+    let ended = bg.wait(Duration::from_secs(10));
+    assert_eq!(ended.code, Some(1), "{ended}");
+    assert!(
+        ended
+            .stderr
+            .contains("a file shrank or vanished while it was being hashed (SIGBUS)"),
+        "{ended}"
+    );
+    assert_no_panic(&ended.stderr, "sigbus");
+    s.remove("slow.flag");
+    let out = s.run(["all"]);
+    out.assert_ok().assert_ran(&support::set(["slow"]));
+    assert!(
+        wait_until(Duration::from_secs(1), || marked_processes(&tok).is_empty()),
+        "leftovers survived the next run: {:?}",
+        marked_processes(&tok)
+    );
+    assert_eq!(s.read_string("out/slow.txt"), "partial\ndone\n");
+}
+
 /// qbuild killed between starting a command and noting its process group: the list holds
 /// only the build's token, which every command carries in `QBUILD_RUN`. The next run finds
 /// the command by that token, wherever it moved, and stops it; a process with another
