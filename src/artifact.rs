@@ -123,7 +123,7 @@ impl<'a> Artifacts<'a> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let content = self.hash_with_meta(rel, &path, &meta, 0, hint)?;
+        let content = self.hash_with_meta(rel, &path, &meta, &mut Vec::new(), hint)?;
         let ident = if meta.file_type().is_symlink() {
             link_identity(&fs::read_link(&path)?)
         } else {
@@ -132,15 +132,19 @@ impl<'a> Artifacts<'a> {
         Ok(Some(Art { content, ident }))
     }
 
+    /// `walking`: the (device, inode) of the folders being hashed above this entry, and one
+    /// entry per link followed, so that a link back into a folder being walked is caught at
+    /// once rather than after 64 levels of hashing everything under it again.
     fn hash_with_meta(
         &self,
         key: &str,
         path: &Path,
         meta: &fs::Metadata,
-        depth: usize,
+        walking: &mut Vec<(u64, u64)>,
         hint: Option<Option<&StatEntry>>,
     ) -> io::Result<Hash> {
-        if depth > 64 {
+        use std::os::unix::fs::MetadataExt;
+        if walking.len() > 64 {
             return Err(io::Error::other(format!(
                 "{}: links or directories nest too deeply",
                 path.display()
@@ -160,7 +164,12 @@ impl<'a> Artifacts<'a> {
             let target = path.parent().unwrap_or(Path::new("/")).join(&text);
             let target_key = crate::expand::normalize(&key_for(&self.workdir, &target));
             let th = match fs::symlink_metadata(&target) {
-                Ok(tm) => Some(self.hash_with_meta(&target_key, &target, &tm, depth + 1, None)?),
+                Ok(tm) => {
+                    walking.push((0, 0));
+                    let h = self.hash_with_meta(&target_key, &target, &tm, walking, None)?;
+                    walking.pop();
+                    Some(h)
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     return Err(io::Error::other(format!(
                         "dangling symlink: {key} -> {} (the target does not exist)",
@@ -179,13 +188,23 @@ impl<'a> Artifacts<'a> {
             if let Some(h) = memo(key) {
                 return Ok(h);
             }
+            let id = (meta.dev(), meta.ino());
+            if walking.contains(&id) {
+                return Err(io::Error::other(format!(
+                    "{key} is a folder that holds itself (a symlink on the way leads back up into it)"
+                )));
+            }
+            walking.push(id);
             let mut entries: Vec<(Vec<u8>, fs::DirEntry)> = fs::read_dir(path)?
                 .map(|e| e.map(|e| (e.file_name().as_encoded_bytes().to_vec(), e)))
                 .collect::<io::Result<_>>()?;
             entries.sort_by(|a, b| a.0.cmp(&b.0));
             let mut t = TreeHasher::new();
             for (name, e) in entries {
-                let child_key = format!("{key}/{}", String::from_utf8_lossy(&name));
+                let child_key = match key {
+                    "." => String::from_utf8_lossy(&name).into_owned(),
+                    _ => format!("{key}/{}", String::from_utf8_lossy(&name)),
+                };
                 // The folder's listing says it is a file (no stat): the scan's hash stands.
                 let from_scan = match &self.before {
                     Some(b) if e.file_type()?.is_file() => (b.scanned)(&child_key),
@@ -204,9 +223,10 @@ impl<'a> Artifacts<'a> {
                 } else {
                     KIND_FILE
                 };
-                let h = self.hash_with_meta(&child_key, &p, &m, depth + 1, None)?;
+                let h = self.hash_with_meta(&child_key, &p, &m, walking, None)?;
                 t.entry(&name, kind, &h);
             }
+            walking.pop();
             let h = t.finish();
             if let Some(Ok(mut folders)) = self.before.as_ref().map(|b| b.folders.lock()) {
                 folders.insert(key.to_string(), h);
