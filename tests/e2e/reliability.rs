@@ -1445,12 +1445,10 @@ fn signals_a_job_ignoring_sigterm_is_killed_3_s_later() {
     interrupt(libc::SIGTERM, 143, true);
 }
 
-/// `kill -9` of qbuild: the job's whole process group lives on and would write into the
-/// output later. The next run stops it before building.
-#[test]
-fn signals_leftovers_of_a_killed_qbuild_are_stopped_by_the_next_run() {
-    adopt_leftovers();
-    let tok = token("kill9");
+/// A work folder whose one job, `slow`, writes "partial" to `out/slow.txt`, runs `wait`
+/// (its processes carry `tok`) while `slow.flag` exists, then appends "done"; qbuild
+/// started on it in the background, returned once `procs` marked processes are up.
+fn start_slow_job(tok: &str, wait: &str, procs: usize) -> (Space, Bg) {
     let s = Space::new();
     s.write(
         "Qairtfile",
@@ -1459,16 +1457,26 @@ fn signals_leftovers_of_a_killed_qbuild_are_stopped_by_the_next_run() {
 [rule.slow]
 outputs = ["out/slow.txt"]
 env = {{ REL_MARK = "{tok}" }}
-command = "echo partial > out/slow.txt; if [ -e slow.flag ]; then (sleep 1.5; echo LATE >> out/slow.txt) & sleep 30; fi; echo done >> out/slow.txt"
+command = "echo partial > out/slow.txt; if [ -e slow.flag ]; then {wait}; fi; echo done >> out/slow.txt"
 "#
         ),
     )
     .write("slow.flag", "");
     let bg = Bg::start(s.path(), &["-j", "2", "--json", "all"], &[]);
     let up = wait_until(Duration::from_secs(20), || {
-        marked_processes(&tok).len() >= 4
+        marked_processes(tok).len() >= procs
     });
-    assert!(up, "the job never got going: {:?}", marked_processes(&tok));
+    assert!(up, "the job never got going: {:?}", marked_processes(tok));
+    (s, bg)
+}
+
+/// `kill -9` of qbuild: the job's whole process group lives on and would write into the
+/// output later. The next run stops it before building.
+#[test]
+fn signals_leftovers_of_a_killed_qbuild_are_stopped_by_the_next_run() {
+    adopt_leftovers();
+    let tok = token("kill9");
+    let (s, bg) = start_slow_job(&tok, "(sleep 1.5; echo LATE >> out/slow.txt) & sleep 30", 4);
     let started = Instant::now();
     let ended = bg.kill9();
     assert_eq!(ended.signal, Some(libc::SIGKILL), "{ended}");
@@ -1508,24 +1516,7 @@ command = "echo partial > out/slow.txt; if [ -e slow.flag ]; then (sleep 1.5; ec
 fn signals_a_bus_error_says_what_happened_and_the_next_run_recovers() {
     adopt_leftovers();
     let tok = token("sigbus");
-    let s = Space::new();
-    s.write(
-        "Qairtfile",
-        format!(
-            r#"
-[rule.slow]
-outputs = ["out/slow.txt"]
-env = {{ REL_MARK = "{tok}" }}
-command = "echo partial > out/slow.txt; if [ -e slow.flag ]; then sleep 30; fi; echo done >> out/slow.txt"
-"#
-        ),
-    )
-    .write("slow.flag", "");
-    let bg = Bg::start(s.path(), &["-j", "2", "--json", "all"], &[]);
-    let up = wait_until(Duration::from_secs(20), || {
-        !marked_processes(&tok).is_empty()
-    });
-    assert!(up, "the job never got going");
+    let (s, bg) = start_slow_job(&tok, "sleep 30", 1);
     bg.signal(libc::SIGBUS);
     let ended = bg.wait(Duration::from_secs(10));
     assert_eq!(ended.code, Some(1), "{ended}");
