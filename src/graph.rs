@@ -460,17 +460,13 @@ fn cycle_error(model: &Model, jobs: &[Job], files: &[File], scc: &[NodeIndex]) -
     let mut path = vec![start];
     let mut cur = start;
     for _ in 0..=members.len() {
-        // Pick a dependent of `cur` inside the component (follow data flow).
-        let next = jobs[cur]
-            .outs
+        // Pick a dependent of `cur` inside the component (follow data flow; `deps` also
+        // holds the edges from a folder's writers to its readers).
+        let next = jobs
             .iter()
-            .flat_map(|f| {
-                let f = *f;
-                jobs.iter()
-                    .enumerate()
-                    .filter(move |(_, j)| j.ins.contains(&f))
-                    .map(|(i, _)| i)
-            })
+            .enumerate()
+            .filter(|(_, j)| j.deps.contains(&JobId(cur as u32)))
+            .map(|(i, _)| i)
             .find(|i| members.contains(i) && (!path.contains(i) || *i == start));
         match next {
             Some(n) => {
@@ -484,6 +480,14 @@ fn cycle_error(model: &Model, jobs: &[Job], files: &[File], scc: &[NodeIndex]) -
         }
     }
     let names: Vec<String> = path.iter().map(|j| jobs[*j].spec.label.clone()).collect();
+    // An edge that no input or link target explains goes through a folder the reader reads.
+    let via_folder = path.windows(2).any(|w| {
+        let (from, to) = (&jobs[w[0]], &jobs[w[1]]);
+        !from
+            .outs
+            .iter()
+            .any(|o| to.ins.contains(o) || to.order.contains(o))
+    });
     let rule = &model.rules[jobs[start].spec.rule as usize];
     let example = jobs[start]
         .outs
@@ -497,7 +501,12 @@ fn cycle_error(model: &Model, jobs: &[Job], files: &[File], scc: &[NodeIndex]) -
             format!("dependency cycle: {}", names.join(" -> ")),
         )
         .with_hint(format!(
-            "`{}` (which writes `{example}`) ends up depending on its own output",
-            jobs[start].spec.label
+            "`{}` (which writes `{example}`) ends up depending on its own output{}",
+            jobs[start].spec.label,
+            if via_folder {
+                " (a job that reads a folder waits for every job that writes into it)"
+            } else {
+                ""
+            }
         ))
 }

@@ -179,6 +179,35 @@ command = \"ls models > models/index.txt\"
     }
 }
 
+/// A cycle closed by a folder: `a` reads `models/`, `b` writes into it from `a`'s output.
+/// Regression: the cycle was named `a -> b`, the edge through the folder left out.
+#[test]
+fn a_cycle_through_a_folder_is_named_whole() {
+    let q = format!(
+        "{HARMLESS}
+[rule.a]
+inputs = [\"models\"]
+outputs = [\"out/a.txt\"]
+command = \"ls models > out/a.txt\"
+
+[rule.b]
+inputs = [\"out/a.txt\"]
+outputs = [\"models/gen.txt\"]
+command = \"cat out/a.txt > models/gen.txt\"
+"
+    );
+    assert_eq!(
+        refuse(&q),
+        "error: dependency cycle: a -> b -> a
+ --> Qairtfile:5:7
+  |
+5 | [rule.a]
+  |       ^
+  = hint: `a` (which writes `out/a.txt`) ends up depending on its own output (a job that reads a folder waits for every job that writes into it)
+"
+    );
+}
+
 #[test]
 fn two_rules_write_one_path() {
     let q = format!(
