@@ -221,6 +221,17 @@ impl Db {
         }
     }
 
+    /// The state in `state_dir` for a run that writes nothing (a dry run beside another
+    /// qbuild's build, or in a folder it cannot write): `load` reads it as usual, but the
+    /// explain store is never opened. Opening it takes sled's lock, which the building run
+    /// needs at its end, and an unreadable one would be moved aside.
+    pub fn reader(state_dir: &Path) -> Db {
+        let mut db = Db::new(state_dir);
+        db.sled =
+            std::sync::OnceLock::from(Err("not opened by a run that writes nothing".to_string()));
+        db
+    }
+
     fn snapshot_path(&self) -> PathBuf {
         self.dir.join("snapshot")
     }

@@ -92,6 +92,9 @@ pub struct Session {
     /// The Qairtfile, absolute.
     pub file: PathBuf,
     pub workdir: PathBuf,
+    /// A dry run that found another qbuild building here: it reads the state as it is,
+    /// without the lock, and writes nothing.
+    pub beside_a_build: std::cell::Cell<bool>,
 }
 
 /// A loaded Qairtfile: the graph, the jobs the targets need, the verified toolchain.
@@ -145,7 +148,7 @@ impl Session {
                 .map_or(1, |n| n.get()),
             keep_going: a.keep_going,
             dry_run: a.dry_run || a.status,
-            read_only: self.read_only_dry_run(),
+            read_only: self.writes_nothing(),
             explain: a.explain || a.status,
             verbose: a.verbose,
             trace: a.trace.is_some(),
@@ -153,6 +156,12 @@ impl Session {
                 .map(|t| vec![(t.name.clone(), t.version.clone())])
                 .unwrap_or_default(),
         }
+    }
+
+    /// A dry run that reads the state without the lock and writes nothing: beside another
+    /// qbuild's build, or in a folder it cannot write.
+    pub fn writes_nothing(&self) -> bool {
+        self.beside_a_build.get() || self.read_only_dry_run()
     }
 
     /// A dry run (`-n`, `--status`, `--clean -n`) where qbuild cannot write its state
@@ -188,10 +197,10 @@ impl Session {
             .as_ref()
             .ok_or_else(|| Diagnostic::plain("internal: no state database"))?;
         match self.build_once(loaded, current, pre) {
-            Err(BuildFailure::Corrupt(why)) if self.read_only_dry_run() => {
-                say!("qbuild: warning: {why}; the folder is read-only, so it stays as it is and this dry run answers as if nothing had been built");
+            Err(BuildFailure::Corrupt(why)) if self.writes_nothing() => {
+                say!("qbuild: warning: {why}; this dry run writes nothing, so it stays as it is and the answer is as if nothing had been built");
                 // No such folder: an empty state, read without writing anything.
-                let none = db::Db::new(&self.workdir.join(".qbuild").join("(unreadable)"));
+                let none = db::Db::reader(&self.workdir.join(".qbuild").join("(unreadable)"));
                 self.build_once(loaded, &none, None).map_err(|e| match e {
                     BuildFailure::Corrupt(w) => Diagnostic::plain(w),
                     BuildFailure::Other(d) => d,
@@ -370,15 +379,32 @@ impl Fetch {
 
 /// Take the work-folder lock, stop what a killed qbuild left running, open the state.
 fn open_state(workdir: &Path, wait: bool) -> Result<(lock::Lock, db::Db), Diagnostic> {
+    open_state_unless_busy(workdir, wait)?.map_err(|who| {
+        Diagnostic::plain(format!(
+            "another qbuild{who} is building in {}; not waiting (--no-wait)",
+            workdir.display()
+        ))
+    })
+}
+
+/// `open_state`, or (without `wait`) `Err(" (pid N)")` when another qbuild holds the lock.
+fn open_state_unless_busy(
+    workdir: &Path,
+    wait: bool,
+) -> Result<Result<(lock::Lock, db::Db), String>, Diagnostic> {
     let state_dir = workdir.join(".qbuild");
     std::fs::create_dir_all(&state_dir)
         .map_err(|e| Diagnostic::plain(format!("cannot create {}: {e}", state_dir.display())))?;
-    let lock = lock::acquire(&state_dir, wait).map_err(Diagnostic::plain)?;
+    let lock = match lock::acquire(&state_dir, wait) {
+        Ok(l) => l,
+        Err(lock::LockError::Busy(who)) => return Ok(Err(who)),
+        Err(lock::LockError::Other(m)) => return Err(Diagnostic::plain(m)),
+    };
     let orphans = exec::reap_orphans(&state_dir);
     if orphans > 0 {
         say!("qbuild: stopped {orphans} command(s) left running by a qbuild that was killed");
     }
-    Ok((lock, db::Db::new(&state_dir)))
+    Ok(Ok((lock, db::Db::new(&state_dir))))
 }
 
 enum BuildFailure {
@@ -415,6 +441,7 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         cwd,
         file,
         workdir,
+        beside_a_build: std::cell::Cell::new(false),
     };
     if session.args.watch {
         install_signal_handlers();
@@ -482,7 +509,20 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
             (Some(lock), db, Some(pre))
         }
         None if session.read_only_dry_run() => {
-            (None, db::Db::new(&session.workdir.join(".qbuild")), None)
+            (None, db::Db::reader(&session.workdir.join(".qbuild")), None)
+        }
+        // A dry run does not wait out a build in progress (it may take hours): it answers
+        // from the state as that build has recorded it so far, taking no lock, writing
+        // nothing (the snapshot is replaced by rename; a torn journal tail is ignored).
+        None if args.dry_run || args.status => {
+            match open_state_unless_busy(&session.workdir, false)? {
+                Ok((lock, db)) => (Some(lock), db, None),
+                Err(who) => {
+                    say!("qbuild: another qbuild{who} is building here; this is the state it has recorded so far");
+                    session.beside_a_build.set(true);
+                    (None, db::Db::reader(&session.workdir.join(".qbuild")), None)
+                }
+            }
         }
         None => {
             let (lock, db) = session.open_state()?;

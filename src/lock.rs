@@ -9,7 +9,14 @@ pub struct Lock {
     file: File,
 }
 
-pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, String> {
+/// Why the lock was not taken.
+pub enum LockError {
+    /// Another qbuild holds it and we were told not to wait; ` (pid N)` or empty.
+    Busy(String),
+    Other(String),
+}
+
+pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, LockError> {
     let path = state_dir.join("lock");
     let file = OpenOptions::new()
         .read(true)
@@ -17,7 +24,7 @@ pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, String> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .map_err(|e| format!("cannot open the lock {}: {e}", path.display()))?;
+        .map_err(|e| LockError::Other(format!("cannot open the lock {}: {e}", path.display())))?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -29,17 +36,17 @@ pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, String> {
                 format!(" (pid {holder})")
             };
             if !wait {
-                return Err(format!(
-                    "another qbuild{who} is building in {}; not waiting (--no-wait)",
-                    state_dir.parent().unwrap_or(state_dir).display()
-                ));
+                return Err(LockError::Busy(who));
             }
             say!("qbuild: waiting for another qbuild{who} to finish in this folder...");
             file.lock()
-                .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+                .map_err(|e| LockError::Other(format!("cannot lock {}: {e}", path.display())))?;
         }
         Err(std::fs::TryLockError::Error(e)) => {
-            return Err(format!("cannot lock {}: {e}", path.display()))
+            return Err(LockError::Other(format!(
+                "cannot lock {}: {e}",
+                path.display()
+            )))
         }
     }
     let mut lock = Lock { file };

@@ -1634,6 +1634,42 @@ fn holds_lock(s: &Space, bg: &Bg) -> bool {
     })
 }
 
+/// A dry run beside a build in progress does not wait for it (it may take hours): `-n`,
+/// `--status` and `-n --explain` answer at once from what the build has recorded so far,
+/// say so, take no lock and write nothing; the build ends as if they had not run.
+///
+/// Regression (found by hand): `qbuild --status` in a second terminal waited for the
+/// whole build.
+#[test]
+fn lock_a_dry_run_beside_a_build_answers_at_once_and_disturbs_nothing() {
+    let s = Space::new();
+    // Four jobs of a second each, one at a time: the last is still to come meanwhile.
+    s.write("Qairtfile", LOCK_QAIRTFILE.replace("sleep 0.5", "sleep 1"));
+    let a = Bg::start(s.path(), &["-j", "1", "--json", "all"], &[]);
+    assert!(holds_lock(&s, &a), "the first build never took the lock");
+    for args in [
+        vec!["-n", "all"],
+        vec!["--status"],
+        vec!["-n", "--explain", "all"],
+    ] {
+        let out = s.run(args.clone());
+        out.assert_ok();
+        assert!(!out.stderr.contains("waiting"), "{args:?}\n{out}");
+        assert!(
+            out.stderr.contains(&format!(
+                "another qbuild (pid {}) is building here; this is the state it has recorded so far",
+                a.pid()
+            )),
+            "{out}"
+        );
+        assert!(out.would_run().contains("w i=4"), "{args:?}\n{out}");
+    }
+    let a = a.wait(Duration::from_secs(60));
+    assert_eq!(a.code, Some(0), "{a}");
+    assert_eq!(a.ok_jobs().len(), 4, "{a}");
+    s.run(["all"]).assert_nothing_ran(4);
+}
+
 /// Issue 5.3: the second build waits, saying so; `--no-wait` fails at once, clearly; both
 /// builds end well and the state is consistent (a third run is a no-op).
 #[test]
