@@ -20,12 +20,18 @@ struct Interest {
     files: HashSet<PathBuf>,
     /// Source folders: any change below them counts.
     trees: HashSet<PathBuf>,
+    /// Outputs inside those folders (a generated file beside the test vectors): the
+    /// build's own writes there are not a reason to build again.
+    outputs: HashSet<PathBuf>,
 }
 
 impl Interest {
     /// A change at `p` matters if it is a watched file, inside a watched tree, or a folder
     /// on the way to one (a folder that appears, or is renamed, brings sources with it).
     fn wants(&self, p: &Path) -> bool {
+        if self.outputs.contains(p) {
+            return false;
+        }
         self.files.contains(p)
             || self.trees.iter().any(|t| p.starts_with(t))
             || self
@@ -100,6 +106,24 @@ fn interest(s: &Session, l: &Loaded) -> Interest {
     }
     if let Some(t) = &l.toolchain {
         i.add_file(t.root.join("sdk.yaml"));
+    }
+    if !i.trees.is_empty() {
+        for file in g.files.iter().filter(|f| f.producer.is_some()) {
+            let p = s.workdir.join(&file.path);
+            if !i.trees.iter().any(|t| p.starts_with(t)) {
+                continue;
+            }
+            // Through a symlinked tree, events name the real path.
+            let real = p
+                .parent()
+                .and_then(|d| d.canonicalize().ok())
+                .zip(p.file_name())
+                .map(|(d, n)| d.join(n));
+            if let Some(real) = real.filter(|r| *r != p) {
+                i.outputs.insert(real);
+            }
+            i.outputs.insert(p);
+        }
     }
     i
 }
