@@ -92,9 +92,9 @@ pub struct Session {
     /// The Qairtfile, absolute.
     pub file: PathBuf,
     pub workdir: PathBuf,
-    /// A dry run that found another qbuild building here: it reads the state as it is,
-    /// without the lock, and writes nothing.
-    pub beside_a_build: std::cell::Cell<bool>,
+    /// A dry run that reads the state without the lock and writes nothing: beside another
+    /// qbuild's build, or in a folder it cannot write. Decided once the state is opened.
+    pub lock_free: std::cell::Cell<bool>,
 }
 
 /// A loaded Qairtfile: the graph, the jobs the targets need, the verified toolchain.
@@ -158,16 +158,15 @@ impl Session {
         }
     }
 
-    /// A dry run that reads the state without the lock and writes nothing: beside another
-    /// qbuild's build, or in a folder it cannot write.
+    /// See `lock_free`.
     pub fn writes_nothing(&self) -> bool {
-        self.beside_a_build.get() || self.read_only_dry_run()
+        self.lock_free.get()
     }
 
     /// A dry run (`-n`, `--status`, `--clean -n`) where qbuild cannot write its state
     /// folder (or, without one, the work folder): it reads the state without the lock and
     /// writes nothing, as `ninja -n` does, instead of failing to open the lock.
-    pub fn read_only_dry_run(&self) -> bool {
+    fn read_only_dry_run(&self) -> bool {
         use std::os::unix::ffi::OsStrExt;
         if !(self.args.dry_run || self.args.status) {
             return false;
@@ -441,7 +440,7 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         cwd,
         file,
         workdir,
-        beside_a_build: std::cell::Cell::new(false),
+        lock_free: std::cell::Cell::new(false),
     };
     if session.args.watch {
         install_signal_handlers();
@@ -509,6 +508,7 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
             (Some(lock), db, Some(pre))
         }
         None if session.read_only_dry_run() => {
+            session.lock_free.set(true);
             (None, db::Db::reader(&session.workdir.join(".qbuild")), None)
         }
         // A dry run does not wait out a build in progress (it may take hours): it answers
@@ -519,7 +519,7 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
                 Ok((lock, db)) => (Some(lock), db, None),
                 Err(who) => {
                     say!("qbuild: another qbuild{who} is building here; this is the state it has recorded so far");
-                    session.beside_a_build.set(true);
+                    session.lock_free.set(true);
                     (None, db::Db::reader(&session.workdir.join(".qbuild")), None)
                 }
             }

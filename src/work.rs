@@ -49,8 +49,8 @@ pub struct Options {
     pub jobs: usize,
     pub keep_going: bool,
     pub dry_run: bool,
-    /// A dry run in a work folder qbuild cannot write (a read-only mount of someone's
-    /// build): no lock, and nothing written at the end (refreshed stats are dropped).
+    /// A dry run without the lock (beside another build, or in a work folder qbuild cannot
+    /// write): nothing is written at the end (refreshed stats are dropped).
     pub read_only: bool,
     pub explain: bool,
     pub verbose: bool,
@@ -495,12 +495,24 @@ impl Work<'_> {
             }
         }
         // Jobs never started (stopped early) stay unsettled; nothing is recorded for them.
-        let mut updates = std::mem::take(&mut self.stat_updates);
-        if self.opts.read_only {
-            self.summary.hashed_bytes = self.stats.bytes();
-            self.procs.finish();
-            return Ok(());
+        if !self.opts.read_only {
+            self.save()?;
         }
+        self.summary.hashed_bytes = self.stats.bytes();
+        self.procs.finish();
+        if self.summary.interrupted.is_none() {
+            let sig = INTERRUPT.load(Ordering::SeqCst);
+            if sig != 0 {
+                self.summary.interrupted = Some(sig);
+            }
+        }
+        Ok(())
+    }
+
+    /// The end of a run that writes: what the last clock tick made racy is hashed again,
+    /// then the journal is folded into a new snapshot, or refreshed stats are appended.
+    fn save(&mut self) -> Result<(), WorkError> {
+        let mut updates = std::mem::take(&mut self.stat_updates);
         let t = Instant::now();
         // The explain store's half of the compaction needs no stat entry: it runs on a
         // second thread while this one re-hashes what was written in the last clock tick.
@@ -530,14 +542,6 @@ impl Work<'_> {
             // snapshot; if they are lost, the next run hashes those files again.
             if let Err(e) = self.db.record_stats(updates) {
                 say!("qbuild: warning: {e}; the files touched will be hashed again");
-            }
-        }
-        self.summary.hashed_bytes = self.stats.bytes();
-        self.procs.finish();
-        if self.summary.interrupted.is_none() {
-            let sig = INTERRUPT.load(Ordering::SeqCst);
-            if sig != 0 {
-                self.summary.interrupted = Some(sig);
             }
         }
         Ok(())
