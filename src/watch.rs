@@ -107,12 +107,11 @@ fn interest(s: &Session, l: &Loaded) -> Interest {
     if let Some(t) = &l.toolchain {
         i.add_file(t.root.join("sdk.yaml"));
     }
-    if !i.trees.is_empty() {
-        for file in g.files.iter().filter(|f| f.producer.is_some()) {
-            let p = s.workdir.join(&file.path);
-            if !i.trees.iter().any(|t| p.starts_with(t)) {
-                continue;
-            }
+    // The graph knows which outputs lie inside source folders it names (`holders`); the
+    // watched trees are such folders.
+    for f in g.holders.keys() {
+        let p = s.workdir.join(g.path(*f));
+        if i.trees.iter().any(|t| p.starts_with(t)) {
             // Through a symlinked tree, events name the real path.
             let real = p
                 .parent()
