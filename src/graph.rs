@@ -212,12 +212,17 @@ impl Graph {
             for (i, f) in job.ins.iter().chain(&job.order).enumerate() {
                 for &(p, out) in holds.get(f).map_or(&[][..], Vec::as_slice) {
                     if p.idx() == ji {
-                        let rule = &model.rules[job.spec.rule as usize];
-                        let t = job.spec.input_template.get(i).copied().unwrap_or(0);
+                        // An input: where it is written; a link's target: the link.
+                        let span = match job.spec.input_template.get(i) {
+                            Some(t) if i < job.ins.len() => {
+                                model.rules[job.spec.rule as usize].input_span(*t)
+                            }
+                            _ => output_span(&model, &job.spec, 0),
+                        };
                         return Err(model
                             .source
                             .error(
-                                rule.input_span(t),
+                                span,
                                 format!(
                                     "`{}` reads `{}`, which holds `{}`, one of its own outputs",
                                     job.spec.label,
@@ -246,7 +251,7 @@ impl Graph {
                     .deps
                     .contains(&JobId(scc[0].index() as u32));
             if is_cycle {
-                return Err(cycle_error(&model, &jobs, &files, scc));
+                return Err(cycle_error(&model, &jobs, &files, &dependents, scc));
             }
         }
         Ok(Graph {
@@ -453,20 +458,24 @@ fn nested_outputs(
     Ok(holds)
 }
 
-fn cycle_error(model: &Model, jobs: &[Job], files: &[File], scc: &[NodeIndex]) -> Diagnostic {
+fn cycle_error(
+    model: &Model,
+    jobs: &[Job],
+    files: &[File],
+    dependents: &[Vec<JobId>],
+    scc: &[NodeIndex],
+) -> Diagnostic {
     // Walk the component from its first job until we return to it.
     let members: std::collections::HashSet<usize> = scc.iter().map(|n| n.index()).collect();
     let start = scc.iter().map(|n| n.index()).min().unwrap_or(0);
     let mut path = vec![start];
     let mut cur = start;
     for _ in 0..=members.len() {
-        // Pick a dependent of `cur` inside the component (follow data flow; `deps` also
-        // holds the edges from a folder's writers to its readers).
-        let next = jobs
+        // Pick a dependent of `cur` inside the component (follow data flow, including the
+        // edges from a folder's writers to its readers).
+        let next = dependents[cur]
             .iter()
-            .enumerate()
-            .filter(|(_, j)| j.deps.contains(&JobId(cur as u32)))
-            .map(|(i, _)| i)
+            .map(|d| d.idx())
             .find(|i| members.contains(i) && (!path.contains(i) || *i == start));
         match next {
             Some(n) => {
