@@ -893,7 +893,7 @@ fn output_path(src: &Source, s: &Str, p: &str, what: &str) -> Result<String, Dia
             )
             .with_hint("outputs are relative paths inside the folder that holds the Qairtfile"));
     }
-    if n == ".qbuild" || n.starts_with(".qbuild/") {
+    if in_state_folder(&n) {
         return Err(src.error(
             s.span.clone(),
             format!("{what} `{p}` is inside qbuild's own state folder"),
@@ -902,13 +902,18 @@ fn output_path(src: &Source, s: &Str, p: &str, what: &str) -> Result<String, Dia
     Ok(n)
 }
 
+/// A normalised work-relative path that is qbuild's state folder or inside it.
+fn in_state_folder(n: &str) -> bool {
+    n == ".qbuild" || n.starts_with(".qbuild/")
+}
+
 /// Check and normalise a path a job reads: anything but a folder that holds `.qbuild/`
 /// (the work folder or one above it) or a path inside it. qbuild writes its state on every
 /// run, so a job reading it would never be up to date.
 fn input_path(src: &Source, s: &Str, p: &str) -> Result<String, Diagnostic> {
     let n = normalize(p);
     let holds_state = n.split('/').all(|c| c == ".." || c == ".");
-    if holds_state || n == ".qbuild" || n.starts_with(".qbuild/") {
+    if holds_state || in_state_folder(&n) {
         let what = if holds_state {
             "holds qbuild's own state folder (.qbuild/)"
         } else {

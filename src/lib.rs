@@ -158,6 +158,11 @@ impl Session {
         }
     }
 
+    /// Where qbuild keeps its state for this work folder.
+    pub fn state_dir(&self) -> PathBuf {
+        self.workdir.join(".qbuild")
+    }
+
     /// See `lock_free`.
     pub fn writes_nothing(&self) -> bool {
         self.lock_free.get()
@@ -171,7 +176,7 @@ impl Session {
         if !(self.args.dry_run || self.args.status) {
             return false;
         }
-        let state_dir = self.workdir.join(".qbuild");
+        let state_dir = self.state_dir();
         let probe = if state_dir.is_dir() {
             state_dir
         } else {
@@ -199,7 +204,7 @@ impl Session {
             Err(BuildFailure::Corrupt(why)) if self.writes_nothing() => {
                 say!("qbuild: warning: {why}; this dry run writes nothing, so it stays as it is and the answer is as if nothing had been built");
                 // No such folder: an empty state, read without writing anything.
-                let none = db::Db::reader(&self.workdir.join(".qbuild").join("(unreadable)"));
+                let none = db::Db::reader(&self.state_dir().join("(unreadable)"));
                 self.build_once(loaded, &none, None).map_err(|e| match e {
                     BuildFailure::Corrupt(w) => Diagnostic::plain(w),
                     BuildFailure::Other(d) => d,
@@ -509,7 +514,7 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         }
         None if session.read_only_dry_run() => {
             session.lock_free.set(true);
-            (None, db::Db::reader(&session.workdir.join(".qbuild")), None)
+            (None, db::Db::reader(&session.state_dir()), None)
         }
         // A dry run does not wait out a build in progress (it may take hours): it answers
         // from the state as that build has recorded it so far, taking no lock, writing
@@ -520,7 +525,7 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
                 Err(who) => {
                     say!("qbuild: another qbuild{who} is building here; this is the state it has recorded so far");
                     session.lock_free.set(true);
-                    (None, db::Db::reader(&session.workdir.join(".qbuild")), None)
+                    (None, db::Db::reader(&session.state_dir()), None)
                 }
             }
         }
