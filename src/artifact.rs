@@ -62,7 +62,7 @@ impl<'a> Artifacts<'a> {
     pub fn new(workdir: &Path, cache: &'a StatCache, stats: &'a HashStats) -> Self {
         Artifacts {
             workdir: workdir.to_path_buf(),
-            workdir_is_cwd: std::env::current_dir().is_ok_and(|c| c == workdir),
+            workdir_is_cwd: crate::current_dir() == Some(workdir),
             cache,
             stats,
             updates: Mutex::new(Vec::new()),
@@ -123,13 +123,17 @@ impl<'a> Artifacts<'a> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
+        if meta.file_type().is_symlink() {
+            // One read of the link for both, so they describe the same target.
+            let (content, text) = self.hash_symlink(rel, &path, &mut Vec::new())?;
+            let ident = link_identity(&text);
+            return Ok(Some(Art { content, ident }));
+        }
         let content = self.hash_with_meta(rel, &path, &meta, &mut Vec::new(), hint)?;
-        let ident = if meta.file_type().is_symlink() {
-            link_identity(&fs::read_link(&path)?)
-        } else {
-            content
-        };
-        Ok(Some(Art { content, ident }))
+        Ok(Some(Art {
+            content,
+            ident: content,
+        }))
     }
 
     /// `walking`: the (device, inode) of the folders being hashed above this entry, and one
@@ -152,33 +156,7 @@ impl<'a> Artifacts<'a> {
         }
         let ft = meta.file_type();
         if ft.is_symlink() {
-            let text = fs::read_link(path)?;
-            // An absolute link to a place inside the work folder breaks when the folder moves;
-            // one to shared storage outside (model weights, say) does not, and is followed.
-            if text.is_absolute() && !key.starts_with('/') && text.starts_with(&self.workdir) {
-                return Err(io::Error::other(format!(
-                    "{key} is an absolute symlink (-> {}); links inside the work folder must be relative so the folder can move",
-                    text.display()
-                )));
-            }
-            let target = path.parent().unwrap_or(Path::new("/")).join(&text);
-            let target_key = crate::expand::normalize(&key_for(&self.workdir, &target));
-            let th = match fs::symlink_metadata(&target) {
-                Ok(tm) => {
-                    walking.push((0, 0));
-                    let h = self.hash_with_meta(&target_key, &target, &tm, walking, None)?;
-                    walking.pop();
-                    Some(h)
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err(io::Error::other(format!(
-                        "dangling symlink: {key} -> {} (the target does not exist)",
-                        text.display()
-                    )))
-                }
-                Err(e) => return Err(e),
-            };
-            return Ok(hash_link(&text, th.as_ref()));
+            return Ok(self.hash_symlink(key, path, walking)?.0);
         }
         if ft.is_dir() {
             let memo = |k: &str| {
@@ -262,6 +240,42 @@ impl<'a> Artifacts<'a> {
             u.push((key.to_string(), entry));
         }
         Ok(entry.hash)
+    }
+
+    /// The hash of the link at `path` (its text and what it leads to) and its text.
+    fn hash_symlink(
+        &self,
+        key: &str,
+        path: &Path,
+        walking: &mut Vec<(u64, u64)>,
+    ) -> io::Result<(Hash, std::path::PathBuf)> {
+        let text = fs::read_link(path)?;
+        // An absolute link to a place inside the work folder breaks when the folder moves;
+        // one to shared storage outside (model weights, say) does not, and is followed.
+        if text.is_absolute() && !key.starts_with('/') && text.starts_with(&self.workdir) {
+            return Err(io::Error::other(format!(
+                "{key} is an absolute symlink (-> {}); links inside the work folder must be relative so the folder can move",
+                text.display()
+            )));
+        }
+        let target = path.parent().unwrap_or(Path::new("/")).join(&text);
+        let target_key = crate::expand::normalize(&key_for(&self.workdir, &target));
+        let th = match fs::symlink_metadata(&target) {
+            Ok(tm) => {
+                walking.push((0, 0));
+                let h = self.hash_with_meta(&target_key, &target, &tm, walking, None)?;
+                walking.pop();
+                Some(h)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(io::Error::other(format!(
+                    "dangling symlink: {key} -> {} (the target does not exist)",
+                    text.display()
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        Ok((hash_link(&text, th.as_ref()), text))
     }
 
     pub fn take_updates(&self) -> Vec<(String, StatEntry)> {

@@ -283,8 +283,7 @@ pub fn run(
     let (reader, writer) = io::pipe()?;
     // A chdir in the child only when the work folder is not already qbuild's own folder
     // (it is after `-C`, or when qbuild runs where the Qairtfile is).
-    static CWD: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
-    if CWD.get_or_init(|| std::env::current_dir().ok()).as_deref() != Some(workdir) {
+    if crate::current_dir() != Some(workdir) {
         cmd.current_dir(workdir);
     }
     cmd.stdin(Stdio::null())

@@ -75,6 +75,12 @@ pub fn run() -> i32 {
     }
 }
 
+/// qbuild's current folder, read once: it changes only at `-C`, before anything asks.
+pub(crate) fn current_dir() -> Option<&'static Path> {
+    static CWD: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    CWD.get_or_init(|| std::env::current_dir().ok()).as_deref()
+}
+
 fn absolute(p: &Path) -> PathBuf {
     let joined = if p.is_absolute() {
         p.to_path_buf()
