@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use crate::artifact::Artifacts;
 use crate::db::{job_id, Db, DbError};
 use crate::graph::{Graph, JobId};
+use crate::hash::Hash;
 use crate::hash::HashStats;
+use crate::stale::OwnedKeyParts;
 
 /// Answers "does this output really lie inside the work folder?", remembering the work
 /// folder's real path and the answer for each folder.
@@ -70,26 +72,39 @@ pub fn link_leading_out(workdir: &Path, rel: &str) -> Option<PathBuf> {
 pub struct Cleaned {
     pub removed: Vec<String>,
     pub kept: Vec<(String, String)>,
+    /// Records of jobs no longer in the Qairtfile whose outputs cannot be named (their
+    /// readable keys are gone from the explain store): their files, if any, were left.
+    pub unknown: usize,
 }
 
 /// Remove the recorded outputs of the given jobs. An output is removed only if qbuild
 /// recorded it as produced and it still has the recorded bytes (a file put there since is
 /// kept), and only if it lies inside the work folder; a symlink is removed, never followed.
+/// With `dead`, the same for jobs recorded in the state but no longer in the Qairtfile (a
+/// dropped split, a renamed output), as `ninja -t cleandead` does: their old outputs would
+/// otherwise stay beside the new ones, in folders that jobs read. Their paths come from
+/// their readable keys, checked against the job's id (the hash of its output list), and a
+/// path the Qairtfile still names (an output of another job, or now a source) is left.
 /// With `dry`, nothing is removed or forgotten: `removed` lists what would be.
 pub fn clean(
     g: &Graph,
     workdir: &Path,
     db: &Db,
     jobs: &[JobId],
+    dead: bool,
     dry: bool,
 ) -> Result<Cleaned, DbError> {
     let mut state = db.load()?;
     let records = std::mem::take(&mut state.jobs);
     let cache = std::mem::take(&mut state.stat);
     let stats = HashStats::default();
-    let arts = Artifacts::new(workdir, &cache, &stats);
-    let mut inside = Inside::default();
-    let mut out = Cleaned::default();
+    let mut c = Cleaner {
+        workdir,
+        arts: Artifacts::new(workdir, &cache, &stats),
+        inside: Inside::default(),
+        out: Cleaned::default(),
+        dry,
+    };
     let mut forget = Vec::new();
     for &j in jobs {
         let outputs = g.outputs(j);
@@ -98,40 +113,42 @@ pub fn clean(
             continue;
         };
         for (i, &rel) in outputs.iter().enumerate() {
-            let path = workdir.join(rel);
-            let Ok(meta) = fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if !inside.check(workdir, rel) {
-                out.kept.push((
-                    rel.to_string(),
-                    "it lies outside the work folder (through a symlinked folder)".into(),
-                ));
-                continue;
-            }
-            let now = arts.identity(rel).ok().flatten();
-            if now.is_none() || now != rec.outputs.get(i).copied() {
-                out.kept
-                    .push((rel.to_string(), "it changed since qbuild wrote it".into()));
-                continue;
-            }
-            if dry {
-                out.removed.push(rel.to_string());
-                continue;
-            }
-            let res = if meta.is_dir() {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            };
-            match res {
-                Ok(()) => out.removed.push(rel.to_string()),
-                Err(e) => out.kept.push((rel.to_string(), e.to_string())),
-            }
+            c.remove(rel, rec.outputs.get(i));
         }
         forget.push(id);
     }
-    drop(arts);
+    if dead {
+        let live: rustc_hash::FxHashSet<Hash> = (0..g.jobs.len())
+            .map(|i| job_id(g.outputs(JobId(i as u32)).iter().copied()))
+            .collect();
+        let mut gone: Vec<&Hash> = records.keys().filter(|id| !live.contains(*id)).collect();
+        gone.sort();
+        for id in gone {
+            let known = db
+                .explain::<OwnedKeyParts>(id)
+                .filter(|k| job_id(k.outputs.iter().map(|o| o.as_ref())) == *id);
+            let Some(k) = known else {
+                c.out.unknown += 1;
+                continue;
+            };
+            for (i, rel) in k.outputs.iter().enumerate() {
+                if g.by_path.get(&g.files, rel).is_some() {
+                    continue;
+                }
+                if holds_a_named_path(g, rel) {
+                    c.out.kept.push((
+                        rel.to_string(),
+                        "it is a folder holding paths the Qairtfile names".into(),
+                    ));
+                    continue;
+                }
+                c.remove(rel, records[id].outputs.get(i));
+            }
+            forget.push(*id);
+        }
+    }
+    let out = std::mem::take(&mut c.out);
+    drop(c);
     if dry {
         return Ok(out);
     }
@@ -144,4 +161,56 @@ pub fn clean(
         jobs: records,
     })?;
     Ok(out)
+}
+
+/// Whether a path of the graph lies inside the folder `rel`.
+fn holds_a_named_path(g: &Graph, rel: &str) -> bool {
+    let prefix = format!("{rel}/");
+    g.files.iter().any(|f| f.path.starts_with(&prefix))
+}
+
+/// What one `clean` removes and keeps.
+struct Cleaner<'a> {
+    workdir: &'a Path,
+    arts: Artifacts<'a>,
+    inside: Inside,
+    out: Cleaned,
+    dry: bool,
+}
+
+impl Cleaner<'_> {
+    /// Remove the output `rel` if it still has the identity qbuild recorded for it.
+    fn remove(&mut self, rel: &str, recorded: Option<&Hash>) {
+        let path = self.workdir.join(rel);
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            return;
+        };
+        if !self.inside.check(self.workdir, rel) {
+            self.out.kept.push((
+                rel.to_string(),
+                "it lies outside the work folder (through a symlinked folder)".into(),
+            ));
+            return;
+        }
+        let now = self.arts.identity(rel).ok().flatten();
+        if now.is_none() || now.as_ref() != recorded {
+            self.out
+                .kept
+                .push((rel.to_string(), "it changed since qbuild wrote it".into()));
+            return;
+        }
+        if self.dry {
+            self.out.removed.push(rel.to_string());
+            return;
+        }
+        let res = if meta.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        match res {
+            Ok(()) => self.out.removed.push(rel.to_string()),
+            Err(e) => self.out.kept.push((rel.to_string(), e.to_string())),
+        }
+    }
 }

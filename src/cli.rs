@@ -55,7 +55,8 @@ pub struct Args {
     /// Print the job graph of the targets in Graphviz DOT.
     #[arg(long)]
     pub graph: bool,
-    /// Remove the outputs qbuild made for the targets (default: all), nothing else.
+    /// Remove the outputs qbuild made for the targets (default: all, and then also what jobs
+    /// no longer in the Qairtfile made), nothing else.
     #[arg(long)]
     pub clean: bool,
     /// Show what is stale and why, without running anything.

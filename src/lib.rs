@@ -556,10 +556,17 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
             .as_ref()
             .ok_or_else(|| Diagnostic::plain("internal: no state database"))?;
         let dry = args.dry_run || args.status;
-        let done = clean::clean(graph, &session.workdir, db, &jobs, dry)
+        let dead = args.targets.is_empty();
+        let done = clean::clean(graph, &session.workdir, db, &jobs, dead, dry)
             .map_err(|e| Diagnostic::plain(e.to_string()))?;
         for (p, why) in &done.kept {
             say!("qbuild: kept {p}: {why}");
+        }
+        if done.unknown > 0 {
+            say!(
+                "qbuild: {} job(s) no longer in the Qairtfile left outputs qbuild cannot name (their records in .qbuild/state.sled are gone); those files, if any, stay",
+                done.unknown
+            );
         }
         if dry {
             for p in &done.removed {

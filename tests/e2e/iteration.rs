@@ -1968,6 +1968,121 @@ fn clean_removes_recorded_outputs_and_never_a_source() {
     assert_eq!(s.files().len(), sources.len() + outputs.len());
 }
 
+/// `--clean` (every target) also removes what jobs no longer in the Qairtfile made, as
+/// `ninja -t cleandead` does: after `num_splits` goes from 4 to 3, the fourth split's
+/// binary would otherwise sit beside the new ones for whoever packs that folder.
+#[test]
+fn clean_also_removes_outputs_of_jobs_no_longer_in_the_qairtfile() {
+    let s = Space::demo();
+    let sources = s.snapshot();
+    let four = build_demo(&s);
+    s.replace("Qairtfile", "num_splits = 4", "num_splits = 3");
+    let three = Catalog::from_events(&s.qbuild(["--list", "--json"]).run(), "target");
+    let old: BTreeSet<String> = four.jobs.iter().flat_map(|j| j.outputs.clone()).collect();
+    let new: BTreeSet<String> = three.jobs.iter().flat_map(|j| j.outputs.clone()).collect();
+    let dead: BTreeSet<String> = old.difference(&new).cloned().collect();
+    assert!(dead.contains("artifacts/serialized_binaries/split_4.bin"));
+    // One dead output edited by hand: not what qbuild wrote, so it stays.
+    let edited = dead
+        .iter()
+        .find(|p| p.ends_with("_4_of_4_quantized.dlc"))
+        .expect("a quantized DLC of split 4")
+        .clone();
+    s.append(&edited, "mine");
+
+    // A dry run names them and removes nothing.
+    let before = s.snapshot();
+    let out = s.qbuild(["--clean", "-n"]).no_json().run();
+    out.assert_ok();
+    assert_eq!(s.snapshot(), before, "{out}");
+    for p in &dead {
+        assert_eq!(
+            out.stderr.contains(&format!("would remove {p}\n")),
+            *p != edited,
+            "{p}\n{out}"
+        );
+    }
+
+    let out = s.qbuild(["--clean"]).no_json().run();
+    out.assert_ok();
+    assert!(
+        out.stderr
+            .contains(&format!("kept {edited}: it changed since qbuild wrote it")),
+        "{out}"
+    );
+    let live_built = new.iter().filter(|p| old.contains(*p)).count();
+    assert!(
+        out.stderr.contains(&format!(
+            "removed {} output(s)",
+            live_built + dead.len() - 1
+        )),
+        "{out}"
+    );
+    let mut expected = sources.clone();
+    expected.insert(edited.clone(), s.read(&edited));
+    expected.insert("Qairtfile".into(), s.read("Qairtfile"));
+    support::assert_same_files(&s.snapshot(), &expected, "after --clean");
+
+    // Their records are gone too: a second clean finds nothing, and the build makes
+    // exactly the three-split pipeline.
+    s.remove(&edited);
+    let out = s.qbuild(["--clean"]).no_json().run();
+    assert!(out.stderr.contains("removed 0 output(s)"), "{out}");
+    s.run(["all"]).assert_ran(&three.all());
+    assert_eq!(s.files().len(), sources.len() + new.len());
+}
+
+/// A dead job's old output that the Qairtfile now names (here as a source), or a dead
+/// folder output that holds a path it names, is not the dead job's to remove; and
+/// `--clean TARGET` removes no dead outputs at all.
+#[test]
+fn clean_leaves_dead_outputs_the_qairtfile_names_again() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.gen]
+matrix = { x = ["a", "b"] }
+outputs = ["out/${x}.txt"]
+command = "echo gen-${x} > ${outputs}"
+[rule.res]
+outputs = ["res"]
+command = "mkdir -p res && echo r > res/r.txt"
+"#,
+    );
+    s.run(["all"]).assert_ok();
+    // gen over [a] now; out/b.txt becomes a source of `use`; a job writes into `res`.
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.gen]
+matrix = { x = ["a"] }
+outputs = ["out/${x}.txt"]
+command = "echo gen-${x} > ${outputs}"
+[rule.use]
+inputs = ["out/b.txt"]
+outputs = ["use.txt"]
+command = "cat out/b.txt > use.txt"
+[rule.inres]
+outputs = ["res/x.txt"]
+command = "echo x > res/x.txt"
+"#,
+    );
+    let out = s.qbuild(["--clean", "gen"]).no_json().run();
+    assert!(out.stderr.contains("removed 1 output(s)"), "{out}");
+    assert!(!s.exists("out/a.txt"));
+    assert!(s.exists("out/b.txt") && s.exists("res/r.txt"), "{out}");
+    let out = s.qbuild(["--clean"]).no_json().run();
+    assert!(out.stderr.contains("removed 0 output(s)"), "{out}");
+    assert!(
+        out.stderr
+            .contains("kept res: it is a folder holding paths the Qairtfile names"),
+        "{out}"
+    );
+    assert_eq!(s.read_string("out/b.txt"), "gen-b\n");
+    assert_eq!(s.read_string("res/r.txt"), "r\n");
+}
+
 #[test]
 fn clean_never_removes_anything_outside_the_work_folder() {
     let s = Space::demo();
