@@ -11,23 +11,37 @@ use crate::hash::Hash;
 use crate::hash::HashStats;
 use crate::stale::OwnedKeyParts;
 
-/// Answers "does this output really lie inside the work folder?", remembering the work
+/// Answers "does this output really lie where its path says?", remembering the work
 /// folder's real path and the answer for each folder.
 #[derive(Default)]
 pub struct Inside {
     root: Option<PathBuf>,
-    dirs: HashMap<PathBuf, bool>,
+    dirs: HashMap<PathBuf, Option<Detour>>,
+}
+
+/// Where a folder on an output's path really leads, when a symlink takes it elsewhere.
+#[derive(Clone, Debug)]
+pub struct Detour {
+    /// The real place.
+    pub to: PathBuf,
+    /// Outside the work folder (else to another place inside it, a source folder say).
+    pub outside: bool,
 }
 
 impl Inside {
-    /// Whether `rel` (a path inside the work folder) really lies inside it once the
-    /// symlinks of its existing parent folders are resolved.
-    pub fn check(&mut self, workdir: &Path, rel: &str) -> bool {
+    /// `None` when `rel` (a path inside the work folder) really lies at `rel` once the
+    /// symlinks of its existing parent folders are resolved; else where it would go. A
+    /// write through such a folder would land on someone else's file: outside the work
+    /// folder, or on a source inside it.
+    pub fn check(&mut self, workdir: &Path, rel: &str) -> Option<Detour> {
         if self.root.is_none() {
             self.root = workdir.canonicalize().ok();
         }
-        let Some(root) = &self.root else {
-            return false;
+        let Some(root) = self.root.clone() else {
+            return Some(Detour {
+                to: workdir.to_path_buf(),
+                outside: true,
+            });
         };
         let full = workdir.join(rel);
         let mut dir = full
@@ -36,18 +50,30 @@ impl Inside {
             .unwrap_or_else(|| workdir.to_path_buf());
         loop {
             if let Some(ans) = self.dirs.get(&dir) {
-                return *ans;
+                return ans.clone();
             }
             match dir.canonicalize() {
                 Ok(c) => {
-                    let ans = c.starts_with(root);
-                    self.dirs.insert(dir, ans);
+                    let lexical = match dir.strip_prefix(workdir) {
+                        Ok(r) => root.join(r),
+                        Err(_) => dir.clone(),
+                    };
+                    let ans = (c != lexical).then(|| Detour {
+                        outside: !c.starts_with(&root),
+                        to: c,
+                    });
+                    self.dirs.insert(dir, ans.clone());
                     return ans;
                 }
                 // Not there yet: whatever gets created will sit under the nearest existing folder.
                 Err(_) => match dir.parent() {
                     Some(p) if dir != workdir => dir = p.to_path_buf(),
-                    _ => return false,
+                    _ => {
+                        return Some(Detour {
+                            to: dir,
+                            outside: true,
+                        })
+                    }
                 },
             }
         }
@@ -185,11 +211,16 @@ impl Cleaner<'_> {
         let Ok(meta) = fs::symlink_metadata(&path) else {
             return;
         };
-        if !self.inside.check(self.workdir, rel) {
-            self.out.kept.push((
-                rel.to_string(),
-                "it lies outside the work folder (through a symlinked folder)".into(),
-            ));
+        if let Some(d) = self.inside.check(self.workdir, rel) {
+            let why = if d.outside {
+                "it lies outside the work folder (through a symlinked folder)".to_string()
+            } else {
+                format!(
+                    "a folder on its path is a symlink; it is really {}",
+                    d.to.display()
+                )
+            };
+            self.out.kept.push((rel.to_string(), why));
             return;
         }
         let now = self.arts.identity(rel).ok().flatten();

@@ -828,12 +828,15 @@ impl Work<'_> {
         let job = &self.g.jobs[j.idx()];
         let rels = self.g.outputs(j);
         let outputs: Vec<PathBuf> = rels.iter().map(|o| self.workdir.join(o)).collect();
-        let metas: Vec<Option<fs::Metadata>> = outputs
+        let mut metas: Vec<Option<fs::Metadata>> = outputs
             .iter()
             .map(|p| fs::symlink_metadata(p).ok())
             .collect();
-        for (&rel, meta) in rels.iter().zip(&metas) {
-            let is_link = meta.as_ref().is_some_and(|m| m.file_type().is_symlink());
+        let record = self.db_state.jobs.get(&self.ids[j.idx()]);
+        for (i, &rel) in rels.iter().enumerate() {
+            let is_link = metas[i]
+                .as_ref()
+                .is_some_and(|m| m.file_type().is_symlink());
             if is_link && !matches!(job.spec.action, Action::Link(_)) {
                 if let Some(to) = crate::clean::link_leading_out(&self.workdir, rel) {
                     let why = format!(
@@ -843,9 +846,27 @@ impl Work<'_> {
                     return self.fail_before_start(j, &why);
                 }
             }
-            if !self.inside.check(&self.workdir, rel) {
-                let why = format!("output {rel} would be written outside the work folder (a folder on its path is a symlink leading out); refusing to run");
-                return self.fail_before_start(j, &why);
+            if !matches!(job.spec.action, Action::Link(_)) {
+                let recorded = record.and_then(|r| r.outputs.get(i));
+                match self.clear_output(rel, &outputs[i], metas[i].as_ref(), recorded) {
+                    Ok(true) => metas[i] = None,
+                    Ok(false) => {}
+                    Err(why) => return self.fail_before_start(j, &why),
+                }
+            }
+            match self.inside.check(&self.workdir, rel) {
+                None => {}
+                Some(d) if d.outside => {
+                    let why = format!("output {rel} would be written outside the work folder (a folder on its path is a symlink leading out); refusing to run");
+                    return self.fail_before_start(j, &why);
+                }
+                Some(d) => {
+                    let why = format!(
+                        "output {rel} would be written to {} (a folder on its path is a symlink); refusing to write through it",
+                        d.to.display()
+                    );
+                    return self.fail_before_start(j, &why);
+                }
             }
         }
         let before: Vec<Option<StatKey>> = metas
@@ -896,6 +917,55 @@ impl Work<'_> {
             start_pool(self.opts.jobs, tx.clone(), Arc::new(crew))
         });
         let _ = pool.send(task);
+    }
+
+    /// Before a job (not a `links` one) runs: make its output path `rel` what a clean build
+    /// would find, without ever losing bytes qbuild did not write. Returns whether something
+    /// was removed.
+    /// - A folder or symlink qbuild recorded as this job's output (still as recorded) goes:
+    ///   a command that writes nothing must not pass its old folder off as new, and a
+    ///   rerun must not keep entries the new run no longer makes (a dropped split).
+    /// - Any other symlink is refused: writing through it would overwrite its target (a
+    ///   source, say).
+    /// - A file with other hard links is unlinked, so that writing it cannot change them.
+    fn clear_output(
+        &self,
+        rel: &str,
+        path: &Path,
+        meta: Option<&fs::Metadata>,
+        recorded: Option<&Hash>,
+    ) -> Result<bool, String> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(m) = meta else {
+            return Ok(false);
+        };
+        let ft = m.file_type();
+        let ours = || {
+            let arts = Artifacts::new(&self.workdir, &self.db_state.stat, &self.stats);
+            recorded.is_some() && arts.identity(rel).ok().flatten().as_ref() == recorded
+        };
+        let removed = if ft.is_symlink() {
+            if !ours() {
+                let to = fs::read_link(path).unwrap_or_default();
+                return Err(format!(
+                    "output {rel} is a symlink to {} that qbuild did not make; refusing to write through it (remove it to rebuild)",
+                    to.display()
+                ));
+            }
+            fs::remove_file(path)
+        } else if ft.is_dir() {
+            if !ours() {
+                return Ok(false);
+            }
+            fs::remove_dir_all(path)
+        } else if ft.is_file() && m.nlink() > 1 {
+            fs::remove_file(path)
+        } else {
+            return Ok(false);
+        };
+        removed
+            .map(|()| true)
+            .map_err(|e| format!("cannot remove the old output {rel} before the run: {e}"))
     }
 
     /// Handle a finished job; returns whether a record was written.

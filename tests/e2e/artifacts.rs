@@ -1699,3 +1699,145 @@ command = "cp compiled_model/model_quantized.dlc bin/split_1.bin"
         "the error names the output that was not written: {err}"
     );
 }
+
+/// Before a job reruns, the folder or symlink it made last time goes: a command that now
+/// writes nothing fails as a clean build does (it used to pass the old folder off as new,
+/// exit 0), and a folder output that shrinks keeps no entries of the old run.
+#[test]
+fn a_rerun_starts_from_what_a_clean_build_finds_at_its_folder_and_link_outputs() {
+    let qf = r#"
+[rule.gen]
+inputs = ["n.txt"]
+outputs = ["outdir"]
+command = "mkdir -p outdir && for i in $(seq 1 $(cat n.txt)); do echo $i > outdir/f$i; done"
+[rule.use]
+inputs = ["outdir"]
+outputs = ["list.txt"]
+command = "ls outdir > list.txt"
+[rule.maybe]
+inputs = ["s"]
+outputs = ["d", "lnk"]
+command = "if grep -q yes s; then mkdir -p d; cp s d/f; ln -sfn s lnk; fi"
+"#;
+    let s = Space::new();
+    s.write("Qairtfile", qf)
+        .write("n.txt", "3\n")
+        .write("s", "yes1\n");
+    s.run(["all"]).assert_ran(&set(["gen", "use", "maybe"]));
+
+    // Shrink the folder: the rerun's result equals a clean build's.
+    s.write("n.txt", "1\n");
+    s.run(["all"]).assert_ran(&set(["gen", "use"]));
+    assert_eq!(s.read_string("list.txt"), "f1\n");
+    assert!(!s.exists("outdir/f2"));
+    let clean = s.copy_of(&["Qairtfile", "n.txt", "s"]);
+    clean.run(["gen", "use"]).assert_ok();
+    assert_eq!(
+        Space::at(&s.join("outdir")).snapshot(),
+        Space::at(&clean.join("outdir")).snapshot()
+    );
+
+    // The command writes nothing now: the job fails, as in a clean build, and the old
+    // folder and link are not recorded as its result.
+    s.write("s", "no\n");
+    let out = s.run(["maybe"]);
+    out.assert_code(1);
+    assert!(
+        out.stderr
+            .contains("the command succeeded but did not write the declared output d"),
+        "{out}"
+    );
+    assert!(!s.exists("d/f") && !s.is_symlink("lnk"), "{out}");
+    assert_eq!(s.run(["-n", "maybe"]).would_run(), set(["maybe"]));
+}
+
+/// An output is never written through a symlink qbuild did not make, even one that stays
+/// inside the work folder: a folder on its path linked to a source folder, or a link put
+/// at the output path by hand. The sources it would have overwritten stay as they were,
+/// and `--clean` does not delete through such a folder either.
+#[test]
+fn an_output_is_never_written_through_a_symlink_to_a_source_inside_the_work_folder() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.mk]
+inputs = ["s"]
+outputs = ["o"]
+command = "tr a-z A-Z < s > o"
+[rule.g]
+inputs = ["s"]
+outputs = ["gen/o"]
+command = "mkdir -p gen && cp s gen/o"
+"#,
+    );
+    s.write("s", "abc\n")
+        .write("src/o", "mine\n")
+        .write("src2", "source2\n");
+    symlink("src", s.join("gen")).expect("symlink");
+    let out = s.run(["all"]);
+    out.assert_code(1);
+    assert!(
+        out.stderr.contains(
+            "output gen/o would be written to {} (a folder on its path is a symlink)"
+                .replace(
+                    "{}",
+                    &s.path()
+                        .canonicalize()
+                        .expect("real path")
+                        .join("src")
+                        .display()
+                        .to_string()
+                )
+                .as_str()
+        ),
+        "{out}"
+    );
+    assert_eq!(s.read_string("src/o"), "mine\n");
+    assert_eq!(out.ran(), set(["mk"]), "{out}");
+
+    // A link put at a built output's path by hand, to another source.
+    s.remove("o");
+    symlink("src2", s.join("o")).expect("symlink");
+    s.write("s", "abd\n");
+    let out = s.run(["mk"]);
+    out.assert_code(1);
+    assert!(
+        out.stderr
+            .contains("output o is a symlink to src2 that qbuild did not make"),
+        "{out}"
+    );
+    assert_eq!(s.read_string("src2"), "source2\n");
+
+    // --clean keeps what lies behind the linked folder.
+    fs::remove_file(s.join("gen")).expect("rm link");
+    s.run(["g"]).assert_ran(&set(["g"]));
+    fs::rename(s.join("gen/o"), s.join("src/o")).expect("move");
+    fs::remove_dir(s.join("gen")).expect("rmdir");
+    symlink("src", s.join("gen")).expect("symlink");
+    let out = s.qbuild(["--clean", "g"]).no_json().run();
+    assert!(
+        out.stderr
+            .contains("kept gen/o: a folder on its path is a symlink"),
+        "{out}"
+    );
+    assert_eq!(s.read_string("src/o"), "abd\n");
+}
+
+/// A rerun does not write through a hard link someone made to a built output: the other
+/// name keeps its bytes.
+#[test]
+fn a_rerun_never_changes_another_hard_link_to_its_output() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.mk]\ninputs = [\"s\"]\noutputs = [\"o\"]\ncommand = \"tr a-z A-Z < s > o\"\n",
+    );
+    s.write("s", "abc\n");
+    s.run(["all"]).assert_ran(&set(["mk"]));
+    fs::hard_link(s.join("o"), s.join("o.bak")).expect("hard link");
+    s.write("s", "xyz\n");
+    s.run(["all"]).assert_ran(&set(["mk"]));
+    assert_eq!(s.read_string("o"), "XYZ\n");
+    assert_eq!(s.read_string("o.bak"), "ABC\n");
+}
