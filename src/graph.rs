@@ -264,6 +264,85 @@ impl Graph {
         })
     }
 
+    /// Every alias and the `default` must name something, used or not, and an alias must
+    /// not take a rule's name or an output's path (a target would then mean two things).
+    /// An alias cycle is named whole. Checked by every run, as `--check` does.
+    pub fn check_names(&self, workdir: &Path) -> Result<(), Diagnostic> {
+        let aliases = &self.model.aliases;
+        let src = &self.model.source;
+        for (a, _) in aliases {
+            let clash = if self.model.rules.iter().any(|r| r.name == a.text) {
+                Some("a rule")
+            } else if self
+                .by_path
+                .get(&self.files, &a.text)
+                .is_some_and(|f| self.files[f.idx()].producer.is_some())
+            {
+                Some("an output")
+            } else {
+                None
+            };
+            if let Some(what) = clash {
+                return Err(src
+                    .error(
+                        a.span.clone(),
+                        format!("alias `{}` has the name of {what}", a.text),
+                    )
+                    .with_hint("a target would mean both; rename the alias"));
+            }
+        }
+        // Alias cycles, named whole (`a -> b -> a`) at the alias that starts one.
+        let index = |t: &str| aliases.iter().position(|(a, _)| a.text == t);
+        for start in 0..aliases.len() {
+            let mut path = vec![start];
+            let mut next = vec![0usize];
+            // Each alias is entered once per start: linear, whatever the nesting.
+            let mut seen = vec![false; aliases.len()];
+            seen[start] = true;
+            while let Some(&at) = path.last() {
+                let i = next.len() - 1;
+                let Some(t) = aliases[at].1.get(next[i]) else {
+                    path.pop();
+                    next.pop();
+                    continue;
+                };
+                next[i] += 1;
+                let Some(to) = index(&t.text) else { continue };
+                if to == start {
+                    let names: Vec<&str> = path
+                        .iter()
+                        .chain(std::iter::once(&start))
+                        .map(|&k| aliases[k].0.text.as_str())
+                        .collect();
+                    return Err(src
+                        .error(
+                            aliases[start].0.span.clone(),
+                            format!("alias cycle: {}", names.join(" -> ")),
+                        )
+                        .with_hint(
+                            "an alias may name other aliases, but not itself through them",
+                        ));
+                }
+                if !seen[to] {
+                    seen[to] = true;
+                    path.push(to);
+                    next.push(0);
+                }
+            }
+        }
+        let named: Vec<(String, Option<std::ops::Range<usize>>)> = aliases
+            .iter()
+            .map(|(a, _)| (a.text.clone(), Some(a.span.clone())))
+            .chain(
+                self.model
+                    .default
+                    .iter()
+                    .map(|d| (d.text.clone(), Some(d.span.clone()))),
+            )
+            .collect();
+        self.resolve_targets(&named, workdir, workdir).map(|_| ())
+    }
+
     /// Resolve targets to jobs. A target is `all`, an alias, a rule name, or a path
     /// (relative to the work folder, or to `cwd`); a source path that exists needs no job.
     /// Targets written in the Qairtfile (`default`, aliases) carry their span, so errors

@@ -115,6 +115,7 @@ impl Session {
     pub fn load(&self) -> Result<Loaded, Diagnostic> {
         let t = std::time::Instant::now();
         let graph = load_graph(&self.file, &self.args.file)?;
+        graph.check_names(&self.workdir)?;
         work::phase("load Qairtfile", t);
         let targets: Vec<(String, Option<std::ops::Range<usize>>)> =
             if !self.args.targets.is_empty() {
@@ -466,21 +467,6 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
     let (graph, args) = (&loaded.graph, &session.args);
     if args.check {
         check_sources(graph, &session.workdir)?;
-        // Every alias and the default must name something, used or not.
-        let named: Vec<(String, Option<std::ops::Range<usize>>)> = graph
-            .model
-            .aliases
-            .iter()
-            .map(|(a, _)| (a.text.clone(), Some(a.span.clone())))
-            .chain(
-                graph
-                    .model
-                    .default
-                    .iter()
-                    .map(|d| (d.text.clone(), Some(d.span.clone()))),
-            )
-            .collect();
-        graph.resolve_targets(&named, &session.cwd, &session.workdir)?;
         if let Some(v) = graph.model.unused_vars.first() {
             return Err(graph
                 .model

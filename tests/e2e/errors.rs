@@ -282,6 +282,40 @@ fn two_instances_of_one_rule_write_one_path() {
     assert!(err.contains("`a split=1` already writes it"), "{err}");
 }
 
+/// Aliases are checked by every run, not only by `--check` (a build used to run green with
+/// an alias naming a renamed output); one may not take a rule's or an output's name (it
+/// silently won over the rule); a cycle is named whole (the first item of the alias, a
+/// rule, was blamed).
+#[test]
+fn aliases_are_checked_by_every_run_and_cycles_named_whole() {
+    let gen = "[rule.gen]\noutputs = [\"a.txt\"]\ncommand = \"echo a > a.txt\"\n";
+    refuse_at(
+        &format!("[alias]\nship = [\"a.txt\", \"b.txt\"]\n{gen}"),
+        "unknown target `b.txt`: not a rule, an alias, or a path any rule writes",
+        "Qairtfile:2:18",
+    );
+    refuse_at(
+        &format!("[alias]\ngen = [\"a.txt\"]\n{gen}"),
+        "alias `gen` has the name of a rule",
+        "Qairtfile:2:1",
+    );
+    refuse_at(
+        &format!("[alias]\n\"a.txt\" = [\"gen\"]\n{gen}"),
+        "alias `a.txt` has the name of an output",
+        "Qairtfile:2:1",
+    );
+    refuse_at(
+        &format!("[alias]\nfoo = [\"gen\", \"bar\"]\nbar = [\"baz\"]\nbaz = [\"foo\"]\n{gen}"),
+        "alias cycle: foo -> bar -> baz -> foo",
+        "Qairtfile:2:1",
+    );
+    refuse_at(
+        &format!("default = [\"nope\"]\n{gen}"),
+        "unknown target `nope`: not a rule, an alias, or a path any rule writes",
+        "Qairtfile:1:12",
+    );
+}
+
 #[test]
 fn variable_cycle() {
     let err = refuse_at(

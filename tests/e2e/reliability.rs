@@ -2419,25 +2419,30 @@ fn hostile_qairtfiles_through_the_library_are_always_located() {
 #[test]
 fn hostile_known_cases_are_refused_with_a_position() {
     const HARMLESS: &str = "[rule.ok]\noutputs = [\"ran.txt\"]\ncommand = \"echo ran > ran.txt\"\n";
-    // (what, Qairtfile, whether `qbuild all` must refuse it too: an alias or `default`
-    // is only read when used, without targets and by --check).
+    // (what, Qairtfile, whether `qbuild all` must refuse it too: every run checks the
+    // aliases and `default`, used or not).
     let cases: &[(&str, String, bool)] = &[
         (
             "one job names an output twice",
             format!("{HARMLESS}[rule.x]\noutputs = [\"a.txt\", \"./a.txt\"]\ncommand = \"touch a.txt\"\n"),
             true,
         ),
-        ("an unknown name in `default`", format!("default = [\"nope\"]\n{HARMLESS}"), false),
+        ("an unknown name in `default`", format!("default = [\"nope\"]\n{HARMLESS}"), true),
         (
             "an alias naming nothing",
             format!("default = [\"al\"]\n[alias]\nal = [\"nope\"]\n{HARMLESS}"),
-            false,
+            true,
         ),
-        ("an alias cycle", format!("default = [\"al\"]\n[alias]\nal = [\"al\"]\n{HARMLESS}"), false),
+        ("an alias cycle", format!("default = [\"al\"]\n[alias]\nal = [\"al\"]\n{HARMLESS}"), true),
         (
             "`default` names a source that does not exist",
             format!("default = [\"missing.txt\"]\n{HARMLESS}"),
-            false,
+            true,
+        ),
+        (
+            "an alias with a rule's name",
+            format!("[alias]\nok = [\"ran.txt\"]\n{HARMLESS}"),
+            true,
         ),
         ("an output escaping with ..", format!("{HARMLESS}[rule.x]\noutputs = [\"../escape.txt\"]\ncommand = \"touch ../escape.txt\"\n"), true),
     ];
