@@ -260,6 +260,12 @@ impl<'a> Artifacts<'a> {
         }
         let target = path.parent().unwrap_or(Path::new("/")).join(&text);
         let target_key = crate::expand::normalize(&key_for(&self.workdir, &target));
+        if crate::expand::in_state_folder(&target_key) {
+            return Err(io::Error::other(format!(
+                "{key} is a symlink into qbuild's own state folder (-> {}), which changes on every run",
+                text.display()
+            )));
+        }
         let th = match fs::symlink_metadata(&target) {
             Ok(tm) => {
                 walking.push((0, 0));

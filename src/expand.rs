@@ -899,11 +899,21 @@ fn output_path(src: &Source, s: &Str, p: &str, what: &str) -> Result<String, Dia
             format!("{what} `{p}` is inside qbuild's own state folder"),
         ));
     }
+    // The Qairtfile sits in the work folder: its name there is its file name.
+    if src
+        .path
+        .file_name()
+        .is_some_and(|f| f.as_encoded_bytes() == n.as_bytes())
+    {
+        return Err(src
+            .error(s.span.clone(), format!("{what} `{p}` is the Qairtfile itself"))
+            .with_hint("qbuild reads it to know what to build: no job may write it (and `--clean` would delete it)"));
+    }
     Ok(n)
 }
 
 /// A normalised work-relative path that is qbuild's state folder or inside it.
-fn in_state_folder(n: &str) -> bool {
+pub(crate) fn in_state_folder(n: &str) -> bool {
     n == ".qbuild" || n.starts_with(".qbuild/")
 }
 

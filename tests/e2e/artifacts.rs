@@ -1841,3 +1841,26 @@ fn a_rerun_never_changes_another_hard_link_to_its_output() {
     assert_eq!(s.read_string("o"), "XYZ\n");
     assert_eq!(s.read_string("o.bak"), "ABC\n");
 }
+
+/// A link inside an input folder that leads into `.qbuild/` (which changes on every run)
+/// fails the job, naming the link: it used to make the job rerun on every run.
+#[test]
+fn a_link_into_the_state_folder_inside_an_input_folder_fails_its_reader() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.c]\ninputs = [\"sub\"]\noutputs = [\"o\"]\ncommand = \"echo ok > o\"\n",
+    );
+    s.write("sub/f", "1\n");
+    symlink("../.qbuild", s.join("sub/st")).expect("symlink");
+    for _ in 0..2 {
+        let out = s.run(["all"]);
+        out.assert_code(1);
+        assert!(
+            out.stderr
+                .contains("sub/st is a symlink into qbuild's own state folder"),
+            "{out}"
+        );
+        assert!(out.ran().is_empty(), "{out}");
+    }
+}

@@ -316,6 +316,16 @@ fn aliases_are_checked_by_every_run_and_cycles_named_whole() {
     );
 }
 
+/// A job may not write the Qairtfile (`--clean` would then delete it).
+#[test]
+fn an_output_that_is_the_qairtfile_is_refused() {
+    refuse_at(
+        "[rule.a]\noutputs = [\"./Qairtfile\"]\ncommand = \"true\"\n",
+        "output `./Qairtfile` is the Qairtfile itself",
+        "Qairtfile:2:12",
+    );
+}
+
 #[test]
 fn variable_cycle() {
     let err = refuse_at(
