@@ -144,7 +144,17 @@ impl fmt::Display for Reason {
             Reason::CommandChanged { was, now } => {
                 write!(f, "command changed:\n{}", command_diff(was, now))
             }
-            Reason::EnvChanged { was, now } => write!(f, "environment changed: {was:?} -> {now:?}"),
+            Reason::EnvChanged { was, now } => {
+                let fmtv = |v: &Vec<(String, String)>| match v.is_empty() {
+                    true => "(none)".to_string(),
+                    false => v
+                        .iter()
+                        .map(|(k, x)| format!("{k}={x}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                };
+                write!(f, "environment changed: {} -> {}", fmtv(was), fmtv(now))
+            }
             Reason::ToolchainChanged { was, now } => {
                 let fmtv = |v: &Vec<(String, String)>| {
                     v.iter()
@@ -171,7 +181,10 @@ pub fn command_diff(was: &str, now: &str) -> String {
         .zip(b[pre..].iter().rev())
         .take_while(|(x, y)| x == y)
         .count();
-    let ctx = |words: &[&str]| words.join(" ");
+    let ctx = |words: &[&str]| match words.is_empty() {
+        true => "(nothing)".to_string(),
+        false => words.join(" "),
+    };
     let left = if pre > 0 { "… " } else { "" };
     let right = if suf > 0 { " …" } else { "" };
     format!(

@@ -615,9 +615,32 @@ impl Work<'_> {
             }
         }
         if !reasons.is_empty() {
-            // Dry run only: an input would be rebuilt first.
-            if !self.db_state.jobs.contains_key(&self.ids[j.idx()]) {
-                reasons.insert(0, Reason::NeverBuilt);
+            // Dry run only: an input would be rebuilt first. The job's own changes (its
+            // command, env, toolchain, the other inputs) are said too: after an early
+            // cutoff they would be the only reason it runs.
+            match self.db_state.jobs.get(&self.ids[j.idx()]) {
+                None => reasons.insert(0, Reason::NeverBuilt),
+                Some(rec) if self.opts.explain => {
+                    let rebuilt: Vec<String> = reasons
+                        .iter()
+                        .filter_map(|r| match r {
+                            Reason::InputWillRebuild(p) => Some(p.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    let known = key_parts(self.g, j, inputs, &self.opts.toolchain);
+                    if let Some(old) = self
+                        .db
+                        .explain::<OwnedKeyParts>(&self.ids[j.idx()])
+                        .filter(|o| o.key() == rec.key)
+                    {
+                        let own = crate::stale::diff_parts(&old, &known).into_iter().filter(
+                            |r| !matches!(r, Reason::InputRemoved(p) if rebuilt.contains(p)),
+                        );
+                        reasons.splice(0..0, own);
+                    }
+                }
+                Some(_) => {}
             }
             return self.stale(j, None, reasons);
         }
@@ -680,6 +703,11 @@ impl Work<'_> {
         };
         let target_content = match &self.now[target.idx()] {
             Now::Have(a) => Some(a.content),
+            // A dry run: what the link leads to is not known until its producer runs.
+            Now::WillRebuild => {
+                self.now[out.idx()] = Now::WillRebuild;
+                return;
+            }
             _ => None,
         };
         let text = Path::new(text);

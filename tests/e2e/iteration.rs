@@ -2298,3 +2298,56 @@ fn trace_writes_one_complete_event_per_job_that_ran() {
     assert_eq!(failed[0]["name"], "quantize ar=1 split=1");
     assert_eq!(evs.len(), out.touched().len(), "{doc}\n{out}");
 }
+
+/// A dry run's explanation keeps a job's own changes beside "input X will be rebuilt"
+/// (they were dropped, and after an early cutoff they are the only reason it runs), and a
+/// reader of a link whose target will be rebuilt is told so instead of a made-up hash.
+#[test]
+fn a_dry_run_says_every_reason_beside_an_input_that_will_be_rebuilt() {
+    let s = Space::new();
+    s.write("src.txt", "hello\n").write(
+        "Qairtfile",
+        r#"
+[rule.gen]
+inputs = ["src.txt"]
+outputs = ["a.txt"]
+command = "cp src.txt a.txt"
+links = [{ link = "lnk", to = "a.txt" }]
+[rule.use]
+inputs = ["a.txt"]
+outputs = ["u.txt"]
+command = "cat a.txt > u.txt"
+env = { FOO = "1" }
+[rule.r]
+inputs = ["lnk"]
+outputs = ["r.txt"]
+command = "cat lnk > r.txt"
+"#,
+    );
+    s.run(["all"]).assert_ok();
+    s.replace("Qairtfile", "cp src.txt a.txt", "cp src.txt a.txt; true")
+        .replace("Qairtfile", "cat a.txt > u.txt", "cat a.txt a.txt > u.txt")
+        .replace("Qairtfile", "FOO = \"1\"", "FOO = \"2\"");
+    let out = s.run(["-n", "--explain", "all"]);
+    let ex = explanations(&out.stderr);
+    assert_eq!(
+        ex["use"],
+        vec![
+            "command changed:\n- … (nothing) …\n+ … a.txt …".to_string(),
+            "environment changed: FOO=1 -> FOO=2".to_string(),
+            "input a.txt will be rebuilt".to_string(),
+        ],
+        "{out}"
+    );
+    assert_eq!(
+        ex["r"],
+        vec!["input lnk will be rebuilt".to_string()],
+        "{out}"
+    );
+    // gen's output comes out byte-identical: early cutoff spares `r`, and `use` runs for
+    // the reasons the dry run gave.
+    let out = s.run(["--explain", "all"]);
+    assert_eq!(out.ran(), set(["gen", "use"]), "{out}");
+    let ex = explanations(&out.stderr);
+    assert!(ex["use"][0].starts_with("command changed:"), "{out}");
+}
