@@ -287,6 +287,7 @@ impl Session {
             "up_to_date": summary.up_to_date,
             "failed": summary.failed,
             "skipped": summary.skipped,
+            "not_started": summary.stopped,
             "would_run": summary.would_run,
             "hashed_bytes": summary.hashed_bytes,
         }));
@@ -310,6 +311,12 @@ impl Session {
             line.push_str(&format!(
                 ", {} not run (a dependency failed)",
                 summary.skipped
+            ));
+        }
+        if summary.stopped > 0 {
+            line.push_str(&format!(
+                ", {} not started (the build stopped)",
+                summary.stopped
             ));
         }
         if count == 0 && summary.failed == 0 && !opts.dry_run {

@@ -77,6 +77,9 @@ pub struct Summary {
     pub up_to_date: usize,
     pub failed: usize,
     pub skipped: usize,
+    /// Wanted jobs never started because the build stopped early (a failure without
+    /// `-k`, or a signal).
+    pub stopped: usize,
     pub would_run: usize,
     pub hashed_bytes: u64,
     /// The signal that interrupted the build, if any.
@@ -495,6 +498,9 @@ impl Work<'_> {
             }
         }
         // Jobs never started (stopped early) stay unsettled; nothing is recorded for them.
+        let s = &self.summary;
+        let settled = s.ran + s.up_to_date + s.failed + s.skipped + s.would_run;
+        self.summary.stopped = self.total.saturating_sub(settled);
         if !self.opts.read_only {
             self.save()?;
         }

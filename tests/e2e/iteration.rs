@@ -2351,3 +2351,45 @@ command = "cat lnk > r.txt"
     let ex = explanations(&out.stderr);
     assert!(ex["use"][0].starts_with("command changed:"), "{out}");
 }
+
+/// Without `-k`, a failure stops the build; the jobs it never started are counted (they
+/// were in no count at all). With `-k`, every independent job runs and none is left.
+#[test]
+fn a_stopped_build_counts_the_jobs_it_never_started() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.bad]
+outputs = ["b"]
+command = "exit 1"
+[rule.ok]
+matrix = { i = { range = [1, 5] } }
+outputs = ["o${i}"]
+command = "echo ${i} > o${i}"
+[rule.dep]
+inputs = ["b"]
+outputs = ["d"]
+command = "cp b d"
+"#,
+    );
+    let out = s.run(["-j1", "all"]);
+    out.assert_code(1);
+    let (ran, failed, skipped, stopped) = (
+        out.count("ran"),
+        out.count("failed"),
+        out.count("skipped"),
+        out.count("not_started"),
+    );
+    assert_eq!((failed, skipped), (1, 1), "{out}");
+    assert_eq!(ran + failed + skipped + stopped, 7, "{out}");
+    assert!(stopped > 0, "{out}");
+    assert!(
+        out.stderr
+            .contains(&format!("{stopped} not started (the build stopped)")),
+        "{out}"
+    );
+    let out = s.run(["-j1", "-k", "all"]);
+    assert_eq!(out.count("not_started"), 0, "{out}");
+    assert_eq!(out.count("ran") + ran, 5, "{out}");
+}
