@@ -108,6 +108,12 @@ pub enum Reason {
         now: Vec<(String, String)>,
     },
     OutputsChanged,
+    /// No record under this output list, but a job no longer in the Qairtfile wrote one of
+    /// these outputs: the rule's `outputs` were edited.
+    OutputsEdited {
+        was: Vec<String>,
+        now: Vec<String>,
+    },
     /// The key differs but the readable record is gone (should not happen in practice).
     KeyChanged,
 }
@@ -165,6 +171,12 @@ impl fmt::Display for Reason {
                 write!(f, "toolchain changed: {} -> {}", fmtv(was), fmtv(now))
             }
             Reason::OutputsChanged => write!(f, "the declared outputs changed"),
+            Reason::OutputsEdited { was, now } => write!(
+                f,
+                "its declared outputs changed: {} -> {}",
+                was.join(", "),
+                now.join(", ")
+            ),
             Reason::KeyChanged => write!(f, "its key changed (no readable record to compare)"),
         }
     }

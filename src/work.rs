@@ -178,6 +178,9 @@ struct Work<'a> {
     fresh: Vec<bool>,
     /// Output folders created (or found) this build.
     made_dirs: std::collections::HashSet<PathBuf>,
+    /// For explanations: each output of a recorded job no longer in the Qairtfile, with
+    /// that job's outputs (read once, when a job first turns out never built).
+    dead_outputs: Option<rustc_hash::FxHashMap<String, Vec<String>>>,
     /// Tells workers to hand queued jobs back unstarted.
     stop: Arc<std::sync::atomic::AtomicBool>,
     /// Sum of the recorded durations of queued and running jobs, for the ETA.
@@ -449,6 +452,7 @@ pub fn build(
         t0: Instant::now(),
         stop: Arc::default(),
         made_dirs: Default::default(),
+        dead_outputs: None,
         inside: crate::clean::Inside::default(),
         pool: None,
         expected_ms: 0,
@@ -674,6 +678,40 @@ impl Work<'_> {
         }
     }
 
+    /// A job is keyed by its outputs, so one whose output list was edited has no record:
+    /// when a job no longer in the Qairtfile made one of its outputs, say that rather than
+    /// "never built".
+    fn why_new(&mut self, j: JobId, mut reasons: Vec<Reason>) -> Vec<Reason> {
+        let (g, db, records) = (self.g, self.db, &self.db_state.jobs);
+        let dead = self.dead_outputs.get_or_insert_with(|| {
+            let live: rustc_hash::FxHashSet<Hash> = (0..g.jobs.len())
+                .map(|i| job_id(g.outputs(JobId(i as u32)).iter().copied()))
+                .collect();
+            let mut map = rustc_hash::FxHashMap::default();
+            for id in records.keys().filter(|id| !live.contains(*id)) {
+                let Some(k) = db.explain::<OwnedKeyParts>(id) else {
+                    continue;
+                };
+                if job_id(k.outputs.iter().map(|o| o.as_ref())) != *id {
+                    continue;
+                }
+                let was: Vec<String> = k.outputs.iter().map(|o| o.to_string()).collect();
+                for o in &was {
+                    map.insert(o.clone(), was.clone());
+                }
+            }
+            map
+        });
+        let now = g.outputs(j);
+        if let Some(was) = now.iter().find_map(|o| dead.get(*o)) {
+            reasons[0] = Reason::OutputsEdited {
+                was: was.clone(),
+                now: now.iter().map(|o| o.to_string()).collect(),
+            };
+        }
+        reasons
+    }
+
     /// The folders that hold `j`'s outputs (see `Graph::holders`) have new content once it
     /// ran: hash them again for the jobs that read them, which waited for `j`.
     fn rehash_holders(&mut self, j: JobId) {
@@ -724,6 +762,12 @@ impl Work<'_> {
     }
 
     fn stale(&mut self, j: JobId, key: Option<(Hash, OwnedKeyParts)>, reasons: Vec<Reason>) {
+        let reasons = match reasons.first() {
+            Some(Reason::NeverBuilt) if self.opts.explain || self.opts.dry_run => {
+                self.why_new(j, reasons)
+            }
+            _ => reasons,
+        };
         if self.opts.explain {
             let mut text = format!("explain: {} is stale:", self.label(j));
             for r in &reasons {

@@ -2393,3 +2393,34 @@ command = "cp b d"
     assert_eq!(out.count("not_started"), 0, "{out}");
     assert_eq!(out.count("ran") + ran, 5, "{out}");
 }
+
+/// A job is keyed by its output list, so adding an output makes it a job without a record:
+/// the explanation says its outputs changed (it said "never built").
+#[test]
+fn an_edited_output_list_is_explained_as_such() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.gen]\noutputs = [\"a.txt\"]\ncommand = \"echo a > a.txt; echo b > b.txt\"\n",
+    );
+    s.run(["all"]).assert_ok();
+    s.replace(
+        "Qairtfile",
+        "outputs = [\"a.txt\"]",
+        "outputs = [\"a.txt\", \"b.txt\"]",
+    );
+    for args in [&["-n", "--explain"][..], &["--status"][..]] {
+        let out = s.run(args.iter().copied());
+        assert_eq!(
+            explanations(&out.stderr)["gen"],
+            vec!["its declared outputs changed: a.txt -> a.txt, b.txt".to_string()],
+            "{out}"
+        );
+    }
+    let out = s.run(["-n", "all"]);
+    assert_eq!(
+        out.would_run_events()[0]["reasons"][0],
+        "its declared outputs changed: a.txt -> a.txt, b.txt",
+        "{out}"
+    );
+}
