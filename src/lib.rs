@@ -599,6 +599,15 @@ fn check_sources(g: &Graph, workdir: &Path) -> Result<(), Diagnostic> {
                     )
                     .with_hint("create it, fix the path, or add a rule whose outputs include it"));
             }
+            if g.files[f.idx()].producer.is_none() {
+                if let Some(why) = work::source_link_to_output(g, workdir, g.path(*f)) {
+                    let t = job.spec.input_template.get(i).copied().unwrap_or(0);
+                    return Err(g.model.source.error(
+                        rule.input_span(t),
+                        format!("input of `{}`: {why}", job.spec.label),
+                    ));
+                }
+            }
         }
         for f in &job.order {
             if missing(f) {

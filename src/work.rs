@@ -327,6 +327,30 @@ fn decide_fresh(
     })
 }
 
+/// If the source `rel` is a symlink to a path some job writes (or into a folder a job
+/// writes), why that cannot work.
+pub fn source_link_to_output(g: &Graph, workdir: &Path, rel: &str) -> Option<String> {
+    let text = fs::read_link(workdir.join(rel)).ok()?;
+    let target = Path::new(rel).parent()?.join(&text);
+    let target = match target.strip_prefix(workdir) {
+        Ok(r) => r.to_path_buf(),
+        Err(_) => target,
+    };
+    let key = crate::expand::normalize(&target.to_string_lossy());
+    let mut at = Some(Path::new(&key));
+    while let Some(p) = at.filter(|p| !p.as_os_str().is_empty()) {
+        let f = g.by_path.get(&g.files, &p.to_string_lossy());
+        if let Some(j) = f.and_then(|f| g.files[f.idx()].producer) {
+            return Some(format!(
+                "{rel} is a symlink to {key}, which `{}` writes; jobs are ordered by the paths they declare, so make the link with `links = [...]` on that rule, or read {key} directly",
+                g.jobs[j.idx()].spec.label
+            ));
+        }
+        at = p.parent();
+    }
+    None
+}
+
 /// Build the given targets. Returns what happened; errors are only for qbuild's own state.
 #[allow(clippy::too_many_arguments)]
 pub fn build(
@@ -370,7 +394,7 @@ pub fn build(
         _ => None,
     };
     let arts = Artifacts::new(workdir, &state_db.stat, &stats).before_build(&scanned);
-    let now: Vec<Now> = map_range(g.files.len(), |i| {
+    let mut now: Vec<Now> = map_range(g.files.len(), |i| {
         if !touched[i] {
             return Now::Unknown;
         }
@@ -383,6 +407,21 @@ pub fn build(
             None => scan_one(&arts, path, Some(at.map(|k| &state_db.stat.entries()[k].1))),
         }
     });
+    // A source that is a symlink (a link's identity is not its content) to what a job
+    // writes would need that job to run first, but jobs are ordered by the paths they
+    // declare: its readers fail, naming the link, instead of reading a stale target.
+    for (i, f) in g.files.iter().enumerate() {
+        let link = match &now[i] {
+            Now::Have(a) => a.ident != a.content,
+            Now::Error(_) => true,
+            _ => false,
+        };
+        if link && f.producer.is_none() {
+            if let Some(why) = source_link_to_output(g, workdir, &f.path) {
+                now[i] = Now::Error(why);
+            }
+        }
+    }
     // Cache entries of files that are gone and no longer in the graph (a renamed job's old
     // outputs, once deleted): each would cost every later run a stat. Dropped at this run's
     // end, as ninja's log recompaction drops dead paths; entries of files still on disk stay.

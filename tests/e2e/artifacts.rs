@@ -1865,3 +1865,40 @@ fn a_link_into_the_state_folder_inside_an_input_folder_fails_its_reader() {
         assert!(out.ran().is_empty(), "{out}");
     }
 }
+
+/// A source that is a symlink to another job's output would need that job first, but jobs
+/// are ordered by the paths they declare: its readers fail naming the link (on a fresh
+/// tree they failed on a "dangling" link and never started the producer; once built, they
+/// stayed "up to date" after the producer reran), and `--check` refuses it.
+#[test]
+fn a_source_symlink_to_another_jobs_output_fails_its_readers_by_name() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.g]
+inputs = ["s"]
+outputs = ["gen/o"]
+command = "mkdir -p gen && cp s gen/o"
+[rule.r1]
+inputs = ["lk"]
+outputs = ["r1.txt"]
+command = "cat lk > r1.txt"
+"#,
+    );
+    s.write("s", "1\n");
+    symlink("gen/o", s.join("lk")).expect("symlink");
+    let why = "lk is a symlink to gen/o, which `g` writes";
+    let out = s.qbuild(["--check"]).no_json().run();
+    out.assert_code(2);
+    assert!(
+        out.stderr.contains(why) && out.stderr.contains("--> Qairtfile:7:11"),
+        "{out}"
+    );
+    for _ in 0..2 {
+        let out = s.run(["-k", "all"]);
+        out.assert_code(1);
+        assert_eq!(out.failed(), set(["r1"]), "{out}");
+        assert!(out.stderr.contains(why), "{out}");
+    }
+}
