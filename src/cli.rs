@@ -49,7 +49,7 @@ pub struct Args {
     /// Validate the Qairtfile and exit without running anything.
     #[arg(long)]
     pub check: bool,
-    /// List rules, their instances and outputs.
+    /// List rules, their instances and outputs (with targets: what building them involves).
     #[arg(long)]
     pub list: bool,
     /// Print the job graph of the targets in Graphviz DOT.

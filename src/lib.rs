@@ -494,10 +494,16 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         return Ok(EXIT_OK);
     }
     if args.list {
-        if args.json {
-            list_json(graph);
+        // Every job; with targets, what building them involves (as --graph shows).
+        let want = if args.targets.is_empty() {
+            vec![true; graph.jobs.len()]
         } else {
-            print_list(graph);
+            graph.closure(&loaded.jobs)
+        };
+        if args.json {
+            list_json(graph, &want);
+        } else {
+            print_list(graph, &want);
         }
         return Ok(EXIT_OK);
     }
@@ -684,14 +690,19 @@ fn write_trace(path: &Path, spans: &[work::Span]) -> std::io::Result<()> {
     std::fs::write(path, doc.to_string())
 }
 
-fn print_list(g: &Graph) {
+fn print_list(g: &Graph, want: &[bool]) {
     let mut out = std::io::stdout().lock();
     for (ri, r) in g.model.rules.iter().enumerate() {
         let jobs: Vec<&graph::Job> = g
             .jobs
             .iter()
-            .filter(|j| j.spec.rule as usize == ri)
+            .enumerate()
+            .filter(|(i, j)| want[*i] && j.spec.rule as usize == ri)
+            .map(|(_, j)| j)
             .collect();
+        if jobs.is_empty() && want.iter().any(|w| !w) {
+            continue;
+        }
         let _ = writeln!(
             out,
             "{} ({} job{})",
@@ -710,9 +721,9 @@ fn print_list(g: &Graph) {
 
 /// `--list --json`: one `target` event per job, in the Qairtfile's order, with the fields
 /// `would_run` uses (`rule`, `job`, `outputs`) plus its `inputs`.
-fn list_json(g: &Graph) {
+fn list_json(g: &Graph, want: &[bool]) {
     let mut emit = json_emitter(true);
-    for j in &g.jobs {
+    for (_, j) in g.jobs.iter().enumerate().filter(|(i, _)| want[*i]) {
         emit(serde_json::json!({
             "event": "target",
             "rule": g.model.rules[j.spec.rule as usize].name,

@@ -2424,3 +2424,22 @@ fn an_edited_output_list_is_explained_as_such() {
         "{out}"
     );
 }
+
+/// `--list TARGET` lists what building TARGET involves, as `--graph TARGET` draws it (the
+/// targets were ignored).
+#[test]
+fn list_with_a_target_lists_what_building_it_involves() {
+    let s = Space::demo();
+    let all = Catalog::from_events(&s.qbuild(["--list", "--json"]).run(), "target");
+    let one = Catalog::from_events(&s.qbuild(["--list", "--json", BIN2]).run(), "target");
+    let binaries = |c: &Catalog| c.select(|j| j.rule == "context_binary");
+    assert_eq!(binaries(&all).len(), 4);
+    assert_eq!(binaries(&one), set(["context binary split=2"]));
+    assert!(one.jobs.len() < all.jobs.len());
+    // Exactly the jobs a dry run of that target from scratch would run.
+    let dry = s.run(["-n", BIN2]);
+    assert_eq!(one.all(), dry.would_run(), "{dry}");
+    let text = s.qbuild(["--list", BIN2]).no_json().run();
+    assert!(text.stdout.contains("context binary split=2\n"), "{text}");
+    assert!(!text.stdout.contains("context binary split=1\n"), "{text}");
+}
