@@ -193,7 +193,12 @@ impl<'a> Artifacts<'a> {
                     continue;
                 }
                 let p = e.path();
-                let m = fs::symlink_metadata(&p)?;
+                // An error of the OS names no file: say which one, once (the innermost).
+                let named = |e: io::Error| match e.raw_os_error() {
+                    Some(_) => io::Error::new(e.kind(), format!("{child_key}: {e}")),
+                    None => e,
+                };
+                let m = fs::symlink_metadata(&p).map_err(named)?;
                 let kind = if m.file_type().is_symlink() {
                     KIND_LINK
                 } else if m.is_dir() {
@@ -201,7 +206,9 @@ impl<'a> Artifacts<'a> {
                 } else {
                     KIND_FILE
                 };
-                let h = self.hash_with_meta(&child_key, &p, &m, walking, None)?;
+                let h = self
+                    .hash_with_meta(&child_key, &p, &m, walking, None)
+                    .map_err(named)?;
                 t.entry(&name, kind, &h);
             }
             walking.pop();

@@ -1043,7 +1043,8 @@ impl Work<'_> {
     ///   a command that writes nothing must not pass its old folder off as new, and a
     ///   rerun must not keep entries the new run no longer makes (a dropped split).
     /// - Any other symlink is refused: writing through it would overwrite its target (a
-    ///   source, say).
+    ///   source, say); so is a folder put where a file output was (the command would
+    ///   write into it and pass it off as the file).
     /// - A file with other hard links is unlinked, so that writing it cannot change them.
     fn clear_output(
         &self,
@@ -1072,6 +1073,12 @@ impl Work<'_> {
             fs::remove_file(path)
         } else if ft.is_dir() {
             if !ours() {
+                // The stat cache holds files only: this path was a file qbuild hashed.
+                if self.db_state.stat.get(rel).is_some() {
+                    return Err(format!(
+                        "output {rel} was a file and is now a folder that qbuild did not make; refusing to run into it (remove it to rebuild)"
+                    ));
+                }
                 return Ok(false);
             }
             fs::remove_dir_all(path)

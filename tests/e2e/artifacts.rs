@@ -1902,3 +1902,70 @@ command = "cat lk > r1.txt"
         assert!(out.stderr.contains(why), "{out}");
     }
 }
+
+/// A folder put by hand where a file output was: the rerun's `cp s o` would copy into it
+/// and pass it off as the file. The job fails naming it, and keeps failing until it goes;
+/// the folder's contents stay.
+#[test]
+fn a_folder_put_where_a_file_output_was_fails_the_job() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.mk]\ninputs = [\"s\"]\noutputs = [\"o\"]\ncommand = \"cp s o\"\n",
+    );
+    s.write("s", "a\n");
+    s.run(["all"]).assert_ran(&set(["mk"]));
+    s.remove("o");
+    s.write("o/x", "mine\n");
+    for _ in 0..2 {
+        let out = s.run(["all"]);
+        out.assert_code(1);
+        assert!(
+            out.stderr
+                .contains("output o was a file and is now a folder that qbuild did not make"),
+            "{out}"
+        );
+        assert_eq!(s.files(), vec!["Qairtfile", "o/x", "s"]);
+    }
+    fs::remove_dir_all(s.join("o")).expect("rm");
+    s.run(["all"]).assert_ran(&set(["mk"]));
+    assert_eq!(s.read_string("o"), "a\n");
+}
+
+/// An error of the OS deep inside an input folder names the entry (it said only
+/// "cannot read input in: File name too long").
+#[test]
+fn an_os_error_inside_an_input_folder_names_the_entry() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.c]\ninputs = [\"in\"]\noutputs = [\"o\"]\ncommand = \"echo > o\"\n",
+    );
+    // Past PATH_MAX (4096): a shell makes it one level at a time, from inside.
+    let name = "d".repeat(100);
+    s.mkdir("in");
+    let cname = std::ffi::CString::new(name.clone()).expect("name");
+    let inside =
+        std::ffi::CString::new(s.join("in").into_os_string().into_encoded_bytes()).expect("path");
+    // SAFETY: plain *at calls on descriptors this loop opens and closes.
+    unsafe {
+        let mut fd = libc::open(inside.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+        for _ in 0..45 {
+            assert!(fd >= 0);
+            assert_eq!(libc::mkdirat(fd, cname.as_ptr(), 0o755), 0);
+            let next = libc::openat(fd, cname.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+            libc::close(fd);
+            fd = next;
+        }
+        assert!(fd >= 0);
+        libc::close(fd);
+    }
+    let out = s.run(["all"]);
+    out.assert_code(1);
+    assert!(
+        out.stderr
+            .contains(&format!("cannot read input in: in/{name}/")),
+        "{out}"
+    );
+    assert!(out.stderr.contains("File name too long"), "{out}");
+}
