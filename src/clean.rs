@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::artifact::Artifacts;
-use crate::db::{job_id, Db, DbError};
+use crate::db::{job_id, Db, DbError, JobRecord};
 use crate::graph::{Graph, JobId};
 use crate::hash::Hash;
 use crate::hash::HashStats;
@@ -144,20 +144,10 @@ pub fn clean(
         forget.push(id);
     }
     if dead {
-        let live: rustc_hash::FxHashSet<Hash> = (0..g.jobs.len())
-            .map(|i| job_id(g.outputs(JobId(i as u32)).iter().copied()))
-            .collect();
-        let mut gone: Vec<&Hash> = records.keys().filter(|id| !live.contains(*id)).collect();
-        gone.sort();
-        for id in gone {
-            let known = db
-                .explain::<OwnedKeyParts>(id)
-                .filter(|k| job_id(k.outputs.iter().map(|o| o.as_ref())) == *id);
-            let Some(k) = known else {
-                c.out.unknown += 1;
-                continue;
-            };
-            for (i, rel) in k.outputs.iter().enumerate() {
+        let gone = dead_jobs(g, db, &records);
+        c.out.unknown = gone.unknown;
+        for (id, outputs) in &gone.known {
+            for (i, rel) in outputs.iter().enumerate() {
                 if g.by_path.get(&g.files, rel).is_some() {
                     continue;
                 }
@@ -187,6 +177,40 @@ pub fn clean(
         jobs: records,
     })?;
     Ok(out)
+}
+
+/// Jobs recorded in the state but no longer in the Qairtfile.
+pub struct DeadJobs {
+    /// Each one's id and output paths, from its readable key (checked against the id, the
+    /// hash of its output list), in id order.
+    pub known: Vec<(Hash, Vec<String>)>,
+    /// How many have no readable key left (the explain store lost it).
+    pub unknown: usize,
+}
+
+/// The recorded jobs no longer in `g`, with their outputs where the explain store has them.
+pub fn dead_jobs(g: &Graph, db: &Db, records: &rustc_hash::FxHashMap<Hash, JobRecord>) -> DeadJobs {
+    let live: rustc_hash::FxHashSet<Hash> = (0..g.jobs.len())
+        .map(|i| job_id(g.outputs(JobId(i as u32)).iter().copied()))
+        .collect();
+    let mut gone: Vec<&Hash> = records.keys().filter(|id| !live.contains(*id)).collect();
+    gone.sort();
+    let mut dead = DeadJobs {
+        known: Vec::new(),
+        unknown: 0,
+    };
+    for id in gone {
+        let k = db
+            .explain::<OwnedKeyParts>(id)
+            .filter(|k| job_id(k.outputs.iter().map(|o| o.as_ref())) == *id);
+        match k {
+            Some(k) => dead
+                .known
+                .push((*id, k.outputs.iter().map(|o| o.to_string()).collect())),
+            None => dead.unknown += 1,
+        }
+    }
+    dead
 }
 
 /// Whether a path of the graph lies inside the folder `rel`.

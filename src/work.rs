@@ -723,18 +723,8 @@ impl Work<'_> {
     fn why_new(&mut self, j: JobId, mut reasons: Vec<Reason>) -> Vec<Reason> {
         let (g, db, records) = (self.g, self.db, &self.db_state.jobs);
         let dead = self.dead_outputs.get_or_insert_with(|| {
-            let live: rustc_hash::FxHashSet<Hash> = (0..g.jobs.len())
-                .map(|i| job_id(g.outputs(JobId(i as u32)).iter().copied()))
-                .collect();
             let mut map = rustc_hash::FxHashMap::default();
-            for id in records.keys().filter(|id| !live.contains(*id)) {
-                let Some(k) = db.explain::<OwnedKeyParts>(id) else {
-                    continue;
-                };
-                if job_id(k.outputs.iter().map(|o| o.as_ref())) != *id {
-                    continue;
-                }
-                let was: Vec<String> = k.outputs.iter().map(|o| o.to_string()).collect();
+            for (_, was) in crate::clean::dead_jobs(g, db, records).known {
                 for o in &was {
                     map.insert(o.clone(), was.clone());
                 }
