@@ -953,14 +953,6 @@ impl Work<'_> {
                     return self.fail_before_start(j, &why);
                 }
             }
-            if !matches!(job.spec.action, Action::Link(_)) {
-                let recorded = record.and_then(|r| r.outputs.get(i));
-                match self.clear_output(rel, &outputs[i], metas[i].as_ref(), recorded) {
-                    Ok(true) => metas[i] = None,
-                    Ok(false) => {}
-                    Err(why) => return self.fail_before_start(j, &why),
-                }
-            }
             match self.inside.check(&self.workdir, rel) {
                 None => {}
                 Some(d) if d.outside => {
@@ -973,6 +965,15 @@ impl Work<'_> {
                         d.to.display()
                     );
                     return self.fail_before_start(j, &why);
+                }
+            }
+            // Only once the path is known to lie where it says: nothing is removed elsewhere.
+            if !matches!(job.spec.action, Action::Link(_)) {
+                let recorded = record.and_then(|r| r.outputs.get(i));
+                match self.clear_output(rel, &outputs[i], metas[i].as_ref(), recorded) {
+                    Ok(true) => metas[i] = None,
+                    Ok(false) => {}
+                    Err(why) => return self.fail_before_start(j, &why),
                 }
             }
         }

@@ -1969,3 +1969,26 @@ fn an_os_error_inside_an_input_folder_names_the_entry() {
     );
     assert!(out.stderr.contains("File name too long"), "{out}");
 }
+
+/// A folder output reached through a symlinked folder is refused before anything is
+/// removed: the old folder behind the link (moved there with its bytes intact) stays.
+#[test]
+fn nothing_is_cleared_through_a_symlinked_folder_before_the_refusal() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.g]\ninputs = [\"s\"]\noutputs = [\"gen/d\"]\ncommand = \"mkdir -p gen/d && cp s gen/d/f\"\n",
+    );
+    s.write("s", "1\n");
+    s.run(["all"]).assert_ran(&set(["g"]));
+    fs::rename(s.join("gen"), s.join("src")).expect("move");
+    symlink("src", s.join("gen")).expect("symlink");
+    s.write("s", "2\n");
+    let out = s.run(["all"]);
+    out.assert_code(1);
+    assert!(
+        out.stderr.contains("a folder on its path is a symlink"),
+        "{out}"
+    );
+    assert_eq!(s.read_string("src/d/f"), "1\n");
+}
