@@ -146,12 +146,21 @@ pub fn clean(
     if dead {
         let gone = dead_jobs(g, db, &records);
         c.out.unknown = gone.unknown;
+        // Every folder above a path the Qairtfile names: such a folder is not dead.
+        let named_dirs: rustc_hash::FxHashSet<&str> = g
+            .files
+            .iter()
+            .flat_map(|f| {
+                let p = f.path.as_str();
+                p.match_indices('/').map(move |(i, _)| &p[..i])
+            })
+            .collect();
         for (id, outputs) in &gone.known {
             for (i, rel) in outputs.iter().enumerate() {
                 if g.by_path.get(&g.files, rel).is_some() {
                     continue;
                 }
-                if holds_a_named_path(g, rel) {
+                if named_dirs.contains(rel.as_str()) {
                     c.out.kept.push((
                         rel.to_string(),
                         "it is a folder holding paths the Qairtfile names".into(),
@@ -211,12 +220,6 @@ pub fn dead_jobs(g: &Graph, db: &Db, records: &rustc_hash::FxHashMap<Hash, JobRe
         }
     }
     dead
-}
-
-/// Whether a path of the graph lies inside the folder `rel`.
-fn holds_a_named_path(g: &Graph, rel: &str) -> bool {
-    let prefix = format!("{rel}/");
-    g.files.iter().any(|f| f.path.starts_with(&prefix))
 }
 
 /// What one `clean` removes and keeps.
