@@ -434,8 +434,28 @@ impl Graph {
         }
         let abs = crate::expand::normalize(&cwd.join(t).to_string_lossy());
         let wd = crate::expand::normalize(&workdir.to_string_lossy());
-        let rel = abs.strip_prefix(&wd).and_then(|r| r.strip_prefix('/'))?;
-        self.by_path.get(&self.files, rel)
+        if let Some(f) = abs
+            .strip_prefix(&wd)
+            .and_then(|r| r.strip_prefix('/'))
+            .and_then(|rel| self.by_path.get(&self.files, rel))
+        {
+            return Some(f);
+        }
+        // The work folder (or the target's folder) spelled through a symlink: compare
+        // real paths, folder by folder up from the target (which may not exist yet).
+        let real_wd = workdir.canonicalize().ok()?;
+        let abs = Path::new(&abs);
+        let mut dir = abs.parent()?;
+        let mut tail = vec![abs.file_name()?];
+        loop {
+            if let Ok(real) = dir.canonicalize() {
+                let mut p = real.strip_prefix(&real_wd).ok()?.to_path_buf();
+                p.extend(tail.iter().rev());
+                return self.by_path.get(&self.files, &p.to_string_lossy());
+            }
+            tail.push(dir.file_name()?);
+            dir = dir.parent()?;
+        }
     }
 
     /// Every job the given targets need, in dependency order.

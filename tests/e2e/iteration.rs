@@ -2443,3 +2443,39 @@ fn list_with_a_target_lists_what_building_it_involves() {
     assert!(text.stdout.contains("context binary split=2\n"), "{text}");
     assert!(!text.stdout.contains("context binary split=1\n"), "{text}");
 }
+
+/// A target path that names the work folder through a symlink (or the real folder when
+/// the Qairtfile was given through one) is the same target.
+#[test]
+fn a_target_path_through_a_symlinked_work_folder_is_found() {
+    let outer = Space::new();
+    outer.mkdir("real");
+    std::os::unix::fs::symlink("real", outer.join("link")).expect("symlink");
+    let s = Space::at(&outer.join("real"));
+    s.write(
+        "Qairtfile",
+        "[rule.a]\noutputs = [\"sub/a.txt\"]\ncommand = \"mkdir -p sub; echo a > sub/a.txt\"\n",
+    );
+    let link_qf = outer.join("link/Qairtfile");
+    let real_target = outer.join("real/sub/a.txt");
+    let out = s
+        .qbuild([
+            "-f",
+            link_qf.to_str().expect("utf-8"),
+            real_target.to_str().expect("utf-8"),
+        ])
+        .run();
+    out.assert_ok();
+    assert_eq!(out.ran(), set(["a"]), "{out}");
+    let real_qf = outer.join("real/Qairtfile");
+    let link_target = outer.join("link/sub/a.txt");
+    let out = s
+        .qbuild([
+            "-f",
+            real_qf.to_str().expect("utf-8"),
+            link_target.to_str().expect("utf-8"),
+        ])
+        .run();
+    out.assert_ok();
+    assert_eq!(out.count("up_to_date"), 1, "{out}");
+}
