@@ -291,54 +291,64 @@ impl Graph {
                     .with_hint("a target would mean both; rename the alias"));
             }
         }
-        // Alias cycles, named whole (`a -> b -> a`) at the alias that starts one.
-        let index = |t: &str| aliases.iter().position(|(a, _)| a.text == t);
+        // Alias cycles, named whole (`a -> b -> a`) at the alias that starts one: one
+        // depth-first walk over the alias graph, each alias entered once.
+        let index: rustc_hash::FxHashMap<&str, usize> = aliases
+            .iter()
+            .enumerate()
+            .map(|(i, (a, _))| (a.text.as_str(), i))
+            .collect();
+        // 0: not seen; 1: on the walk's path; 2: done.
+        let mut color = vec![0u8; aliases.len()];
         for start in 0..aliases.len() {
-            let mut path = vec![start];
-            let mut next = vec![0usize];
-            // Each alias is entered once per start: linear, whatever the nesting.
-            let mut seen = vec![false; aliases.len()];
-            seen[start] = true;
-            while let Some(&at) = path.last() {
-                let i = next.len() - 1;
-                let Some(t) = aliases[at].1.get(next[i]) else {
+            if color[start] != 0 {
+                continue;
+            }
+            let mut path = vec![(start, 0usize)];
+            color[start] = 1;
+            while let Some(&mut (at, ref mut next)) = path.last_mut() {
+                let Some(t) = aliases[at].1.get(*next) else {
+                    color[at] = 2;
                     path.pop();
-                    next.pop();
                     continue;
                 };
-                next[i] += 1;
-                let Some(to) = index(&t.text) else { continue };
-                if to == start {
-                    let names: Vec<&str> = path
-                        .iter()
-                        .chain(std::iter::once(&start))
-                        .map(|&k| aliases[k].0.text.as_str())
-                        .collect();
-                    return Err(src
-                        .error(
-                            aliases[start].0.span.clone(),
-                            format!("alias cycle: {}", names.join(" -> ")),
-                        )
-                        .with_hint(
-                            "an alias may name other aliases, but not itself through them",
-                        ));
-                }
-                if !seen[to] {
-                    seen[to] = true;
-                    path.push(to);
-                    next.push(0);
+                *next += 1;
+                let Some(&to) = index.get(t.text.as_str()) else {
+                    continue;
+                };
+                match color[to] {
+                    0 => {
+                        color[to] = 1;
+                        path.push((to, 0));
+                    }
+                    1 => {
+                        let from = path.iter().position(|(k, _)| *k == to).unwrap_or(0);
+                        let names: Vec<&str> = path[from..]
+                            .iter()
+                            .map(|(k, _)| aliases[*k].0.text.as_str())
+                            .chain(std::iter::once(aliases[to].0.text.as_str()))
+                            .collect();
+                        return Err(src
+                            .error(
+                                aliases[to].0.span.clone(),
+                                format!("alias cycle: {}", names.join(" -> ")),
+                            )
+                            .with_hint(
+                                "an alias may name other aliases, but not itself through them",
+                            ));
+                    }
+                    _ => {}
                 }
             }
         }
+        // Every item of every alias, and the default, names something: each checked once,
+        // not through the aliases it names (which are checked themselves).
         let named: Vec<(String, Option<std::ops::Range<usize>>)> = aliases
             .iter()
-            .map(|(a, _)| (a.text.clone(), Some(a.span.clone())))
-            .chain(
-                self.model
-                    .default
-                    .iter()
-                    .map(|d| (d.text.clone(), Some(d.span.clone()))),
-            )
+            .flat_map(|(_, ts)| ts.iter())
+            .chain(self.model.default.iter())
+            .filter(|t| !index.contains_key(t.text.as_str()))
+            .map(|t| (t.text.clone(), Some(t.span.clone())))
             .collect();
         self.resolve_targets(&named, workdir, workdir).map(|_| ())
     }
@@ -354,32 +364,36 @@ impl Graph {
         workdir: &Path,
     ) -> Result<Vec<JobId>, Diagnostic> {
         let mut out = Vec::new();
-        let mut stack: Vec<(String, Option<std::ops::Range<usize>>, usize)> = targets
+        let mut stack: Vec<(String, Option<std::ops::Range<usize>>)> = targets
             .iter()
             .rev()
-            .map(|(t, sp)| (t.clone(), sp.clone(), 0))
+            .map(|(t, sp)| (t.clone(), sp.clone()))
             .collect();
         let err = |span: &Option<std::ops::Range<usize>>, msg: String| match span {
             Some(sp) => self.model.source.error(sp.clone(), msg),
             None => Diagnostic::plain(msg),
         };
-        while let Some((t, span, depth)) = stack.pop() {
-            if depth > 32 {
-                return Err(err(
-                    &span,
-                    format!("alias `{t}` nests too deeply (a cycle of aliases?)"),
-                )
-                .with_hint("an alias may name other aliases, but not itself through them"));
-            }
+        // Each alias and rule is expanded once, however many aliases name it (a diamond of
+        // aliases would otherwise double the work at every level).
+        let mut expanded: rustc_hash::FxHashSet<String> = Default::default();
+        let mut all_done = false;
+        while let Some((t, span)) = stack.pop() {
             if t == "all" {
-                out.extend((0..self.jobs.len()).map(|i| JobId(i as u32)));
+                if !std::mem::replace(&mut all_done, true) {
+                    out.extend((0..self.jobs.len()).map(|i| JobId(i as u32)));
+                }
+                continue;
+            }
+            let is_name = self.model.aliases.iter().any(|(a, _)| a.text == t)
+                || self.model.rules.iter().any(|r| r.name == t);
+            if is_name && !expanded.insert(t.clone()) {
                 continue;
             }
             if let Some((_, ts)) = self.model.aliases.iter().find(|(a, _)| a.text == t) {
                 stack.extend(
                     ts.iter()
                         .rev()
-                        .map(|x| (x.text.clone(), Some(x.span.clone()), depth + 1)),
+                        .map(|x| (x.text.clone(), Some(x.span.clone()))),
                 );
                 continue;
             }

@@ -2408,6 +2408,51 @@ fn hostile_qairtfiles_through_the_library_are_always_located() {
     report_failures("library", failures.into_inner(), cases as usize);
 }
 
+/// Alias graphs that used to hang every run once aliases were checked by every run: a
+/// diamond 30 levels deep (each level naming both aliases of the next: 2^30 paths), a
+/// fan of 3,000 aliases naming one alias that names 3,000 more, and a cycle through 3,000
+/// aliases. Each run must answer well inside the limit (it takes milliseconds).
+#[test]
+fn pathological_alias_graphs_do_not_hang() {
+    const RULE: &str = "[rule.r]\noutputs = [\"r.out\"]\ncommand = \"echo r > r.out\"\n";
+    let mut diamond = String::from("[alias]\n");
+    for i in 0..30 {
+        let j = i + 1;
+        diamond += &format!("d{i} = [\"d{j}\", \"e{j}\"]\ne{i} = [\"d{j}\", \"e{j}\"]\n");
+    }
+    diamond += &format!("d30 = [\"r\"]\ne30 = [\"r\"]\n{RULE}");
+    let n = 3000;
+    let mut fan = String::from("[alias]\n");
+    for i in 0..n {
+        fan += &format!("g{i} = [\"big\"]\nb{i} = [\"r\"]\n");
+    }
+    let items: Vec<String> = (0..n).map(|i| format!("\"b{i}\"")).collect();
+    fan += &format!("big = [{}]\n{RULE}", items.join(", "));
+    let mut cycle = String::from("[alias]\n");
+    for i in 0..n {
+        cycle += &format!("c{i} = [\"c{}\"]\n", (i + 1) % n);
+    }
+    cycle += RULE;
+    let cases: [(&str, &String, &[&str], i32); 3] = [
+        ("diamond", &diamond, &["-n", "d0"], 0),
+        ("fan", &fan, &["-n", "g7"], 0),
+        ("cycle", &cycle, &["-n"], 2),
+    ];
+    for (what, q, args, code) in cases {
+        let s = Space::new();
+        s.write("Qairtfile", q);
+        let e = Bg::start(s.path(), args, &[]).wait(Duration::from_secs(60));
+        assert_eq!(e.code, Some(code), "{what}: {}", e.stderr);
+        if what == "cycle" {
+            assert!(
+                e.stderr.starts_with("error: alias cycle: c0 -> c1 -> "),
+                "{}",
+                e.stderr
+            );
+        }
+    }
+}
+
 /// Issue 5.4 / PRODUCT "Bad input": specific hostile Qairtfiles, each refused with exit 2,
 /// `error:` and a `Qairtfile:LINE:COL`, before anything runs.
 ///
