@@ -101,23 +101,36 @@ pub struct Cleaned {
     /// Records of jobs no longer in the Qairtfile whose outputs cannot be named (their
     /// readable keys are gone from the explain store): their files, if any, were left.
     pub unknown: usize,
+    /// With `Dead::Count`: what `Dead::Remove` would remove.
+    pub dead_left: Vec<String>,
+}
+
+/// What `clean` does with the outputs of jobs recorded but no longer in the Qairtfile.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Dead {
+    Leave,
+    /// List what `Remove` would remove (in `dead_left`), removing nothing.
+    Count,
+    Remove,
 }
 
 /// Remove the recorded outputs of the given jobs. An output is removed only if qbuild
 /// recorded it as produced and it still has the recorded bytes (a file put there since is
 /// kept), and only if it lies inside the work folder; a symlink is removed, never followed.
-/// With `dead`, the same for jobs recorded in the state but no longer in the Qairtfile (a
-/// dropped split, a renamed output), as `ninja -t cleandead` does: their old outputs would
-/// otherwise stay beside the new ones, in folders that jobs read. Their paths come from
-/// their readable keys, checked against the job's id (the hash of its output list), and a
-/// path the Qairtfile still names (an output of another job, or now a source) is left.
+/// With `Dead::Remove`, the same for jobs recorded in the state but no longer in the
+/// Qairtfile (a dropped split, a renamed output), as `ninja -t cleandead` does: their old
+/// outputs would otherwise stay beside the new ones, in folders that jobs read. Their
+/// paths come from their readable keys, checked against the job's id (the hash of its
+/// output list). A path the Qairtfile still names (an output of another job, or now a
+/// source), a folder holding one, and the Qairtfile itself are left. Another Qairtfile or
+/// variant built in the same folder shares the state, so this is never implicit.
 /// With `dry`, nothing is removed or forgotten: `removed` lists what would be.
 pub fn clean(
     g: &Graph,
     workdir: &Path,
     db: &Db,
     jobs: &[JobId],
-    dead: bool,
+    dead: Dead,
     dry: bool,
 ) -> Result<Cleaned, DbError> {
     let mut state = db.load()?;
@@ -143,7 +156,9 @@ pub fn clean(
         }
         forget.push(id);
     }
-    if dead {
+    if dead != Dead::Leave {
+        let count = dead == Dead::Count;
+        let qairtfile = g.model.source.path.file_name().map(|f| f.to_string_lossy());
         let gone = dead_jobs(g, db, &records);
         c.out.unknown = gone.unknown;
         // Every folder above a path the Qairtfile names: such a folder is not dead.
@@ -160,16 +175,32 @@ pub fn clean(
                 if g.by_path.get(&g.files, rel).is_some() {
                     continue;
                 }
+                if qairtfile.as_deref() == Some(rel.as_str()) {
+                    continue;
+                }
                 if named_dirs.contains(rel.as_str()) {
-                    c.out.kept.push((
-                        rel.to_string(),
-                        "it is a folder holding paths the Qairtfile names".into(),
-                    ));
+                    if !count {
+                        c.out.kept.push((
+                            rel.to_string(),
+                            "it is a folder holding paths the Qairtfile names".into(),
+                        ));
+                    }
+                    continue;
+                }
+                if count {
+                    if c.would_remove(rel, records[id].outputs.get(i)) {
+                        c.out.dead_left.push(rel.clone());
+                    }
                     continue;
                 }
                 c.remove(rel, records[id].outputs.get(i));
             }
-            forget.push(*id);
+            if !count {
+                forget.push(*id);
+            }
+        }
+        if count {
+            c.out.unknown = 0;
         }
     }
     let out = std::mem::take(&mut c.out);
@@ -232,6 +263,18 @@ struct Cleaner<'a> {
 }
 
 impl Cleaner<'_> {
+    /// Whether `remove` would remove `rel` (quietly: nothing is said about what stays).
+    fn would_remove(&mut self, rel: &str, recorded: Option<&Hash>) -> bool {
+        let (dry, kept) = (std::mem::replace(&mut self.dry, true), self.out.kept.len());
+        let before = self.out.removed.len();
+        self.remove(rel, recorded);
+        let yes = self.out.removed.len() > before;
+        self.out.removed.truncate(before);
+        self.out.kept.truncate(kept);
+        self.dry = dry;
+        yes
+    }
+
     /// Remove the output `rel` if it still has the identity qbuild recorded for it.
     fn remove(&mut self, rel: &str, recorded: Option<&Hash>) {
         let path = self.workdir.join(rel);

@@ -55,10 +55,14 @@ pub struct Args {
     /// Print the job graph of the targets in Graphviz DOT.
     #[arg(long)]
     pub graph: bool,
-    /// Remove the outputs qbuild made for the targets (default: all, and then also what jobs
-    /// no longer in the Qairtfile made), nothing else.
+    /// Remove the outputs qbuild made for the targets (default: all), nothing else.
     #[arg(long)]
     pub clean: bool,
+    /// Remove what jobs no longer in the Qairtfile made (a dropped split, a renamed
+    /// output), as `ninja -t cleandead`. Another Qairtfile or variant built in this folder
+    /// shares its state: its outputs look the same.
+    #[arg(long = "clean-dead", conflicts_with = "clean")]
+    pub clean_dead: bool,
     /// Show what is stale and why, without running anything.
     #[arg(long)]
     pub status: bool,
@@ -66,7 +70,7 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
     /// Build, then watch the sources and the Qairtfile and rebuild on every change.
-    #[arg(long, conflicts_with_all = ["check", "list", "graph", "clean", "status", "dry_run"])]
+    #[arg(long, conflicts_with_all = ["check", "list", "graph", "clean", "clean_dead", "status", "dry_run"])]
     pub watch: bool,
     /// Fail at once instead of waiting when another build holds the work folder.
     #[arg(long = "no-wait")]

@@ -466,7 +466,7 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         return watch::run(&session);
     }
     let a = &session.args;
-    let builds = !(a.check || a.list || a.graph || a.clean);
+    let builds = !(a.check || a.list || a.graph || a.clean || a.clean_dead);
     let fetching = builds.then(|| prefetch(session.workdir.clone())).flatten();
     // The graph can be big and the process ends after this function: never freed piece by
     // piece (that was 5% of a 90k `--check`).
@@ -542,9 +542,12 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
     work::phase("lock and open state", t);
     let mut db = Some(db);
     install_signal_handlers();
-    if args.clean {
-        // Without targets, --clean means everything.
-        let jobs: Vec<graph::JobId> = if args.targets.is_empty() {
+    if args.clean || args.clean_dead {
+        // Without targets, --clean means everything; --clean-dead only what jobs no longer
+        // in the Qairtfile made.
+        let jobs: Vec<graph::JobId> = if args.clean_dead {
+            Vec::new()
+        } else if args.targets.is_empty() {
             (0..graph.jobs.len())
                 .map(|i| graph::JobId(i as u32))
                 .collect()
@@ -555,9 +558,22 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
             .as_ref()
             .ok_or_else(|| Diagnostic::plain("internal: no state database"))?;
         let dry = args.dry_run || args.status;
-        let dead = args.targets.is_empty();
+        let dead = match (args.clean_dead, args.targets.is_empty()) {
+            (true, _) => clean::Dead::Remove,
+            (false, true) => clean::Dead::Count,
+            (false, false) => clean::Dead::Leave,
+        };
         let done = clean::clean(graph, &session.workdir, db, &jobs, dead, dry)
             .map_err(|e| Diagnostic::plain(e.to_string()))?;
+        if !done.dead_left.is_empty() {
+            let shown: Vec<&str> = done.dead_left.iter().take(3).map(String::as_str).collect();
+            say!(
+                "qbuild: {} file(s) made by jobs no longer in this Qairtfile were left ({}{}); `qbuild --clean-dead` removes them",
+                done.dead_left.len(),
+                shown.join(", "),
+                if done.dead_left.len() > 3 { ", ..." } else { "" }
+            );
+        }
         for (p, why) in &done.kept {
             say!("qbuild: kept {p}: {why}");
         }

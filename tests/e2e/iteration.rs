@@ -1968,11 +1968,12 @@ fn clean_removes_recorded_outputs_and_never_a_source() {
     assert_eq!(s.files().len(), sources.len() + outputs.len());
 }
 
-/// `--clean` (every target) also removes what jobs no longer in the Qairtfile made, as
-/// `ninja -t cleandead` does: after `num_splits` goes from 4 to 3, the fourth split's
-/// binary would otherwise sit beside the new ones for whoever packs that folder.
+/// `--clean-dead` removes what jobs no longer in the Qairtfile made, as `ninja -t
+/// cleandead` does: after `num_splits` goes from 4 to 3, the fourth split's binary would
+/// otherwise sit beside the new ones for whoever packs that folder. `--clean` removes the
+/// live outputs and names what is left for `--clean-dead`.
 #[test]
-fn clean_also_removes_outputs_of_jobs_no_longer_in_the_qairtfile() {
+fn clean_dead_removes_outputs_of_jobs_no_longer_in_the_qairtfile() {
     let s = Space::demo();
     let sources = s.snapshot();
     let four = build_demo(&s);
@@ -1992,7 +1993,7 @@ fn clean_also_removes_outputs_of_jobs_no_longer_in_the_qairtfile() {
 
     // A dry run names them and removes nothing.
     let before = s.snapshot();
-    let out = s.qbuild(["--clean", "-n"]).no_json().run();
+    let out = s.qbuild(["--clean-dead", "-n"]).no_json().run();
     out.assert_ok();
     assert_eq!(s.snapshot(), before, "{out}");
     for p in &dead {
@@ -2003,33 +2004,93 @@ fn clean_also_removes_outputs_of_jobs_no_longer_in_the_qairtfile() {
         );
     }
 
+    // --clean removes the live outputs and says what it left.
     let out = s.qbuild(["--clean"]).no_json().run();
+    out.assert_ok();
+    let live_built = new.iter().filter(|p| old.contains(*p)).count();
+    assert!(
+        out.stderr
+            .contains(&format!("removed {live_built} output(s)")),
+        "{out}"
+    );
+    assert!(
+        out.stderr.contains(&format!(
+            "qbuild: {} file(s) made by jobs no longer in this Qairtfile were left (",
+            dead.len() - 1
+        )) && out.stderr.contains("`qbuild --clean-dead` removes them"),
+        "{out}"
+    );
+    assert!(s.exists("artifacts/serialized_binaries/split_4.bin"));
+
+    let out = s.qbuild(["--clean-dead"]).no_json().run();
     out.assert_ok();
     assert!(
         out.stderr
             .contains(&format!("kept {edited}: it changed since qbuild wrote it")),
         "{out}"
     );
-    let live_built = new.iter().filter(|p| old.contains(*p)).count();
     assert!(
-        out.stderr.contains(&format!(
-            "removed {} output(s)",
-            live_built + dead.len() - 1
-        )),
+        out.stderr
+            .contains(&format!("removed {} output(s)", dead.len() - 1)),
         "{out}"
     );
     let mut expected = sources.clone();
     expected.insert(edited.clone(), s.read(&edited));
     expected.insert("Qairtfile".into(), s.read("Qairtfile"));
-    support::assert_same_files(&s.snapshot(), &expected, "after --clean");
+    support::assert_same_files(&s.snapshot(), &expected, "after --clean-dead");
 
     // Their records are gone too: a second clean finds nothing, and the build makes
     // exactly the three-split pipeline.
     s.remove(&edited);
-    let out = s.qbuild(["--clean"]).no_json().run();
+    let out = s.qbuild(["--clean-dead"]).no_json().run();
     assert!(out.stderr.contains("removed 0 output(s)"), "{out}");
     s.run(["all"]).assert_ran(&three.all());
     assert_eq!(s.files().len(), sources.len() + new.len());
+}
+
+/// Two Qairtfiles (or two variants of one) built in one folder share its state, so to each
+/// the other's jobs are "no longer in the Qairtfile": `--clean` leaves them (it only names
+/// them), and even `--clean-dead` never removes the Qairtfile in use, which another
+/// Qairtfile may have generated.
+#[test]
+fn clean_never_removes_another_qairtfiles_outputs_or_the_qairtfile_in_use() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.a]\noutputs = [\"a.out\"]\ncommand = \"echo a > a.out\"\n",
+    );
+    s.append(
+        "Qairtfile",
+        "[rule.gen]\noutputs = [\"gen.toml\"]\ncommand = \"printf '[rule.b]\\\\noutputs = [\\\"b.out\\\"]\\\\ncommand = \\\"echo b > b.out\\\"\\\\n' > gen.toml\"\n",
+    );
+    s.run(["all"]).assert_ran(&set(["a", "gen"]));
+    assert!(
+        s.read_string("gen.toml").contains("[rule.b]"),
+        "{}",
+        s.read_string("gen.toml")
+    );
+    s.qbuild(["-f", "gen.toml"]).run().assert_ok();
+    let out = s.qbuild(["-f", "gen.toml", "--clean"]).no_json().run();
+    out.assert_ok();
+    assert!(
+        !s.exists("b.out") && s.exists("a.out") && s.exists("gen.toml"),
+        "{out}"
+    );
+    assert!(
+        out.stderr.contains(
+            "qbuild: 1 file(s) made by jobs no longer in this Qairtfile were left (a.out)"
+        ),
+        "{out}"
+    );
+    // Even --clean-dead keeps the Qairtfile in use.
+    s.qbuild(["-f", "gen.toml"]).run().assert_ok();
+    let out = s.qbuild(["-f", "gen.toml", "--clean-dead"]).no_json().run();
+    out.assert_ok();
+    assert!(out.stderr.contains("removed 1 output(s)"), "{out}");
+    assert!(
+        !s.exists("a.out") && s.exists("gen.toml") && s.exists("b.out"),
+        "{out}"
+    );
 }
 
 /// A dead job's old output that the Qairtfile now names (here as a source), or a dead
@@ -2072,7 +2133,7 @@ command = "echo x > res/x.txt"
     assert!(out.stderr.contains("removed 1 output(s)"), "{out}");
     assert!(!s.exists("out/a.txt"));
     assert!(s.exists("out/b.txt") && s.exists("res/r.txt"), "{out}");
-    let out = s.qbuild(["--clean"]).no_json().run();
+    let out = s.qbuild(["--clean-dead"]).no_json().run();
     assert!(out.stderr.contains("removed 0 output(s)"), "{out}");
     assert!(
         out.stderr
