@@ -981,6 +981,16 @@ impl Work<'_> {
             .iter()
             .map(|m| m.as_ref().map(|m| StatKey::from_meta(m, 0)))
             .collect();
+        // A folder output's whole tree, to see whether the command wrote anything in it.
+        let before_tree: Vec<Option<Hash>> = outputs
+            .iter()
+            .zip(&metas)
+            .map(|(p, m)| {
+                m.as_ref()
+                    .filter(|m| m.is_dir())
+                    .and_then(|_| tree_stamp(p))
+            })
+            .collect();
         for (o, rel) in outputs.iter().zip(&rels) {
             let Some(dir) = o.parent() else {
                 continue;
@@ -1008,6 +1018,7 @@ impl Work<'_> {
                 allow_empty: job.spec.allow_empty,
                 check: job.spec.check.clone(),
                 before,
+                before_tree,
                 is_command: matches!(job.spec.action, Action::Shell(_) | Action::Argv(_)),
             },
         };
@@ -1027,12 +1038,11 @@ impl Work<'_> {
         let _ = pool.send(task);
     }
 
-    /// Before a job (not a `links` one) runs: make its output path `rel` what a clean build
-    /// would find, without ever losing bytes qbuild did not write. Returns whether something
-    /// was removed.
-    /// - A folder or symlink qbuild recorded as this job's output (still as recorded) goes:
-    ///   a command that writes nothing must not pass its old folder off as new, and a
-    ///   rerun must not keep entries the new run no longer makes (a dropped split).
+    /// Before a job (not a `links` one) runs: make its output path `rel` safe to write,
+    /// without ever losing bytes qbuild did not write. Returns whether something was
+    /// removed.
+    /// - A symlink qbuild recorded as this job's output (still as recorded) goes: a command
+    ///   that makes no link now must not pass the old one off as new.
     /// - Any other symlink is refused: writing through it would overwrite its target (a
     ///   source, say); so is a folder put where a file output was (the command would
     ///   write into it and pass it off as the file).
@@ -1063,16 +1073,15 @@ impl Work<'_> {
             }
             fs::remove_file(path)
         } else if ft.is_dir() {
-            if !ours() {
-                // The stat cache holds files only: this path was a file qbuild hashed.
-                if self.db_state.stat.get(rel).is_some() {
-                    return Err(format!(
-                        "output {rel} was a file and is now a folder that qbuild did not make; refusing to run into it (remove it to rebuild)"
-                    ));
-                }
-                return Ok(false);
+            // The stat cache holds files only: with a record, this path was a file this
+            // job wrote. (A folder output is never removed: files a user keeps in it
+            // would go; `Post::before_tree` catches a command that writes nothing.)
+            if recorded.is_some() && !ours() && self.db_state.stat.get(rel).is_some() {
+                return Err(format!(
+                    "output {rel} was a file and is now a folder that qbuild did not make; refusing to run into it (remove it to rebuild)"
+                ));
             }
-            fs::remove_dir_all(path)
+            return Ok(false);
         } else if ft.is_file() && m.nlink() > 1 {
             fs::remove_file(path)
         } else {
@@ -1463,12 +1472,51 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
     }
 }
 
+/// The stats of every entry under the folder `path` (names, kinds, sizes, times, inodes),
+/// hashed: equal before and after a command iff it changed nothing in the tree. `None`
+/// if the tree cannot be read.
+fn tree_stamp(path: &Path) -> Option<Hash> {
+    fn walk(dir: &Path, h: &mut blake3::Hasher, depth: usize) -> Option<()> {
+        if depth > 64 {
+            return None;
+        }
+        let mut names: Vec<_> = fs::read_dir(dir)
+            .ok()?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<io::Result<_>>()
+            .ok()?;
+        names.sort();
+        for n in names {
+            let p = dir.join(&n);
+            let m = fs::symlink_metadata(&p).ok()?;
+            let st = StatKey::from_meta(&m, 0);
+            h.update(n.as_encoded_bytes());
+            h.update(&[0, m.is_dir() as u8, m.file_type().is_symlink() as u8]);
+            for v in [st.dev, st.ino, st.size] {
+                h.update(&v.to_le_bytes());
+            }
+            for v in [st.mtime_ns, st.ctime_ns] {
+                h.update(&v.to_le_bytes());
+            }
+            if m.is_dir() {
+                walk(&p, h, depth + 1)?;
+            }
+        }
+        Some(())
+    }
+    let mut h = blake3::Hasher::new();
+    walk(path, &mut h, 0)?;
+    Some(*h.finalize().as_bytes())
+}
+
 /// What the post-step checks need to know about a job.
 struct Post {
     allow_empty: bool,
     check: Option<String>,
     /// Each output's stat before the job ran (to see whether the command wrote it).
     before: Vec<Option<StatKey>>,
+    /// The same for a folder output's whole tree (`tree_stamp`).
+    before_tree: Vec<Option<Hash>>,
     /// False for qbuild's own actions (content, links), which need no such check.
     is_command: bool,
 }
@@ -1496,6 +1544,11 @@ fn sanity_check(
             Ok(m) if post.is_command && m.is_file() && post.before.get(i).copied().flatten() == Some(StatKey::from_meta(&m, 0)) => {
                 return Err(io::Error::other(format!(
                     "the command succeeded but did not write the declared output {rel} (the file there is left from before)"
+                )))
+            }
+            Ok(m) if post.is_command && m.is_dir() && post.before_tree.get(i).copied().flatten().is_some_and(|t| tree_stamp(p) == Some(t)) => {
+                return Err(io::Error::other(format!(
+                    "the command succeeded but did not write the declared output {rel} (the folder there is left from before: nothing in it changed)"
                 )))
             }
             Ok(m) if m.is_file() && m.len() == 0 && !post.allow_empty => {

@@ -1700,55 +1700,52 @@ command = "cp compiled_model/model_quantized.dlc bin/split_1.bin"
     );
 }
 
-/// Before a job reruns, the folder or symlink it made last time goes: a command that now
-/// writes nothing fails as a clean build does (it used to pass the old folder off as new,
-/// exit 0), and a folder output that shrinks keeps no entries of the old run.
+/// A command that now writes nothing fails as a clean build does, for a folder output (its
+/// tree is compared before and after) and for a symlink output qbuild made (removed before
+/// the run): it used to pass the old folder and link off as new, exit 0. A folder output
+/// is never removed: a file kept in it by hand survives a rerun, and a failed rerun keeps
+/// the previous folder (neither held when folders were cleared before each rerun).
 #[test]
-fn a_rerun_starts_from_what_a_clean_build_finds_at_its_folder_and_link_outputs() {
+fn a_rerun_that_writes_nothing_fails_and_a_folder_output_keeps_what_it_holds() {
     let qf = r#"
-[rule.gen]
-inputs = ["n.txt"]
-outputs = ["outdir"]
-command = "mkdir -p outdir && for i in $(seq 1 $(cat n.txt)); do echo $i > outdir/f$i; done"
-[rule.use]
-inputs = ["outdir"]
-outputs = ["list.txt"]
-command = "ls outdir > list.txt"
 [rule.maybe]
 inputs = ["s"]
 outputs = ["d", "lnk"]
 command = "if grep -q yes s; then mkdir -p d; cp s d/f; ln -sfn s lnk; fi"
+[rule.gen]
+inputs = ["t"]
+outputs = ["gen"]
+command = "mkdir -p gen && cp t gen/x && grep -q ok t"
 "#;
     let s = Space::new();
     s.write("Qairtfile", qf)
-        .write("n.txt", "3\n")
-        .write("s", "yes1\n");
-    s.run(["all"]).assert_ran(&set(["gen", "use", "maybe"]));
+        .write("s", "yes1\n")
+        .write("t", "ok 1\n")
+        .write("gen/notes.txt", "mine\n");
+    s.run(["all"]).assert_ran(&set(["maybe", "gen"]));
 
-    // Shrink the folder: the rerun's result equals a clean build's.
-    s.write("n.txt", "1\n");
-    s.run(["all"]).assert_ran(&set(["gen", "use"]));
-    assert_eq!(s.read_string("list.txt"), "f1\n");
-    assert!(!s.exists("outdir/f2"));
-    let clean = s.copy_of(&["Qairtfile", "n.txt", "s"]);
-    clean.run(["gen", "use"]).assert_ok();
-    assert_eq!(
-        Space::at(&s.join("outdir")).snapshot(),
-        Space::at(&clean.join("outdir")).snapshot()
-    );
-
-    // The command writes nothing now: the job fails, as in a clean build, and the old
-    // folder and link are not recorded as its result.
+    // The command writes nothing now: the job fails, and the old folder is not recorded
+    // as its result (the link qbuild made is gone).
     s.write("s", "no\n");
     let out = s.run(["maybe"]);
     out.assert_code(1);
     assert!(
-        out.stderr
-            .contains("the command succeeded but did not write the declared output d"),
+        out.stderr.contains(
+            "the command succeeded but did not write the declared output d (the folder there is left from before"
+        ),
         "{out}"
     );
-    assert!(!s.exists("d/f") && !s.is_symlink("lnk"), "{out}");
+    assert!(!s.is_symlink("lnk"), "{out}");
     assert_eq!(s.run(["-n", "maybe"]).would_run(), set(["maybe"]));
+
+    // A rerun keeps the file kept in the folder by hand; a failed one keeps the folder.
+    s.write("t", "ok 2\n");
+    s.run(["gen"]).assert_ran(&set(["gen"]));
+    assert_eq!(s.read_string("gen/notes.txt"), "mine\n");
+    assert_eq!(s.read_string("gen/x"), "ok 2\n");
+    s.write("t", "bad\n");
+    s.run(["gen"]).assert_code(1);
+    assert_eq!(s.read_string("gen/notes.txt"), "mine\n");
 }
 
 /// An output is never written through a symlink qbuild did not make, even one that stays
