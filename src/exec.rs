@@ -335,7 +335,9 @@ pub fn run(
 ///
 /// Reads until end-of-file. If the command's leader has exited but something it left in
 /// the background still holds the pipe, the whole group is killed (as it would be after the
-/// leader anyway), which ends the output.
+/// leader anyway), which ends the output. The leader is looked at every 50 ms even while
+/// output flows (a helper printing without pause kept the job running forever), and a
+/// holder outside the group (`setsid`, a daemon) is given 1 s, then no longer listened to.
 fn copy_output(
     mut reader: io::PipeReader,
     child: &mut std::process::Child,
@@ -352,6 +354,9 @@ fn copy_output(
     // A log missing some of the output (a write failed) would show a failure's last lines
     // wrong; it is removed, and the failure shows the in-memory tail instead.
     let mut broken = false;
+    let tick = std::time::Duration::from_millis(50);
+    let mut looked = std::time::Instant::now();
+    let mut leader_gone: Option<std::time::Instant> = None;
     loop {
         let mut pfd = libc::pollfd {
             fd: reader.as_raw_fd(),
@@ -360,14 +365,24 @@ fn copy_output(
         };
         // SAFETY: poll(2) on one descriptor we own, for at most 50 ms.
         let ready = unsafe { libc::poll(&mut pfd, 1, 50) };
-        if ready == 0 {
-            if let Ok(Some(_)) = child.try_wait() {
-                // SAFETY: kill(2) on the job's own process group; no memory involved.
-                unsafe {
-                    libc::kill(-pgid, libc::SIGKILL);
+        if ready == 0 || looked.elapsed() >= tick {
+            looked = std::time::Instant::now();
+            match leader_gone {
+                Some(t) if t.elapsed() > std::time::Duration::from_secs(1) => break,
+                Some(_) => {}
+                None => {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        leader_gone = Some(looked);
+                        // SAFETY: kill(2) on the job's own process group; no memory involved.
+                        unsafe {
+                            libc::kill(-pgid, libc::SIGKILL);
+                        }
+                    }
                 }
             }
-            continue;
+            if ready == 0 {
+                continue;
+            }
         }
         if ready < 0 {
             if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {

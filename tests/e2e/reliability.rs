@@ -3314,3 +3314,33 @@ fn io_a_reader_that_goes_away_neither_stops_nor_crashes_a_build() {
     assert_eq!(run_with_reader_gone(&s, &build), Some(1));
     assert_eq!(run_with_reader_gone(&s, &["--bogus"]), Some(2));
 }
+
+/// A job whose command exits leaving a helper that keeps the output pipe open ends with
+/// its leader: a helper printing without pause (it kept the job running forever, since
+/// the leader was only looked at when the pipe was quiet) is stopped with the job's group,
+/// and one that left the group (`setsid`) is no longer listened to after a second (Ctrl-C
+/// could not stop the build until it closed the pipe).
+#[test]
+fn a_job_ends_with_its_leader_even_when_a_helper_holds_the_output_pipe() {
+    for (what, cmd) in [
+        (
+            "chatty helper",
+            "(while :; do echo progress; sleep 0.01; done) & echo done > out.txt",
+        ),
+        ("escaped helper", "setsid sleep 31.7 & echo done > out.txt"),
+    ] {
+        let s = Space::new();
+        s.write(
+            "Qairtfile",
+            format!("[rule.a]\noutputs = [\"out.txt\"]\ncommand = \"{cmd}\"\n"),
+        );
+        let e = Bg::start(s.path(), &[], &[]).wait(Duration::from_secs(20));
+        assert_eq!(e.code, Some(0), "{what}: {}", e.stderr);
+        assert!(e.took < Duration::from_secs(10), "{what} took {:?}", e.took);
+        assert_eq!(s.read_string("out.txt"), "done\n", "{what}");
+    }
+    // The escaped sleep is the user's own: stop it so it outlives no test.
+    let _ = std::process::Command::new("pkill")
+        .args(["-f", "^sleep 31.7$"])
+        .status();
+}
