@@ -39,8 +39,27 @@ pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, LockError> {
                 return Err(LockError::Busy(who));
             }
             say!("qbuild: waiting for another qbuild{who} to finish in this folder...");
-            file.lock()
-                .map_err(|e| LockError::Other(format!("cannot lock {}: {e}", path.display())))?;
+            // Polled, not a blocking flock: a signal qbuild handles (in `--watch`, Ctrl-C)
+            // must end the wait, and the kernel restarts a blocking flock after it.
+            loop {
+                match file.try_lock() {
+                    Ok(()) => break,
+                    Err(std::fs::TryLockError::WouldBlock) => {}
+                    Err(std::fs::TryLockError::Error(e)) => {
+                        return Err(LockError::Other(format!(
+                            "cannot lock {}: {e}",
+                            path.display()
+                        )))
+                    }
+                }
+                let sig = crate::work::INTERRUPT.load(std::sync::atomic::Ordering::SeqCst);
+                if sig != 0 {
+                    return Err(LockError::Other(format!(
+                        "interrupted while waiting for another qbuild{who}"
+                    )));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
         }
         Err(std::fs::TryLockError::Error(e)) => {
             return Err(LockError::Other(format!(

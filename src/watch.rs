@@ -13,6 +13,8 @@ use crate::{Loaded, Session};
 
 /// Quiet time that ends a burst of events (trailing-edge debounce).
 const QUIET: Duration = Duration::from_millis(80);
+/// Longest a burst of relevant changes holds the rebuild back.
+const SETTLE_MAX: Duration = Duration::from_secs(1);
 
 /// What a change must touch to trigger a build.
 #[derive(Default, Clone)]
@@ -107,6 +109,15 @@ fn interest(s: &Session, l: &Loaded) -> Interest {
     if let Some(t) = &l.toolchain {
         i.add_file(t.root.join("sdk.yaml"));
     }
+    // A recursive watch sees a link inside a source folder, not the file it leads to
+    // (test vectors linked from shared storage): watch those files too.
+    let mut linked = Vec::new();
+    for t in &i.trees {
+        file_links(t, &mut linked, &mut 0);
+    }
+    for f in linked {
+        i.add_file(f);
+    }
     // The graph knows which outputs lie inside source folders it names (`holders`); the
     // watched trees are such folders.
     for f in g.holders.keys() {
@@ -127,6 +138,43 @@ fn interest(s: &Session, l: &Loaded) -> Interest {
     i
 }
 
+/// The real files that symlinks under `dir` lead to (at most 100,000 entries looked at; a
+/// folder link is not followed, so a loop cannot hold the walk).
+fn file_links(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut usize) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        *seen += 1;
+        if *seen > 100_000 {
+            return;
+        }
+        let Ok(ft) = e.file_type() else { continue };
+        let p = e.path();
+        if ft.is_symlink() {
+            if let Ok(real) = p.canonicalize() {
+                if real.is_file() {
+                    out.push(real);
+                }
+            }
+        } else if ft.is_dir() {
+            file_links(&p, out, seen);
+        }
+    }
+}
+
+/// A folder's identity: inode and birth time (`None` if it is gone).
+type FolderId = Option<(u64, Option<std::time::SystemTime>)>;
+
+/// Which folder `p` is (through links): its inode and birth time, to notice a watched
+/// folder replaced by a new one (which often gets the freed inode number back at once).
+fn inode(p: &Path) -> FolderId {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p)
+        .ok()
+        .map(|m| (m.ino(), m.created().ok()))
+}
+
 pub fn run(s: &Session) -> Result<i32, Diagnostic> {
     let (tx, rx) = mpsc::channel::<notify::Result<notify::Event>>();
     let mut watcher = notify::recommended_watcher(move |ev| {
@@ -134,7 +182,9 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
     })
     .map_err(|e| Diagnostic::plain(format!("cannot watch files: {e}")))?;
     let mut emit = crate::json_emitter(s.args.json);
-    let mut watching: HashSet<(PathBuf, bool)> = HashSet::new();
+    // Each registered folder, with its inode then: a folder deleted and made again is a new
+    // one, which the watch on the old one no longer sees.
+    let mut watching: std::collections::HashMap<(PathBuf, bool), FolderId> = Default::default();
     // What the last good load needed: kept while the Qairtfile (or the SDK) is broken, so
     // fixing whatever broke it is seen.
     let mut last = Interest::default();
@@ -157,9 +207,16 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
             }
         };
         let want = last.clone();
+        watching.retain(|(dir, _), ino| {
+            let same = inode(dir) == *ino;
+            if !same {
+                let _ = watcher.unwatch(dir);
+            }
+            same
+        });
         // Watch before building, so a change made during the build is queued, not lost.
         for (dir, rec) in want.registrations() {
-            if watching.contains(&(dir.clone(), rec)) {
+            if watching.contains_key(&(dir.clone(), rec)) {
                 continue;
             }
             let mode = if rec {
@@ -169,7 +226,8 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
             };
             match watcher.watch(&dir, mode) {
                 Ok(()) => {
-                    watching.insert((dir, rec));
+                    let ino = inode(&dir);
+                    watching.insert((dir, rec), ino);
                 }
                 Err(e) => {
                     let text = e.to_string();
@@ -188,7 +246,14 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
         if let Some(l) = &loaded {
             // The lock and the database are held only while building, so other qbuild
             // commands (--status, -n) can run while this one waits for changes.
-            let (lock, db) = s.open_state()?;
+            let (lock, db) = match s.open_state() {
+                Ok(state) => state,
+                Err(_) if crate::work::INTERRUPT.load(Ordering::SeqCst) != 0 => {
+                    say!("qbuild: stopped watching");
+                    return Ok(128 + crate::work::INTERRUPT.load(Ordering::SeqCst));
+                }
+                Err(d) => return Err(d),
+            };
             let mut db = Some(db);
             s.build(l, &mut db, None)?;
             drop(db);
@@ -223,7 +288,23 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
                 }
             }
         }
-        while rx.recv_timeout(QUIET).is_ok() {}
+        // Only changes that matter extend the quiet time (a log written beside the sources,
+        // or a file read over and over, would otherwise hold the rebuild back forever),
+        // and a burst settles for at most SETTLE_MAX.
+        let t0 = std::time::Instant::now();
+        let mut last = t0;
+        while let Some(left) = QUIET.checked_sub(last.elapsed()) {
+            match rx.recv_timeout(left) {
+                Ok(Ok(ev)) if relevant(&ev, &want, &s.workdir) => {
+                    last = std::time::Instant::now();
+                    if t0.elapsed() > SETTLE_MAX {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
         say!("qbuild: change seen; rebuilding");
     }
 }

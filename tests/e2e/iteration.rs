@@ -2540,3 +2540,122 @@ fn a_target_path_through_a_symlinked_work_folder_is_found() {
     out.assert_ok();
     assert_eq!(out.count("up_to_date"), 1, "{out}");
 }
+
+/// `--watch` keeps following a source folder deleted and made again (its watch went with
+/// the old folder, and the new one's inode number is often the old one's), sees an edit to
+/// a file that a link inside a source folder leads to (shared storage), and rebuilds while
+/// something keeps reading an unrelated file in a watched folder (any event used to extend
+/// the quiet time, for as long as the reader ran).
+#[test]
+fn watch_follows_recreated_folders_links_in_folders_and_ignores_unrelated_noise() {
+    let s = Space::new();
+    let shared = Space::new();
+    shared.write("input_0.raw", "e1\n");
+    s.write("src/a.txt", "v1\n").write("notes.txt", "x\n");
+    s.mkdir("tv");
+    std::os::unix::fs::symlink(shared.join("input_0.raw"), s.join("tv/input_0.raw"))
+        .expect("symlink");
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.a]
+inputs = ["src/a.txt"]
+outputs = ["out.txt"]
+command = "cp src/a.txt out.txt"
+[rule.t]
+inputs = ["tv"]
+outputs = ["tv.txt"]
+command = "cat tv/input_0.raw > tv.txt"
+"#,
+    );
+    let mut w = Watch::start(&s, &[], &[]);
+    w.round("the first build");
+
+    fs::remove_dir_all(s.join("src")).expect("rm");
+    s.write("src/a.txt", "v2\n");
+    let r = w.round("the folder made again");
+    assert_eq!(r.ran(), set(["a"]), "{}", r.transcript);
+    s.write("src/a.txt", "v3\n");
+    let r = w.round("an edit in the new folder");
+    assert_eq!(r.ran(), set(["a"]), "{}", r.transcript);
+    assert_eq!(s.read_string("out.txt"), "v3\n");
+
+    shared.write("input_0.raw", "e2\n");
+    let r = w.round("an edit behind a link in a source folder");
+    assert_eq!(r.ran(), set(["t"]), "{}", r.transcript);
+    assert_eq!(s.read_string("tv.txt"), "e2\n");
+
+    // A reader of an unrelated file in the work folder, every 20 ms for 15 s: the rebuild
+    // must come while it still runs.
+    let notes = s.join("notes.txt");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_reader = stop.clone();
+    let reader = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(15)
+            && !stop_reader.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            let _ = fs::read(&notes);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    s.write("src/a.txt", "v4\n");
+    let r = w.round("an edit while a reader runs");
+    let still_reading = !reader.is_finished();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    reader.join().expect("reader");
+    assert_eq!(r.ran(), set(["a"]), "{}", r.transcript);
+    assert!(
+        still_reading,
+        "the rebuild waited for the reader\n{}",
+        r.transcript
+    );
+}
+
+/// Ctrl-C ends a `--watch` that is waiting for the lock another qbuild holds (it waited,
+/// signal handled but ignored, until the other build ended: an hour, in this pipeline).
+#[test]
+fn watch_stops_at_once_on_sigint_while_waiting_for_the_lock() {
+    let s = Space::new();
+    s.write("a.txt", "1\n").write(
+        "Qairtfile",
+        r#"
+[rule.a]
+inputs = ["a.txt"]
+outputs = ["out.txt"]
+command = "cp a.txt out.txt"
+[rule.long]
+outputs = ["long.txt"]
+command = "touch started; sleep 60; echo done > long.txt"
+"#,
+    );
+    let mut w = Watch::start(&s, &["a"], &[]);
+    w.round("the first build");
+    let mut other = Bg::spawn(&s, &["long"], &[]);
+    assert!(
+        wait_until_exists(&s, "started", Duration::from_secs(20)),
+        "{}",
+        other.transcript()
+    );
+    s.write("a.txt", "2\n");
+    w.bg.wait_for("the wait for the lock", LONG, |_, l| {
+        l.contains("waiting for another qbuild")
+    });
+    let t0 = Instant::now();
+    assert_eq!(w.stop(libc::SIGINT), 130, "{}", w.bg.transcript());
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    other.signal(libc::SIGINT);
+    other.wait_exit(Duration::from_secs(20));
+}
+
+fn wait_until_exists(s: &Space, rel: &str, timeout: Duration) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if s.exists(rel) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
