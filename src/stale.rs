@@ -186,6 +186,10 @@ impl fmt::Display for Reason {
 pub fn command_diff(was: &str, now: &str) -> String {
     let a: Vec<&str> = was.split_whitespace().collect();
     let b: Vec<&str> = now.split_whitespace().collect();
+    if a == b {
+        // Only the spacing differs: show both whole, quoted, so the difference is visible.
+        return format!("    - {was:?}\n    + {now:?}");
+    }
     let pre = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
     let suf = a[pre..]
         .iter()
@@ -410,5 +414,17 @@ mod tests {
             true,
         );
         assert_eq!(gone.reasons, vec![Reason::OutputMissing("out".into())]);
+    }
+
+    #[test]
+    fn a_command_diff_shows_what_changed_even_when_only_spacing_or_insertions() {
+        assert_eq!(
+            command_diff("cat a.txt > u", "cat a.txt a.txt > u"),
+            "    - … (nothing) …\n    + … a.txt …"
+        );
+        assert_eq!(
+            command_diff("cat a.out", "cat  a.out"),
+            "    - \"cat a.out\"\n    + \"cat  a.out\""
+        );
     }
 }

@@ -328,25 +328,31 @@ fn decide_fresh(
 }
 
 /// If the source `rel` is a symlink to a path some job writes (or into a folder a job
-/// writes), why that cannot work.
+/// writes), directly or through more links, why that cannot work.
 pub fn source_link_to_output(g: &Graph, workdir: &Path, rel: &str) -> Option<String> {
-    let text = fs::read_link(workdir.join(rel)).ok()?;
-    let target = Path::new(rel).parent()?.join(&text);
-    let target = match target.strip_prefix(workdir) {
-        Ok(r) => r.to_path_buf(),
-        Err(_) => target,
-    };
-    let key = crate::expand::normalize(&target.to_string_lossy());
-    let mut at = Some(Path::new(&key));
-    while let Some(p) = at.filter(|p| !p.as_os_str().is_empty()) {
-        let f = g.by_path.get(&g.files, &p.to_string_lossy());
-        if let Some(j) = f.and_then(|f| g.files[f.idx()].producer) {
-            return Some(format!(
-                "{rel} is a symlink to {key}, which `{}` writes; jobs are ordered by the paths they declare, so make the link with `links = [...]` on that rule, or read {key} directly",
-                g.jobs[j.idx()].spec.label
-            ));
+    let root = workdir.canonicalize().ok()?;
+    let mut link = workdir.join(rel);
+    // A chain of links, as the kernel follows it (at most 40 hops).
+    for _ in 0..40 {
+        let text = fs::read_link(&link).ok()?;
+        // From the link's real folder: a `..` in the text leaves the folder the link is
+        // really in, whatever links led to it.
+        let target = link.parent()?.canonicalize().ok()?.join(&text);
+        let normal = PathBuf::from(crate::expand::normalize(&target.to_string_lossy()));
+        let inside = normal.strip_prefix(&root).ok()?;
+        let key = inside.to_string_lossy().into_owned();
+        let mut at = Some(inside);
+        while let Some(p) = at.filter(|p| !p.as_os_str().is_empty()) {
+            let f = g.by_path.get(&g.files, &p.to_string_lossy());
+            if let Some(j) = f.and_then(|f| g.files[f.idx()].producer) {
+                return Some(format!(
+                    "{rel} is a symlink to {key}, which `{}` writes; jobs are ordered by the paths they declare, so make the link with `links = [...]` on that rule, or read {key} directly",
+                    g.jobs[j.idx()].spec.label
+                ));
+            }
+            at = p.parent();
         }
-        at = p.parent();
+        link = normal;
     }
     None
 }

@@ -1989,3 +1989,42 @@ fn nothing_is_cleared_through_a_symlinked_folder_before_the_refusal() {
     );
     assert_eq!(s.read_string("src/d/f"), "1\n");
 }
+
+/// The source-link check follows links as the kernel does: a chain of links to another
+/// job's output is caught (only the first hop was looked at, and the build read a stale
+/// target), and a `..` in a link reached through a symlinked folder is resolved from the
+/// link's real folder (a valid source was refused).
+#[test]
+fn the_source_link_check_follows_chains_and_real_folders() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.gen]
+outputs = ["cfg.txt"]
+command = "echo generated > cfg.txt"
+[rule.r]
+inputs = ["cur/cfg.link"]
+outputs = ["r.out"]
+command = "cat cur/cfg.link > r.out"
+[rule.c]
+inputs = ["a.lnk"]
+outputs = ["c.out"]
+command = "cat a.lnk > c.out"
+"#,
+    );
+    s.write("data/cfg.txt", "source in data\n").mkdir("data/v2");
+    symlink("../cfg.txt", s.join("data/v2/cfg.link")).expect("symlink");
+    symlink("data/v2", s.join("cur")).expect("symlink");
+    symlink("b.lnk", s.join("a.lnk")).expect("symlink");
+    symlink("cfg.txt", s.join("b.lnk")).expect("symlink");
+    let out = s.run(["-k", "all"]);
+    assert_eq!(out.ran(), set(["gen", "r"]), "{out}");
+    assert_eq!(out.failed(), set(["c"]), "{out}");
+    assert!(
+        out.stderr
+            .contains("a.lnk is a symlink to cfg.txt, which `gen` writes"),
+        "{out}"
+    );
+    assert_eq!(s.read_string("r.out"), "source in data\n");
+}
