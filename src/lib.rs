@@ -406,7 +406,7 @@ fn open_state(workdir: &Path, wait: bool) -> Result<(lock::Lock, db::Db), Diagno
 }
 
 /// `open_state`, or (without `wait`) `Err(" (pid N)")` when another qbuild holds the lock.
-fn open_state_unless_busy(
+pub(crate) fn open_state_unless_busy(
     workdir: &Path,
     wait: bool,
 ) -> Result<Result<(lock::Lock, db::Db), String>, Diagnostic> {

@@ -246,18 +246,25 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
         if let Some(l) = &loaded {
             // The lock and the database are held only while building, so other qbuild
             // commands (--status, -n) can run while this one waits for changes.
-            let (lock, db) = match s.open_state() {
-                Ok(state) => state,
+            // With --no-wait, a build another qbuild holds the folder for skips this round
+            // (the next change brings another), rather than ending the watch.
+            match crate::open_state_unless_busy(&s.workdir, !s.args.no_wait) {
+                Ok(Ok((lock, db))) => {
+                    let mut db = Some(db);
+                    s.build(l, &mut db, None)?;
+                    drop(db);
+                    drop(lock);
+                }
+                Ok(Err(who)) => {
+                    say!("qbuild: another qbuild{who} is building here; this change is not built (--no-wait)");
+                    emit(serde_json::json!({ "event": "skipped", "reason": "busy" }));
+                }
                 Err(_) if crate::work::INTERRUPT.load(Ordering::SeqCst) != 0 => {
                     say!("qbuild: stopped watching");
                     return Ok(128 + crate::work::INTERRUPT.load(Ordering::SeqCst));
                 }
                 Err(d) => return Err(d),
-            };
-            let mut db = Some(db);
-            s.build(l, &mut db, None)?;
-            drop(db);
-            drop(lock);
+            }
         }
         drop(loaded);
         if crate::work::INTERRUPT.load(Ordering::SeqCst) != 0 {
@@ -306,6 +313,7 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
             }
         }
         say!("qbuild: change seen; rebuilding");
+        emit(serde_json::json!({ "event": "rebuilding" }));
     }
 }
 

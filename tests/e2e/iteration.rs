@@ -2659,3 +2659,49 @@ fn wait_until_exists(s: &Space, rel: &str, timeout: Duration) -> bool {
     }
     false
 }
+
+/// `--watch --json` says when a change starts a rebuild (`rebuilding`), and with
+/// `--no-wait` a change that comes while another qbuild holds the folder is skipped
+/// (`skipped`) instead of ending the watch with status 2; the next change is built.
+#[test]
+fn watch_says_rebuilding_and_no_wait_skips_a_busy_round() {
+    let s = Space::new();
+    s.write("a.txt", "1\n").write(
+        "Qairtfile",
+        r#"
+[rule.a]
+inputs = ["a.txt"]
+outputs = ["out.txt"]
+command = "cp a.txt out.txt"
+[rule.long]
+outputs = ["long.txt"]
+command = "touch started; while [ -e hold ]; do sleep 0.05; done; echo done > long.txt"
+"#,
+    );
+    let mut w = Watch::start(&s, &["--no-wait", "a"], &[]);
+    w.round("the first build");
+    s.write("hold", "");
+    let mut other = Bg::spawn(&s, &["long"], &[]);
+    assert!(
+        wait_until_exists(&s, "started", Duration::from_secs(20)),
+        "{}",
+        other.transcript()
+    );
+    s.write("a.txt", "2\n");
+    let r = w.round("a change while another qbuild builds");
+    assert_eq!(r.of("rebuilding").len(), 1, "{}", r.transcript);
+    assert_eq!(r.of("skipped").len(), 1, "{}", r.transcript);
+    assert!(r.ran().is_empty(), "{}", r.transcript);
+    s.remove("hold");
+    assert_eq!(
+        other.wait_exit(Duration::from_secs(20)),
+        0,
+        "{}",
+        other.transcript()
+    );
+    s.write("a.txt", "3\n");
+    let r = w.round("the next change");
+    assert_eq!(r.ran(), set(["a"]), "{}", r.transcript);
+    assert_eq!(s.read_string("out.txt"), "3\n");
+    assert_eq!(w.stop(libc::SIGINT), 130, "{}", w.bg.transcript());
+}
