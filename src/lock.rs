@@ -25,48 +25,43 @@ pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, LockError> {
         .truncate(false)
         .open(&path)
         .map_err(|e| LockError::Other(format!("cannot open the lock {}: {e}", path.display())))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            let holder = holder.trim();
-            let who = if holder.is_empty() {
-                String::new()
-            } else {
-                format!(" (pid {holder})")
-            };
-            if !wait {
-                return Err(LockError::Busy(who));
-            }
-            say!("qbuild: waiting for another qbuild{who} to finish in this folder...");
-            // Polled, not a blocking flock: a signal qbuild handles (in `--watch`, Ctrl-C)
-            // must end the wait, and the kernel restarts a blocking flock after it.
-            loop {
-                match file.try_lock() {
-                    Ok(()) => break,
-                    Err(std::fs::TryLockError::WouldBlock) => {}
-                    Err(std::fs::TryLockError::Error(e)) => {
-                        return Err(LockError::Other(format!(
-                            "cannot lock {}: {e}",
-                            path.display()
-                        )))
-                    }
-                }
-                let sig = crate::work::INTERRUPT.load(std::sync::atomic::Ordering::SeqCst);
-                if sig != 0 {
-                    return Err(LockError::Other(format!(
-                        "interrupted while waiting for another qbuild{who}"
-                    )));
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
+    // Polled, not a blocking flock: a signal qbuild handles (in `--watch`, Ctrl-C) must end
+    // the wait, and the kernel restarts a blocking flock after it.
+    let mut who: Option<String> = None;
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(LockError::Other(format!(
+                    "cannot lock {}: {e}",
+                    path.display()
+                )))
             }
         }
-        Err(std::fs::TryLockError::Error(e)) => {
+        let who = match &who {
+            Some(w) => w,
+            None => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                let w = if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {holder})")
+                };
+                if !wait {
+                    return Err(LockError::Busy(w));
+                }
+                say!("qbuild: waiting for another qbuild{w} to finish in this folder...");
+                who.insert(w)
+            }
+        };
+        if crate::work::INTERRUPT.load(std::sync::atomic::Ordering::SeqCst) != 0 {
             return Err(LockError::Other(format!(
-                "cannot lock {}: {e}",
-                path.display()
-            )))
+                "interrupted while waiting for another qbuild{who}"
+            )));
         }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let mut lock = Lock { file };
     lock.stamp();
