@@ -160,7 +160,9 @@ pub fn clean(
         let count = dead == Dead::Count;
         let qairtfile = g.model.source.path.file_name().map(|f| f.to_string_lossy());
         let gone = dead_jobs(g, db, &records);
-        c.out.unknown = gone.unknown;
+        if !count {
+            c.out.unknown = gone.unknown;
+        }
         // Every folder above a path the Qairtfile names: such a folder is not dead.
         let named_dirs: rustc_hash::FxHashSet<&str> = g
             .files
@@ -188,7 +190,7 @@ pub fn clean(
                     continue;
                 }
                 if count {
-                    if c.would_remove(rel, records[id].outputs.get(i)) {
+                    if let Some(Ok(_)) = c.removable(rel, records[id].outputs.get(i)) {
                         c.out.dead_left.push(rel.clone());
                     }
                     continue;
@@ -198,9 +200,6 @@ pub fn clean(
             if !count {
                 forget.push(*id);
             }
-        }
-        if count {
-            c.out.unknown = 0;
         }
     }
     let out = std::mem::take(&mut c.out);
@@ -263,47 +262,43 @@ struct Cleaner<'a> {
 }
 
 impl Cleaner<'_> {
-    /// Whether `remove` would remove `rel` (quietly: nothing is said about what stays).
-    fn would_remove(&mut self, rel: &str, recorded: Option<&Hash>) -> bool {
-        let (dry, kept) = (std::mem::replace(&mut self.dry, true), self.out.kept.len());
-        let before = self.out.removed.len();
-        self.remove(rel, recorded);
-        let yes = self.out.removed.len() > before;
-        self.out.removed.truncate(before);
-        self.out.kept.truncate(kept);
-        self.dry = dry;
-        yes
-    }
-
-    /// Remove the output `rel` if it still has the identity qbuild recorded for it.
-    fn remove(&mut self, rel: &str, recorded: Option<&Hash>) {
-        let path = self.workdir.join(rel);
-        let Ok(meta) = fs::symlink_metadata(&path) else {
-            return;
-        };
+    /// Whether the output `rel` may go: `None` if nothing is there; why not, if it lies
+    /// elsewhere than its path says or no longer has the identity qbuild recorded for it.
+    fn removable(
+        &mut self,
+        rel: &str,
+        recorded: Option<&Hash>,
+    ) -> Option<Result<fs::Metadata, String>> {
+        let meta = fs::symlink_metadata(self.workdir.join(rel)).ok()?;
         if let Some(d) = self.inside.check(self.workdir, rel) {
-            let why = if d.outside {
+            return Some(Err(if d.outside {
                 "it lies outside the work folder (through a symlinked folder)".to_string()
             } else {
                 format!(
                     "a folder on its path is a symlink; it is really {}",
                     d.to.display()
                 )
-            };
-            self.out.kept.push((rel.to_string(), why));
-            return;
+            }));
         }
         let now = self.arts.identity(rel).ok().flatten();
         if now.is_none() || now.as_ref() != recorded {
-            self.out
-                .kept
-                .push((rel.to_string(), "it changed since qbuild wrote it".into()));
-            return;
+            return Some(Err("it changed since qbuild wrote it".into()));
         }
+        Some(Ok(meta))
+    }
+
+    /// Remove the output `rel` if it may go (see `removable`); say what stays and why.
+    fn remove(&mut self, rel: &str, recorded: Option<&Hash>) {
+        let meta = match self.removable(rel, recorded) {
+            None => return,
+            Some(Err(why)) => return self.out.kept.push((rel.to_string(), why)),
+            Some(Ok(meta)) => meta,
+        };
         if self.dry {
             self.out.removed.push(rel.to_string());
             return;
         }
+        let path = self.workdir.join(rel);
         let res = if meta.is_dir() {
             fs::remove_dir_all(&path)
         } else {
