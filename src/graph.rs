@@ -384,27 +384,26 @@ impl Graph {
                 }
                 continue;
             }
-            let is_name = self.model.aliases.iter().any(|(a, _)| a.text == t)
-                || self.model.rules.iter().any(|r| r.name == t);
-            if is_name && !expanded.insert(t.clone()) {
-                continue;
-            }
             if let Some((_, ts)) = self.model.aliases.iter().find(|(a, _)| a.text == t) {
-                stack.extend(
-                    ts.iter()
-                        .rev()
-                        .map(|x| (x.text.clone(), Some(x.span.clone()))),
-                );
+                if expanded.insert(t) {
+                    stack.extend(
+                        ts.iter()
+                            .rev()
+                            .map(|x| (x.text.clone(), Some(x.span.clone()))),
+                    );
+                }
                 continue;
             }
             if let Some(ri) = self.model.rules.iter().position(|r| r.name == t) {
-                out.extend(
-                    self.jobs
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, j)| j.spec.rule as usize == ri)
-                        .map(|(i, _)| JobId(i as u32)),
-                );
+                if expanded.insert(t) {
+                    out.extend(
+                        self.jobs
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, j)| j.spec.rule as usize == ri)
+                            .map(|(i, _)| JobId(i as u32)),
+                    );
+                }
                 continue;
             }
             if let Some(f) = self.lookup_path(&t, cwd, workdir) {
