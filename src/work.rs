@@ -946,19 +946,9 @@ impl Work<'_> {
             .map(|p| fs::symlink_metadata(p).ok())
             .collect();
         let record = self.db_state.jobs.get(&self.ids[j.idx()]);
+        // A `links` job replaces its own link (exec.rs); for the others, see `clear_output`.
+        let makes_link = matches!(job.spec.action, Action::Link(_));
         for (i, &rel) in rels.iter().enumerate() {
-            let is_link = metas[i]
-                .as_ref()
-                .is_some_and(|m| m.file_type().is_symlink());
-            if is_link && !matches!(job.spec.action, Action::Link(_)) {
-                if let Some(to) = crate::clean::link_leading_out(&self.workdir, rel) {
-                    let why = format!(
-                        "output {rel} is a symlink to {}, outside the work folder; refusing to write through it",
-                        to.display()
-                    );
-                    return self.fail_before_start(j, &why);
-                }
-            }
             match self.inside.check(&self.workdir, rel) {
                 None => {}
                 Some(d) if d.outside => {
@@ -974,7 +964,7 @@ impl Work<'_> {
                 }
             }
             // Only once the path is known to lie where it says: nothing is removed elsewhere.
-            if !matches!(job.spec.action, Action::Link(_)) {
+            if !makes_link {
                 let recorded = record.and_then(|r| r.outputs.get(i));
                 match self.clear_output(rel, &outputs[i], metas[i].as_ref(), recorded) {
                     Ok(true) => metas[i] = None,
@@ -1048,10 +1038,11 @@ impl Work<'_> {
     /// without ever losing bytes qbuild did not write. Returns whether something was
     /// removed.
     /// - A symlink qbuild recorded as this job's output (still as recorded) goes: a command
-    ///   that makes no link now must not pass the old one off as new.
-    /// - Any other symlink is refused: writing through it would overwrite its target (a
-    ///   source, say); so is a folder put where a file output was (the command would
-    ///   write into it and pass it off as the file).
+    ///   that makes no link now must not pass the old one off as new. One leading out of
+    ///   the work folder, or one qbuild did not make, is refused: writing through it would
+    ///   overwrite its target (a source, say).
+    /// - A folder put where a file output was is refused (the command would write into it
+    ///   and pass it off as the file).
     /// - A file with other hard links is unlinked, so that writing it cannot change them.
     fn clear_output(
         &self,
@@ -1070,6 +1061,12 @@ impl Work<'_> {
             recorded.is_some() && arts.identity(rel).ok().flatten().as_ref() == recorded
         };
         let removed = if ft.is_symlink() {
+            if let Some(to) = crate::clean::link_leading_out(&self.workdir, rel) {
+                return Err(format!(
+                    "output {rel} is a symlink to {}, outside the work folder; refusing to write through it",
+                    to.display()
+                ));
+            }
             if !ours() {
                 let to = fs::read_link(path).unwrap_or_default();
                 return Err(format!(
