@@ -330,11 +330,12 @@ fn decide_fresh(
 /// If the source `rel` is a symlink to a path some job writes (or into a folder a job
 /// writes), directly or through more links, why that cannot work.
 pub fn source_link_to_output(g: &Graph, workdir: &Path, rel: &str) -> Option<String> {
-    let root = workdir.canonicalize().ok()?;
     let mut link = workdir.join(rel);
+    // Most sources are no link: one readlink answers for them (`--check` asks for each).
+    let mut text = fs::read_link(&link).ok()?;
+    let root = workdir.canonicalize().ok()?;
     // A chain of links, as the kernel follows it (at most 40 hops).
     for _ in 0..40 {
-        let text = fs::read_link(&link).ok()?;
         // From the link's real folder: a `..` in the text leaves the folder the link is
         // really in, whatever links led to it.
         let target = link.parent()?.canonicalize().ok()?.join(&text);
@@ -352,6 +353,7 @@ pub fn source_link_to_output(g: &Graph, workdir: &Path, rel: &str) -> Option<Str
             }
             at = p.parent();
         }
+        text = fs::read_link(&normal).ok()?;
         link = normal;
     }
     None
