@@ -115,11 +115,9 @@ fn interest(s: &Session, l: &Loaded) -> Interest {
     for t in &i.trees {
         file_links(t, &mut linked, &mut 0);
     }
-    for f in linked {
-        i.add_file(f);
-    }
-    // The graph knows which outputs lie inside source folders it names (`holders`); the
-    // watched trees are such folders.
+    i.files.extend(linked); // already real paths
+                            // The graph knows which outputs lie inside source folders it names (`holders`); the
+                            // watched trees are such folders.
     for f in g.holders.keys() {
         let p = s.workdir.join(g.path(*f));
         if i.trees.iter().any(|t| p.starts_with(t)) {
@@ -173,6 +171,15 @@ fn inode(p: &Path) -> FolderId {
     std::fs::metadata(p)
         .ok()
         .map(|m| (m.ino(), m.created().ok()))
+}
+
+/// After Ctrl-C (or SIGTERM): says so, and gives the exit status.
+fn stopped() -> Option<i32> {
+    let sig = crate::work::INTERRUPT.load(Ordering::SeqCst);
+    (sig != 0).then(|| {
+        say!("qbuild: stopped watching");
+        128 + sig
+    })
 }
 
 pub fn run(s: &Session) -> Result<i32, Diagnostic> {
@@ -259,17 +266,12 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
                     say!("qbuild: another qbuild{who} is building here; this change is not built (--no-wait)");
                     emit(serde_json::json!({ "event": "skipped", "reason": "busy" }));
                 }
-                Err(_) if crate::work::INTERRUPT.load(Ordering::SeqCst) != 0 => {
-                    say!("qbuild: stopped watching");
-                    return Ok(128 + crate::work::INTERRUPT.load(Ordering::SeqCst));
-                }
-                Err(d) => return Err(d),
+                Err(d) => return stopped().ok_or(d),
             }
         }
         drop(loaded);
-        if crate::work::INTERRUPT.load(Ordering::SeqCst) != 0 {
-            say!("qbuild: stopped watching");
-            return Ok(128 + crate::work::INTERRUPT.load(Ordering::SeqCst));
+        if let Some(code) = stopped() {
+            return Ok(code);
         }
         say!(
             "qbuild: watching {} file(s) and {} folder(s); Ctrl-C to stop",
@@ -281,10 +283,8 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
         );
         // Wait for a change that matters; then let the burst settle.
         loop {
-            let sig = crate::work::INTERRUPT.load(Ordering::SeqCst);
-            if sig != 0 {
-                say!("qbuild: stopped watching");
-                return Ok(128 + sig);
+            if let Some(code) = stopped() {
+                return Ok(code);
             }
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(Ok(ev)) if relevant(&ev, &want, &s.workdir) => break,
