@@ -151,24 +151,15 @@ impl fmt::Display for Reason {
                 write!(f, "command changed:\n{}", command_diff(was, now))
             }
             Reason::EnvChanged { was, now } => {
-                let fmtv = |v: &Vec<(String, String)>| match v.is_empty() {
+                let fmtv = |v: &[(String, String)]| match v.is_empty() {
                     true => "(none)".to_string(),
-                    false => v
-                        .iter()
-                        .map(|(k, x)| format!("{k}={x}"))
-                        .collect::<Vec<_>>()
-                        .join(" "),
+                    false => pairs(v, "=", " "),
                 };
                 write!(f, "environment changed: {} -> {}", fmtv(was), fmtv(now))
             }
             Reason::ToolchainChanged { was, now } => {
-                let fmtv = |v: &Vec<(String, String)>| {
-                    v.iter()
-                        .map(|(k, x)| format!("{k} {x}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                };
-                write!(f, "toolchain changed: {} -> {}", fmtv(was), fmtv(now))
+                let (was, now) = (pairs(was, " ", ", "), pairs(now, " ", ", "));
+                write!(f, "toolchain changed: {was} -> {now}")
             }
             Reason::OutputsChanged => write!(f, "the declared outputs changed"),
             Reason::OutputsEdited { was, now } => write!(
@@ -180,6 +171,14 @@ impl fmt::Display for Reason {
             Reason::KeyChanged => write!(f, "its key changed (no readable record to compare)"),
         }
     }
+}
+
+/// `k{kv}v` for each pair, joined by `sep`.
+fn pairs(v: &[(String, String)], kv: &str, sep: &str) -> String {
+    v.iter()
+        .map(|(k, x)| format!("{k}{kv}{x}"))
+        .collect::<Vec<_>>()
+        .join(sep)
 }
 
 /// A word-level diff of two command lines: `- old words` / `+ new words`, with shared context elided.
