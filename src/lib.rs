@@ -708,6 +708,8 @@ fn write_trace(path: &Path, spans: &[work::Span]) -> std::io::Result<()> {
 
 fn print_list(g: &Graph, want: &[bool]) {
     let mut out = std::io::stdout().lock();
+    // With targets, rules none of whose jobs are involved are left out.
+    let some = want.iter().any(|w| !w);
     for (ri, r) in g.model.rules.iter().enumerate() {
         let jobs: Vec<&graph::Job> = g
             .jobs
@@ -716,7 +718,7 @@ fn print_list(g: &Graph, want: &[bool]) {
             .filter(|(i, j)| want[*i] && j.spec.rule as usize == ri)
             .map(|(_, j)| j)
             .collect();
-        if jobs.is_empty() && want.iter().any(|w| !w) {
+        if jobs.is_empty() && some {
             continue;
         }
         let _ = writeln!(
@@ -739,7 +741,7 @@ fn print_list(g: &Graph, want: &[bool]) {
 /// `would_run` uses (`rule`, `job`, `outputs`) plus its `inputs`.
 fn list_json(g: &Graph, want: &[bool]) {
     let mut emit = json_emitter(true);
-    for (_, j) in g.jobs.iter().enumerate().filter(|(i, _)| want[*i]) {
+    for (j, _) in g.jobs.iter().zip(want).filter(|(_, w)| **w) {
         emit(serde_json::json!({
             "event": "target",
             "rule": g.model.rules[j.spec.rule as usize].name,
