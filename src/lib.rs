@@ -81,6 +81,11 @@ pub(crate) fn current_dir() -> Option<&'static Path> {
     CWD.get_or_init(|| std::env::current_dir().ok()).as_deref()
 }
 
+/// Where qbuild keeps its state for the work folder `workdir`: `.qbuild/` inside it.
+pub fn state_dir(workdir: &Path) -> PathBuf {
+    workdir.join(".qbuild")
+}
+
 fn absolute(p: &Path) -> PathBuf {
     let joined = if p.is_absolute() {
         p.to_path_buf()
@@ -167,7 +172,7 @@ impl Session {
 
     /// Where qbuild keeps its state for this work folder.
     pub fn state_dir(&self) -> PathBuf {
-        self.workdir.join(".qbuild")
+        state_dir(&self.workdir)
     }
 
     /// See `lock_free`.
@@ -355,7 +360,7 @@ type Prefetched = Option<(lock::Lock, db::Db, work::Preloaded)>;
 /// qbuild; else (`None`) the build opens its state after loading. It writes nothing, so a
 /// run that refuses its Qairtfile leaves no trace.
 fn prefetch(workdir: PathBuf) -> Option<Fetch> {
-    let state_dir = workdir.join(".qbuild");
+    let state_dir = state_dir(&workdir);
     let snapshot = std::fs::metadata(state_dir.join("snapshot")).ok()?;
     if state_dir.join("running").exists() {
         return None;
@@ -410,7 +415,7 @@ pub(crate) fn open_state_unless_busy(
     workdir: &Path,
     wait: bool,
 ) -> Result<Result<(lock::Lock, db::Db), String>, Diagnostic> {
-    let state_dir = workdir.join(".qbuild");
+    let state_dir = state_dir(workdir);
     std::fs::create_dir_all(&state_dir)
         .map_err(|e| Diagnostic::plain(format!("cannot create {}: {e}", state_dir.display())))?;
     let lock = match lock::acquire(&state_dir, wait) {

@@ -321,7 +321,7 @@ fn relevant(ev: &notify::Event, want: &Interest, workdir: &Path) -> bool {
     if matches!(ev.kind, EventKind::Access(_) | EventKind::Other) {
         return false;
     }
-    let state = workdir.join(".qbuild");
+    let state = crate::state_dir(workdir);
     ev.paths
         .iter()
         .any(|p| !p.starts_with(&state) && want.wants(p))

@@ -494,7 +494,7 @@ pub fn build(
         stopping: false,
         summary: Summary::default(),
         stat_updates,
-        procs: Running::persisted(&workdir.join(".qbuild")),
+        procs: Running::persisted(&crate::state_dir(workdir)),
         stats,
         t0: Instant::now(),
         stop: Arc::default(),
@@ -1586,8 +1586,7 @@ fn sanity_check(
 
 /// Where a job's log goes: `.qbuild/logs/<first output>.log`.
 pub fn log_path(workdir: &Path, first_output: &str) -> PathBuf {
-    workdir
-        .join(".qbuild")
+    crate::state_dir(workdir)
         .join("logs")
         .join(format!("{first_output}.log"))
 }
