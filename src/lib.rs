@@ -328,12 +328,7 @@ impl Session {
             line = format!("qbuild: nothing to do, {} up to date", summary.up_to_date);
         }
         if let Some(sig) = summary.interrupted {
-            let name = match sig {
-                libc::SIGINT => "SIGINT",
-                libc::SIGTERM => "SIGTERM",
-                _ => "a signal",
-            };
-            line.push_str(&format!("; stopped by {name}"));
+            line.push_str(&format!("; stopped by {}", signal_name(sig)));
         }
         say!("{line}");
         let code = match summary.interrupted {
@@ -777,4 +772,14 @@ fn print_dot(g: &Graph, targets: &[graph::JobId]) {
         }
     }
     let _ = writeln!(out, "}}");
+}
+
+/// The name of a signal that stops a build, for messages.
+pub(crate) fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        _ => "a signal",
+    }
 }

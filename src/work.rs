@@ -1408,7 +1408,17 @@ fn start_pool(n: usize, done: mpsc::Sender<Msg>, crew: Arc<Crew>) -> mpsc::Sende
                 if crew.notify && done.send(Msg::Started(t.j)).is_err() {
                     return;
                 }
-                let d = run_task(t, &crew, slot);
+                let mut d = run_task(t, &crew, slot);
+                // A command still running when Ctrl-C or SIGTERM came was signalled with its
+                // process group: whatever it did then (a tool that saves a partial result
+                // and exits 0 on SIGTERM) is not a result to record.
+                let sig = INTERRUPT.load(Ordering::SeqCst);
+                if sig != 0 && matches!(d.result, Ok(Outcome::Success)) {
+                    d.result = Err(io::Error::other(format!(
+                        "it was running when the build was stopped by {}; its result is not recorded",
+                        crate::signal_name(sig)
+                    )));
+                }
                 // Without -k a failure stops the build: no queued job starts after it.
                 if !crew.keep_going && !matches!(d.result, Ok(Outcome::Success)) {
                     crew.stop.store(true, Ordering::SeqCst);

@@ -1445,6 +1445,38 @@ fn signals_a_job_ignoring_sigterm_is_killed_3_s_later() {
     interrupt(libc::SIGTERM, 143, true);
 }
 
+/// A tool that catches SIGTERM, saves what it has and exits 0 is still a job stopped by the
+/// interrupt: nothing is recorded for it, its output goes, and the next run reruns it (it
+/// used to be recorded as built, so `-n` then said everything was up to date).
+#[test]
+fn signals_a_job_that_exits_0_on_sigterm_is_not_recorded() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.t]
+outputs = ["t.txt"]
+command = "trap 'echo caught > t.txt; exit 0' TERM; echo started > started.flag; sleep 30 & wait"
+"#,
+    );
+    let bg = Bg::start(s.path(), &["--json", "all"], &[]);
+    let up = wait_until(Duration::from_secs(20), || s.exists("started.flag"));
+    assert!(up, "the job never got going");
+    bg.signal(libc::SIGINT);
+    let ended = bg.wait(Duration::from_secs(30));
+    assert_eq!(ended.code, Some(130), "{ended}");
+    assert_no_panic(&ended.stderr, "interrupt");
+    assert!(!ended.ok_jobs().contains("t"), "{ended}");
+    assert!(
+        ended.stdout.contains("its result is not recorded"),
+        "{ended}"
+    );
+    assert!(!s.exists("t.txt"), "the saved partial output is removed\n{ended}");
+    let dry = s.run(["-n", "all"]);
+    dry.assert_ok();
+    assert_eq!(dry.would_run(), support::set(["t"]), "{dry}");
+}
+
 /// A work folder whose one job, `slow`, writes "partial" to `out/slow.txt`, runs `wait`
 /// (its processes carry `tok`) while `slow.flag` exists, then appends "done"; qbuild
 /// started on it in the background, returned once `procs` marked processes are up.
