@@ -12,6 +12,18 @@ use crate::qairtfile::{offset_in, Condition, Qairtfile, RawAction, RawValue, Rul
 pub const MAX_JOBS: usize = 5_000_000;
 /// Hard cap on any one list (a range or a cartesian product inside one string).
 const MAX_LIST: usize = 5_000_000;
+/// Hard cap on one expanded string. A command longer than 128 KiB cannot even be passed
+/// to `sh -c` (Linux's MAX_ARG_STRLEN); a path longer than 4 KiB cannot be opened.
+const MAX_STRING: usize = 16 << 20;
+/// Hard caps on everything expansion produces (every string and every list item, kept or
+/// not), so that variables doubling each other or lists multiplied by a matrix end in a
+/// clear error, not in exhausted memory. The 90k-command benchmark graph uses ~50 MB and
+/// ~0.6M items.
+const MAX_BYTES: usize = 1 << 30;
+const MAX_ITEMS: usize = 30_000_000;
+/// Hard cap on variables referring to variables (and on nested `${env:X:-...}`
+/// defaults): each level is a frame of recursion, and the stack is finite.
+const MAX_DEPTH: usize = 200;
 
 /// A value after interpolation.
 /// Shared so that looking a variable up per instance costs a reference count, not a copy.
@@ -202,7 +214,7 @@ struct Template {
 }
 
 fn parse_template(src: &Source, s: &Str) -> Result<Template, Diagnostic> {
-    parse_template_at(src, s, &s.text, 0)
+    parse_template_at(src, s, &s.text, 0, 0)
 }
 
 fn parse_template_at(
@@ -210,6 +222,7 @@ fn parse_template_at(
     s: &Str,
     text: &str,
     base: usize,
+    nest: usize,
 ) -> Result<Template, Diagnostic> {
     let err = |at: usize, msg: String| {
         let off = offset_in(src, s, at);
@@ -252,7 +265,15 @@ fn parse_template_at(
             if !lit.is_empty() {
                 segs.push(Seg::Lit(std::mem::take(&mut lit)));
             }
-            segs.push(parse_ref(src, s, inner, base + i, base + i + 2, &err)?);
+            segs.push(parse_ref(
+                src,
+                s,
+                inner,
+                base + i,
+                base + i + 2,
+                nest,
+                &err,
+            )?);
             i = close + 1;
             continue;
         }
@@ -275,6 +296,7 @@ fn parse_ref(
     inner: &str,
     at: usize,
     inner_base: usize,
+    nest: usize,
     err: &dyn Fn(usize, String) -> Diagnostic,
 ) -> Result<Seg, Diagnostic> {
     if let Some(rest) = inner.strip_prefix("env:") {
@@ -288,12 +310,19 @@ fn parse_ref(
                 format!("`{name}` is not an environment variable name"),
             ));
         }
+        if default.is_some() && nest >= MAX_DEPTH {
+            return Err(err(
+                at,
+                format!("`${{env:...:-...}}` defaults nest more than {MAX_DEPTH} deep"),
+            ));
+        }
         let default = match default {
             Some(d) => Some(parse_template_at(
                 src,
                 s,
                 d,
                 inner_base + 4 + name.len() + 2,
+                nest + 1,
             )?),
             None => None,
         };
@@ -309,7 +338,8 @@ fn parse_ref(
     let (head, filter) = match inner.find('|') {
         Some(p) => {
             let f = inner[p + 1..].trim();
-            let filter = if let Some(sep) = f.strip_prefix("join:") {
+            // The separator is everything after `join:`, spaces included (`|join:, `).
+            let filter = if let Some(sep) = inner[p + 1..].trim_start().strip_prefix("join:") {
                 Filter::Join(sep.to_string())
             } else if f == "json" {
                 Filter::Json
@@ -391,6 +421,9 @@ struct Globals<'a> {
     /// Parsed templates of variable values, by their span: a `let` is evaluated once per
     /// instance, but parsed once.
     templates: HashMap<(usize, usize), Rc<Template>>,
+    /// What expansion has produced so far (see `MAX_BYTES`, `MAX_ITEMS`).
+    bytes: usize,
+    items: usize,
 }
 
 impl Globals<'_> {
@@ -419,7 +452,11 @@ struct Scope<'s> {
 struct Eval<'a, 'g, 's> {
     g: &'g mut Globals<'a>,
     scope: Option<Scope<'s>>,
+    /// The variables being evaluated, for cycles: a global's value is evaluated on a
+    /// stack of its own, since it never sees the instance's lets.
     stack: Vec<String>,
+    /// How deep variables refer to variables, across both kinds (see `MAX_DEPTH`).
+    depth: usize,
 }
 
 impl Eval<'_, '_, '_> {
@@ -429,6 +466,11 @@ impl Eval<'_, '_, '_> {
             let off = offset_in(src, &tpl.str, at);
             src.error(off..off + 2 + name.len() + 1, msg)
         };
+        if self.depth >= MAX_DEPTH && !self.g.memo.contains_key(name) {
+            return Err(here(format!(
+                "variables refer to variables more than {MAX_DEPTH} deep here"
+            )));
+        }
         if self.stack.iter().any(|s| s == name) {
             let mut cycle: Vec<&str> = self
                 .stack
@@ -457,7 +499,9 @@ impl Eval<'_, '_, '_> {
             let (case_lets, lets) = (scope.case_lets, scope.lets);
             if let Some((key, raw)) = case_lets.iter().chain(lets).find(|(k, _)| k.text == name) {
                 self.stack.push(name.to_string());
+                self.depth += 1;
                 let v = self.value(raw)?;
+                self.depth -= 1;
                 self.stack.pop();
                 if let Some(scope) = &mut self.scope {
                     scope.let_memo.push((key.text.as_str(), v.clone()));
@@ -469,11 +513,22 @@ impl Eval<'_, '_, '_> {
             return Ok(v.clone());
         }
         if let Some(raw) = self.g.defs.get(name).copied() {
-            // Globals never see instance scope.
+            // Globals never see instance scope, nor the lets being evaluated: a let may
+            // share a global's name that the global's own value refers to.
+            // (From an instance, the stack holds only lets: the global starts a new one.)
+            let saved_stack = self
+                .scope
+                .is_some()
+                .then(|| std::mem::take(&mut self.stack));
             let saved = self.scope.take();
             self.stack.push(name.to_string());
+            self.depth += 1;
             let v = self.value(raw);
+            self.depth -= 1;
             self.stack.pop();
+            if let Some(st) = saved_stack {
+                self.stack = st;
+            }
             self.scope = saved;
             let v = v?;
             self.g.memo.insert(name.to_string(), v.clone());
@@ -558,7 +613,20 @@ impl Eval<'_, '_, '_> {
         };
         let quote = matches!(mode, Mode::Scalar { quote: true }) && !matches!(filter, Filter::Raw);
         let piece = match (filter, val) {
-            (Filter::Join(sep), v) => Piece::One(Rc::from(v.items().join(sep))),
+            (Filter::Join(sep), v) => {
+                let items = v.items();
+                let len = items
+                    .iter()
+                    .map(|i| i.len().saturating_add(sep.len()))
+                    .fold(0usize, usize::saturating_add);
+                if len > MAX_STRING {
+                    return Err(self.too_big(
+                        tpl,
+                        format!("this string expands to more than {} MiB", MAX_STRING >> 20),
+                    ));
+                }
+                Piece::One(Rc::from(items.join(sep)))
+            }
             (Filter::Json, v) => {
                 let j = match v {
                     Val::Scalar(s) => serde_json::Value::String(s.to_string()),
@@ -582,6 +650,15 @@ impl Eval<'_, '_, '_> {
                         } else {
                             joined.push_str(item);
                         }
+                        if joined.len() > MAX_STRING {
+                            return Err(self.too_big(
+                                tpl,
+                                format!(
+                                    "this string expands to more than {} MiB",
+                                    MAX_STRING >> 20
+                                ),
+                            ));
+                        }
                     }
                     return Ok((Piece::One(Rc::from(joined)), false));
                 }
@@ -590,9 +667,33 @@ impl Eval<'_, '_, '_> {
         Ok((piece, quote))
     }
 
+    /// An error at the start of `tpl`.
+    fn too_big(&self, tpl: &Template, msg: String) -> Diagnostic {
+        let off = offset_in(self.g.src, &tpl.str, 0);
+        self.g.src.error(off..off + 1, msg)
+    }
+
+    /// Count what `tpl` produced against the caps on the whole expansion.
+    fn charge(&mut self, tpl: &Template, bytes: usize, items: usize) -> Result<(), Diagnostic> {
+        self.g.bytes = self.g.bytes.saturating_add(bytes);
+        self.g.items = self.g.items.saturating_add(items);
+        if self.g.bytes > MAX_BYTES || self.g.items > MAX_ITEMS {
+            return Err(self.too_big(
+                tpl,
+                format!(
+                    "the Qairtfile expands to more than {} MiB of text or {MAX_ITEMS} values (stopped here)",
+                    MAX_BYTES >> 20
+                ),
+            )
+            .with_hint("a list multiplied by a matrix, or variables doubling each other, grows fast: check what this string expands to"));
+        }
+        Ok(())
+    }
+
     /// Render a template in the given mode: List mode may give many strings.
     fn expand(&mut self, tpl: &Template, mode: Mode) -> Result<Vec<String>, Diagnostic> {
         let mut acc = vec![String::with_capacity(64)];
+        let long = |acc: &[String]| acc.iter().any(|a| a.len() > MAX_STRING);
         for seg in &tpl.segs {
             match seg {
                 Seg::Lit(l) => acc.iter_mut().for_each(|a| a.push_str(l)),
@@ -608,12 +709,17 @@ impl Eval<'_, '_, '_> {
                     }
                     (Piece::Many(parts), _) => {
                         if acc.len().saturating_mul(parts.len()) > MAX_LIST {
-                            let off = offset_in(self.g.src, &tpl.str, 0);
-                            return Err(self
-                                .g
-                                .src
-                                .error(off..off + 1, "this string expands to too many items"));
+                            return Err(
+                                self.too_big(tpl, "this string expands to too many items".into())
+                            );
                         }
+                        // What the product will hold, charged before it is built.
+                        let have: usize = acc.iter().map(String::len).sum();
+                        let add: usize = parts.iter().map(String::len).sum();
+                        let bytes = have
+                            .saturating_mul(parts.len())
+                            .saturating_add(add.saturating_mul(acc.len()));
+                        self.charge(tpl, bytes, acc.len() * parts.len())?;
                         if parts.len() == 1 {
                             acc.iter_mut().for_each(|a| a.push_str(&parts[0]));
                         } else {
@@ -625,7 +731,15 @@ impl Eval<'_, '_, '_> {
                     }
                 },
             }
+            if long(&acc) {
+                return Err(self.too_big(
+                    tpl,
+                    format!("this string expands to more than {} MiB", MAX_STRING >> 20),
+                ));
+            }
         }
+        let bytes = acc.iter().map(String::len).sum();
+        self.charge(tpl, bytes, acc.len())?;
         Ok(acc)
     }
 
@@ -765,6 +879,8 @@ pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
         defs,
         memo: HashMap::default(),
         templates: HashMap::default(),
+        bytes: 0,
+        items: 0,
     };
     let mut pools: Vec<Pool> = Vec::new();
     for p in &q.pools {
@@ -817,6 +933,7 @@ pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
                 g: &mut g,
                 scope: None,
                 stack: Vec::new(),
+                depth: 0,
             };
             let mut one = |s: &Str| -> Result<String, Diagnostic> {
                 let tpl = parse_template(src, s)?;
@@ -994,6 +1111,7 @@ fn expand_rule<'a>(
             g,
             scope: None,
             stack: Vec::new(),
+            depth: 0,
         };
         for (k, v) in &rule.matrix {
             if axes.iter().any(|(n, _)| **n == *k.text) {
@@ -1106,6 +1224,7 @@ fn expand_rule<'a>(
             g: &mut *g,
             scope: None,
             stack: Vec::new(),
+            depth: 0,
         };
         let mut excluded = false;
         for c in &rule.exclude {
@@ -1135,6 +1254,7 @@ fn expand_rule<'a>(
                     io: None,
                 }),
                 stack: Vec::new(),
+                depth: 0,
             };
             let mut inputs = Vec::new();
             let mut input_template = Vec::new();
@@ -1177,6 +1297,15 @@ fn expand_rule<'a>(
                             "{} link path(s) but {} target(s): give one target, or one per link",
                             links.len(),
                             tos.len()
+                        ),
+                    ));
+                }
+                if jobs.len().saturating_add(links.len()) > MAX_JOBS {
+                    return Err(src.error(
+                        lt.str.span.clone(),
+                        format!(
+                            "rule `{}` expands to more than {MAX_JOBS} jobs (each link is one)",
+                            rule.name.text
                         ),
                     ));
                 }
@@ -1236,6 +1365,7 @@ fn expand_rule<'a>(
                     io: Some((Val::list(inputs.clone()), Val::list(outputs.clone()))),
                 }),
                 stack: Vec::new(),
+                depth: 0,
             };
             let action = match &rule.action {
                 RawAction::Shell(_) => {

@@ -446,3 +446,83 @@ fn jobs_must_be_one_or_more() {
     s.run(["all"]).assert_ok();
     assert!(s.exists("ran.txt"));
 }
+
+/// Expansion that would exhaust memory or the stack ends in a located error instead: a
+/// chain of variables that double each other (2^39 copies), 10,000 variables each naming
+/// the next, 10,000 nested `${env:X:-...}` defaults, and a 4M-item list spliced into one
+/// command. Each used to abort qbuild (out of memory, or a stack overflow).
+#[test]
+fn expansion_that_would_exhaust_memory_or_the_stack_is_refused() {
+    let mut doubling = String::from("[vars]\nv0 = \"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"\n");
+    for i in 1..40 {
+        doubling.push_str(&format!("v{i} = \"${{v{}}}${{v{}}}\"\n", i - 1, i - 1));
+    }
+    doubling.push_str(&format!(
+        "{HARMLESS}[rule.r]\noutputs = [\"o\"]\ncommand = \"echo ${{v39}} > o\"\n"
+    ));
+    let err = refuse(&doubling);
+    assert!(
+        err.starts_with("error: this string expands to more than 16 MiB\n"),
+        "{err}"
+    );
+    assert!(err.contains("--> Qairtfile:"), "{err}");
+
+    let mut chain = String::from("[vars]\nv0 = \"x\"\n");
+    for i in 1..10_000 {
+        chain.push_str(&format!("v{i} = \"${{v{}}}\"\n", i - 1));
+    }
+    chain.push_str(&format!(
+        "{HARMLESS}[rule.r]\noutputs = [\"${{v9999}}.txt\"]\ncommand = \"echo x > ${{outputs}}\"\n"
+    ));
+    let err = refuse(&chain);
+    assert!(
+        err.starts_with("error: variables refer to variables more than 200 deep here\n"),
+        "{err}"
+    );
+
+    let nested = format!(
+        "{HARMLESS}[rule.r]\noutputs = [\"o\"]\ncommand = \"echo {}y{} > o\"\n",
+        "${env:QBUILD_TEST_UNSET:-".repeat(10_000),
+        "}".repeat(10_000)
+    );
+    let err = refuse(&nested);
+    assert!(
+        err.starts_with("error: `${env:...:-...}` defaults nest more than 200 deep\n"),
+        "{err}"
+    );
+
+    let wide = format!(
+        "[vars]\nbig = {{ range = [1, 4000000] }}\n{HARMLESS}[rule.r]\nmatrix = {{ a = [1, 2] }}\noutputs = [\"o${{a}}\"]\ncommand = \"echo ${{big}} > ${{outputs}}\"\n"
+    );
+    refuse_at(
+        &wide,
+        "this string expands to more than 16 MiB",
+        "Qairtfile:9:12",
+    );
+}
+
+/// A `let` may share the name of a global that another global's value refers to: that
+/// global never sees the let (it was taken for a cycle), and `|join:` keeps the spaces of
+/// its separator.
+#[test]
+fn a_let_named_like_a_global_and_join_separators_with_spaces() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[vars]
+name = "base"
+g = "${name}-suffix"
+xs = ["a", "b", "c"]
+[rule.r]
+let = { name = "${g}" }
+outputs = ["${name}.txt"]
+content = "[${xs|join: }] [${xs|join:, }] [${xs|join: - }]"
+"#,
+    );
+    s.run(["all"]).assert_ok();
+    assert_eq!(
+        s.read_string("base-suffix.txt"),
+        "[a b c] [a, b, c] [a - b - c]"
+    );
+}

@@ -1471,7 +1471,10 @@ command = "trap 'echo caught > t.txt; exit 0' TERM; echo started > started.flag;
         ended.stdout.contains("its result is not recorded"),
         "{ended}"
     );
-    assert!(!s.exists("t.txt"), "the saved partial output is removed\n{ended}");
+    assert!(
+        !s.exists("t.txt"),
+        "the saved partial output is removed\n{ended}"
+    );
     let dry = s.run(["-n", "all"]);
     dry.assert_ok();
     assert_eq!(dry.would_run(), support::set(["t"]), "{dry}");
