@@ -107,6 +107,9 @@ pub struct Graph {
     /// Output → the folders in the graph that hold it (a generated file in a source folder
     /// that some job reads): their content changes when it is written.
     pub holders: rustc_hash::FxHashMap<FileId, Vec<FileId>>,
+    /// Folder output → the files in the graph inside it that no job declares (a reader
+    /// names one file of a folder a job writes): their content changes when it runs.
+    pub within: rustc_hash::FxHashMap<FileId, Vec<FileId>>,
 }
 
 impl Graph {
@@ -196,6 +199,28 @@ impl Graph {
                 holders.entry(*out).or_default().push(*folder);
             }
         }
+        // A file no job declares, inside a folder a job writes: its readers wait for that
+        // job (one lookup per folder above each such file; sources are few).
+        let mut within: rustc_hash::FxHashMap<FileId, Vec<FileId>> = Default::default();
+        let mut maker: rustc_hash::FxHashMap<FileId, JobId> = Default::default();
+        for (fi, file) in files.iter().enumerate() {
+            if file.producer.is_some() {
+                continue;
+            }
+            let path = file.path.as_str();
+            let mut end = path.len();
+            while let Some(slash) = path[..end].rfind('/') {
+                end = slash;
+                let Some(outer) = by_path.get(&files, &path[..end]) else {
+                    continue;
+                };
+                if let Some(p) = files[outer.idx()].producer {
+                    within.entry(outer).or_default().push(FileId(fi as u32));
+                    maker.insert(FileId(fi as u32), p);
+                    break;
+                }
+            }
+        }
         let mut g: DiGraph<(), ()> = DiGraph::with_capacity(jobs.len(), jobs.len() * 2);
         for _ in 0..jobs.len() {
             g.add_node(());
@@ -206,7 +231,7 @@ impl Graph {
                 .ins
                 .iter()
                 .chain(&job.order)
-                .filter_map(|f| files[f.idx()].producer)
+                .filter_map(|f| files[f.idx()].producer.or_else(|| maker.get(f).copied()))
                 .collect();
             // A folder it reads (or links to) that holds other jobs' outputs: it waits for them.
             for (i, f) in job.ins.iter().chain(&job.order).enumerate() {
@@ -261,6 +286,7 @@ impl Graph {
             by_path,
             dependents,
             holders,
+            within,
         })
     }
 

@@ -599,9 +599,19 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
 
 /// `--check`: every input is either written by some rule or exists on disk.
 fn check_sources(g: &Graph, workdir: &Path) -> Result<(), Diagnostic> {
+    // A folder that holds outputs, or a file inside a folder output, is made by the build.
+    let made: rustc_hash::FxHashSet<graph::FileId> = g
+        .holders
+        .values()
+        .chain(g.within.values())
+        .flatten()
+        .copied()
+        .collect();
     let missing = |f: &graph::FileId| {
         let file = &g.files[f.idx()];
-        file.producer.is_none() && std::fs::symlink_metadata(workdir.join(&file.path)).is_err()
+        file.producer.is_none()
+            && !made.contains(f)
+            && std::fs::symlink_metadata(workdir.join(&file.path)).is_err()
     };
     for job in &g.jobs {
         let rule = &g.model.rules[job.spec.rule as usize];

@@ -749,17 +749,19 @@ impl Work<'_> {
         reasons
     }
 
-    /// The folders that hold `j`'s outputs (see `Graph::holders`) have new content once it
-    /// ran: hash them again for the jobs that read them, which waited for `j`.
+    /// The folders that hold `j`'s outputs (see `Graph::holders`), and the files read inside
+    /// its folder outputs (`Graph::within`), have new content once it ran: hash them again
+    /// for the jobs that read them, which waited for `j`.
     fn rehash_holders(&mut self, j: JobId) {
         let g = self.g;
-        if g.holders.is_empty() {
+        if g.holders.is_empty() && g.within.is_empty() {
             return; // the usual graph: no output lies in a folder that is read
         }
         let folders: Vec<crate::graph::FileId> = g.jobs[j.idx()]
             .outs
             .iter()
             .filter_map(|f| g.holders.get(f))
+            .chain(g.jobs[j.idx()].outs.iter().filter_map(|f| g.within.get(f)))
             .flatten()
             .copied()
             .collect();
@@ -824,7 +826,14 @@ impl Work<'_> {
             let g = self.g;
             for f in &g.jobs[j.idx()].outs {
                 self.now[f.idx()] = Now::WillRebuild;
-                for h in g.holders.get(f).map_or(&[][..], Vec::as_slice) {
+                let inner = g.within.get(f).map_or(&[][..], Vec::as_slice);
+                for h in g
+                    .holders
+                    .get(f)
+                    .map_or(&[][..], Vec::as_slice)
+                    .iter()
+                    .chain(inner)
+                {
                     self.now[h.idx()] = Now::WillRebuild;
                 }
             }

@@ -2028,3 +2028,55 @@ command = "cat a.lnk > c.out"
     );
     assert_eq!(s.read_string("r.out"), "source in data\n");
 }
+
+/// A file inside a folder another job writes, named as an input or as a link's target, is
+/// waited for and re-read once that job ran: a clean build works (it failed with "does not
+/// exist"), `--check` accepts it (also a folder input only other jobs' outputs make), and
+/// after an edit one run brings the reader up to date (it needed two, and read the old file).
+#[test]
+fn a_file_inside_another_jobs_folder_output_is_waited_for() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.fo]
+inputs = ["v"]
+outputs = ["fold"]
+command = "sleep 0.3; mkdir -p fold && cp v fold/v"
+[rule.rx]
+inputs = ["fold/v"]
+outputs = ["rx"]
+command = "cat fold/v > rx"
+[rule.ln]
+links = [{ link = "fl", to = "fold/v" }]
+[rule.rd]
+inputs = ["fl"]
+outputs = ["rd"]
+command = "cat fl > rd"
+[rule.b]
+outputs = ["sha2/x"]
+command = "mkdir -p sha2; echo x > sha2/x"
+[rule.c]
+inputs = ["sha2"]
+outputs = ["shaz"]
+command = "cat sha2/x > shaz"
+"#,
+    )
+    .write("v", "1\n");
+    let check = s.run(["--check"]);
+    check.assert_ok();
+    s.run(["-j2", "all"]).assert_ok();
+    assert_eq!(s.read_string("rx"), "1\n");
+    assert_eq!(s.read_string("rd"), "1\n");
+    assert_eq!(s.read_string("shaz"), "x\n");
+
+    s.write("v", "2\n");
+    let dry = s.run(["-n", "all"]);
+    assert_eq!(dry.would_run(), set(["fo", "rx", "rd"]), "{dry}");
+    s.run(["-j2", "all"])
+        .assert_ok()
+        .assert_ran(&set(["fo", "rx", "rd"]));
+    assert_eq!(s.read_string("rx"), "2\n");
+    assert_eq!(s.read_string("rd"), "2\n");
+    s.run(["-j2", "all"]).assert_nothing_ran(6);
+}
