@@ -174,6 +174,8 @@ struct Work<'a> {
     procs: Running,
     stats: Arc<HashStats>,
     t0: Instant,
+    /// See `Preloaded::began_ns`.
+    began_ns: i64,
     /// Jobs decided up to date before the build started (see `decide_fresh`).
     fresh: Vec<bool>,
     /// Output folders created (or found) this build.
@@ -221,12 +223,16 @@ pub struct Preloaded {
     /// Stat-cache entries the scan refreshed.
     updates: Vec<(String, StatEntry)>,
     stats: Arc<HashStats>,
+    /// The coarse clock before any file was looked at: a source changed after it may not
+    /// be what its hash says.
+    began_ns: i64,
 }
 
 /// Load the state (a store that errors or panics while being read is corrupt: the caller
 /// sets it aside and starts fresh) and, with `scan`, stat every file it knows.
 pub fn preload(workdir: &Path, db: &Db, scan: bool) -> Preloaded {
     let t = Instant::now();
+    let began_ns = crate::hash::coarse_now_ns();
     let stats = Arc::new(HashStats::default());
     let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.load()));
     let state = match loaded {
@@ -251,6 +257,7 @@ pub fn preload(workdir: &Path, db: &Db, scan: bool) -> Preloaded {
         state,
         scan: found,
         updates,
+        began_ns,
         stats,
     }
 }
@@ -383,6 +390,7 @@ pub fn build(
         scan,
         updates: scan_updates,
         stats,
+        began_ns,
     } = pre;
     let state_db = state_db?;
     let compact = db.compaction_due();
@@ -471,6 +479,7 @@ pub fn build(
     });
     let fresh = decide_fresh(g, &want, &now, &ids, &state_db.jobs, &opts.toolchain);
     let mut w = Work {
+        began_ns,
         fresh,
         ids,
         g,
@@ -1106,6 +1115,50 @@ impl Work<'_> {
             .map_err(|e| format!("cannot remove the old output {rel} before the run: {e}"))
     }
 
+    /// A source input (a file no job writes) whose stat changed after the build began and
+    /// whose content is no longer what the job's key says: the command may have read either.
+    /// Checked when a job finishes, so an edit saved while the build ran (and perhaps undone
+    /// later) cannot leave a record that claims the old content. One stat per file input;
+    /// a file is read again only if it changed during the build. (Files inside a folder
+    /// input are not looked at.)
+    fn source_changed_during_build(&self, parts: &OwnedKeyParts) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let g = self.g;
+        for (path, hash) in &parts.inputs {
+            let Some(f) = g.by_path.get(&g.files, path) else {
+                continue;
+            };
+            if g.files[f.idx()].producer.is_some() {
+                continue;
+            }
+            let Ok(m) = fs::metadata(self.workdir.join(path.as_ref())) else {
+                return Some(path.to_string());
+            };
+            if m.is_dir() {
+                continue;
+            }
+            let ctime = m
+                .ctime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.ctime_nsec());
+            // (Rarely past here: then, is it a file this build writes into a folder?)
+            let made = || {
+                g.holders
+                    .values()
+                    .chain(g.within.values())
+                    .any(|v| v.contains(&f))
+            };
+            if ctime <= self.began_ns || made() {
+                continue;
+            }
+            let arts = Artifacts::new(&self.workdir, &self.db_state.stat, &self.stats);
+            if arts.current(path).ok().flatten().as_ref() != Some(hash) {
+                return Some(path.to_string());
+            }
+        }
+        None
+    }
+
     /// Handle a finished job; returns whether a record was written.
     fn finish(&mut self, d: Done) -> Result<bool, WorkError> {
         let j = d.job;
@@ -1151,6 +1204,9 @@ impl Work<'_> {
         // Record the job (one journal append) before calling it done. A record that cannot
         // be written (a full disk) fails the job: it will run again, never count as built.
         let mut record = None;
+        // A source changed while the build ran: the result stands, but no key says what
+        // the command read.
+        let mut unrecorded = false;
         if failure.is_none() {
             let (key, parts) = self
                 .keys
@@ -1162,7 +1218,19 @@ impl Work<'_> {
                 duration_ms: took_ms,
             };
             let id = self.ids[j.idx()];
-            match self.db.record_job(&id, &rec, &parts, &d.stats) {
+            if let Some(path) = self.source_changed_during_build(&parts) {
+                self.progress.message(&format!(
+                    "qbuild: warning: input {path} of {} changed while the build ran; its result is kept but not recorded, so it runs again next time",
+                    job.spec.label
+                ));
+                unrecorded = true;
+            }
+            let written = if unrecorded {
+                Ok(())
+            } else {
+                self.db.record_job(&id, &rec, &parts, &d.stats)
+            };
+            match written {
                 Ok(()) => record = Some((id, rec)),
                 Err(e) if !e.is_corruption() => {
                     failure = Some(format!(
@@ -1248,9 +1316,11 @@ impl Work<'_> {
                 "duration_ms": took_ms,
             });
             (self.events)(ev);
-            self.db_state.jobs.insert(id, rec);
-            self.compact = true;
-            recorded = true;
+            if !unrecorded {
+                self.db_state.jobs.insert(id, rec);
+                self.compact = true;
+                recorded = true;
+            }
             self.stat_updates.extend(d.stats);
             for (f, a) in job.outs.iter().zip(&hashes) {
                 self.now[f.idx()] = Now::Have(*a);
