@@ -424,6 +424,7 @@ struct Globals<'a> {
     /// What expansion has produced so far (see `MAX_BYTES`, `MAX_ITEMS`).
     bytes: usize,
     items: usize,
+    roots: &'a WorkRoots,
 }
 
 impl Globals<'_> {
@@ -863,7 +864,35 @@ pub fn normalize(p: &str) -> String {
 
 /// Expand every rule of the Qairtfile into jobs.
 pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
+    expand_in(q, None)
+}
+
+/// The work folder as inputs may name it from outside: its absolute path as given, and
+/// its real path (they differ under a symlinked folder).
+#[derive(Debug, Clone, Default)]
+pub struct WorkRoots(Vec<String>);
+
+impl WorkRoots {
+    pub fn of(workdir: &std::path::Path) -> WorkRoots {
+        let mut roots = Vec::new();
+        if let Ok(a) = std::path::absolute(workdir) {
+            roots.push(normalize(&a.to_string_lossy()));
+        }
+        if let Ok(c) = workdir.canonicalize() {
+            roots.push(c.to_string_lossy().into_owned());
+        }
+        roots.dedup();
+        WorkRoots(roots)
+    }
+}
+
+/// `expand`, knowing the work folder: an input named by an absolute path or through `..`
+/// that leads back into it is made relative (so it is the same file as its producer's
+/// output), and one that is the work folder itself or holds it is refused.
+pub fn expand_in(q: &Qairtfile, roots: Option<&WorkRoots>) -> Result<Model, Diagnostic> {
     let src = &q.source;
+    let empty = WorkRoots::default();
+    let roots = roots.unwrap_or(&empty);
     let mut defs = HashMap::default();
     for (k, v) in &q.vars {
         if defs.insert(k.text.as_str(), v).is_some() {
@@ -881,6 +910,7 @@ pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
         templates: HashMap::default(),
         bytes: 0,
         items: 0,
+        roots,
     };
     let mut pools: Vec<Pool> = Vec::new();
     for p in &q.pools {
@@ -1037,8 +1067,25 @@ pub(crate) fn in_state_folder(n: &str) -> bool {
 /// Check and normalise a path a job reads: anything but a folder that holds `.qbuild/`
 /// (the work folder or one above it) or a path inside it. qbuild writes its state on every
 /// run, so a job reading it would never be up to date.
-fn input_path(src: &Source, s: &Str, p: &str) -> Result<String, Diagnostic> {
-    let n = normalize(p);
+fn input_path(src: &Source, roots: &WorkRoots, s: &Str, p: &str) -> Result<String, Diagnostic> {
+    let mut n = normalize(p);
+    if n.starts_with('/') || n.starts_with("../") || n == ".." {
+        for root in &roots.0 {
+            let full = if n.starts_with('/') {
+                n.clone()
+            } else {
+                normalize(&format!("{root}/{n}"))
+            };
+            if full == *root || root.starts_with(&format!("{}/", full.trim_end_matches('/'))) {
+                n = ".".to_string();
+                break;
+            }
+            if let Some(rel) = full.strip_prefix(&format!("{root}/")) {
+                n = rel.to_string();
+                break;
+            }
+        }
+    }
     let holds_state = n.split('/').all(|c| c == ".." || c == ".");
     if holds_state || in_state_folder(&n) {
         let what = if holds_state {
@@ -1104,6 +1151,7 @@ fn expand_rule<'a>(
     jobs: &mut Vec<Box<JobSpec>>,
 ) -> Result<(), Diagnostic> {
     let src = g.src;
+    let roots = g.roots;
     // Matrix axes.
     let mut axes: Vec<(Rc<str>, Vec<Rc<str>>)> = Vec::new();
     {
@@ -1263,7 +1311,7 @@ fn expand_rule<'a>(
                     if p.is_empty() {
                         return Err(src.error(t.str.span.clone(), "an input path is empty"));
                     }
-                    inputs.push(input_path(src, &t.str, &p)?);
+                    inputs.push(input_path(src, roots, &t.str, &p)?);
                     input_template.push(ti as u16);
                 }
             }
@@ -1280,7 +1328,7 @@ fn expand_rule<'a>(
                     if p.is_empty() {
                         return Err(src.error(t.str.span.clone(), "a tool path is empty"));
                     }
-                    inputs.push(normalize(&p));
+                    inputs.push(input_path(src, roots, &t.str, &p)?);
                     input_template.push((inputs_t.len() + ti) as u16);
                 }
             }
@@ -1327,6 +1375,14 @@ fn expand_rule<'a>(
                             tt.str.span.clone(),
                             format!("link `{link}` points at itself"),
                         ));
+                    }
+                    if to == "." || in_state_folder(&to) {
+                        return Err(src
+                            .error(
+                                tt.str.span.clone(),
+                                format!("link `{link}` points at the work folder or into qbuild's own state folder (`{to_raw}`)"),
+                            )
+                            .with_hint("qbuild writes .qbuild/ on every run, so a reader of the link would never be up to date"));
                     }
                     jobs.push(Box::new(JobSpec {
                         rule: ri,

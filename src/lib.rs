@@ -48,7 +48,10 @@ pub const EXIT_BAD_INPUT: i32 = 2;
 /// Parse a Qairtfile into a checked graph; diagnostics name the file as `shown`.
 pub fn load_graph(path: &Path, shown: &Path) -> Result<Graph, Diagnostic> {
     let q = qairtfile::load(path, shown)?;
-    let model = expand::expand(&q)?;
+    // The Qairtfile sits in the work folder.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let roots = expand::WorkRoots::of(dir.unwrap_or(Path::new(".")));
+    let model = expand::expand_in(&q, Some(&roots))?;
     Graph::build(model)
 }
 

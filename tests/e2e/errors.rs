@@ -179,6 +179,67 @@ command = \"ls models > models/index.txt\"
     }
 }
 
+/// The work folder, or `.qbuild/`, named from outside (an absolute path, `../` back in, a
+/// link target, a tool) is refused like `.` is: its reader would never be up to date. A
+/// path that leads back inside names the same file as a rule's output, so the reader waits.
+#[test]
+fn the_work_folder_named_from_outside_is_refused_and_paths_back_inside_are_its_files() {
+    let s = Space::new();
+    let root = s.path().to_string_lossy().into_owned();
+    let name = s.path().file_name().unwrap().to_string_lossy().into_owned();
+    let parent = s.path().parent().unwrap().to_string_lossy().into_owned();
+    for (line, says) in [
+        (
+            format!("inputs = [\"{root}\"]"),
+            "holds qbuild's own state folder (.qbuild/)",
+        ),
+        (
+            format!("inputs = [\"../{name}\"]"),
+            "holds qbuild's own state folder (.qbuild/)",
+        ),
+        (
+            format!("inputs = [\"{parent}\"]"),
+            "holds qbuild's own state folder (.qbuild/)",
+        ),
+        (
+            format!("inputs = [\"{root}/.qbuild/journal\"]"),
+            "is inside qbuild's own state folder",
+        ),
+        (
+            "tools = [\".\"]".to_string(),
+            "holds qbuild's own state folder (.qbuild/)",
+        ),
+    ] {
+        s.write(
+            "Qairtfile",
+            format!("[rule.a]\n{line}\noutputs = [\"a.txt\"]\ncommand = \"true\"\n"),
+        );
+        let out = s.run(["--check"]);
+        out.assert_code(2);
+        assert!(out.stderr.contains(says), "{line}\n{out}");
+        assert!(out.stderr.contains("--> Qairtfile:2:"), "{out}");
+    }
+    s.write(
+        "Qairtfile",
+        "[rule.l]\nlinks = [{ link = \"l\", to = \".qbuild/snapshot\" }]\n",
+    );
+    let out = s.run(["--check"]);
+    out.assert_code(2);
+    assert!(
+        out.stderr.contains("into qbuild's own state folder"),
+        "{out}"
+    );
+
+    s.write(
+        "Qairtfile",
+        format!(
+            "[rule.w]\noutputs = [\"a\"]\ncommand = \"sleep 0.3; echo a > a\"\n[rule.r]\ninputs = [\"{root}/a\", \"../{name}/a\"]\noutputs = [\"o\"]\ncommand = \"cat a > o\"\n"
+        ),
+    );
+    s.run(["-j2", "all"]).assert_ok();
+    assert_eq!(s.read_string("o"), "a\n");
+}
+
 /// A cycle closed by a folder: `a` reads `models/`, `b` writes into it from `a`'s output.
 /// Regression: the cycle was named `a -> b`, the edge through the folder left out.
 #[test]
