@@ -1428,12 +1428,33 @@ fn expand_rule<'a>(
                     Action::Shell(e.render(&action_t[0], Mode::Scalar { quote: true })?)
                 }
                 RawAction::Content(_) => {
+                    if outputs.len() != 1 {
+                        return Err(src
+                            .error(
+                                rule.outputs_span.clone(),
+                                format!(
+                                    "`content` writes one output, but `{}` has {}",
+                                    instance_label(rule, &assignment),
+                                    outputs.len()
+                                ),
+                            )
+                            .with_hint("one rule instance per file: put the list in a matrix"));
+                    }
                     Action::Write(e.render(&action_t[0], Mode::Scalar { quote: false })?)
                 }
                 RawAction::Argv(_) => {
                     let mut argv = Vec::new();
                     for t in &action_t {
                         argv.extend(e.expand(t, Mode::List)?);
+                    }
+                    if argv.first().is_none_or(String::is_empty) {
+                        let at = action_t
+                            .first()
+                            .map_or(rule.name.span.clone(), |t| t.str.span.clone());
+                        return Err(src.error(at, format!(
+                            "`argv` of `{}` names no program (it expands to nothing, or to an empty first word)",
+                            instance_label(rule, &assignment)
+                        )));
                     }
                     Action::Argv(argv)
                 }

@@ -301,7 +301,7 @@ impl Graph {
                 Some("a rule")
             } else if self
                 .by_path
-                .get(&self.files, &a.text)
+                .get(&self.files, &crate::expand::normalize(&a.text))
                 .is_some_and(|f| self.files[f.idx()].producer.is_some())
             {
                 Some("an output")

@@ -150,10 +150,35 @@ struct Parser<'s> {
 
 /// Read and parse a Qairtfile from disk; diagnostics name it as `shown`.
 pub fn load(path: &Path, shown: &Path) -> Result<Qairtfile, Diagnostic> {
-    let bytes = std::fs::read(path).map_err(|e| {
+    use std::io::Read;
+    /// Far above any real Qairtfile (the demo's is 7 KB); `-f /dev/zero` must not read on.
+    const MAX_SIZE: u64 = 64 << 20;
+    let cannot = |e: String| {
         Diagnostic::plain(format!("cannot read {}: {e}", shown.display()))
             .with_hint("pass the Qairtfile with -f FILE, or run in its folder (-C DIR)")
-    })?;
+    };
+    // Opening a FIFO would wait for a writer, and a device reads forever: a regular file only.
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => {
+            return Err(cannot(if m.is_dir() {
+                "it is a folder".into()
+            } else {
+                "it is not a regular file".into()
+            }))
+        }
+        Ok(m) if m.len() > MAX_SIZE => {
+            return Err(cannot(format!("it is over {} MiB", MAX_SIZE >> 20)))
+        }
+        Ok(_) => {}
+        Err(e) => return Err(cannot(e.to_string())),
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SIZE + 1).read_to_end(&mut bytes))
+        .map_err(|e| cannot(e.to_string()))?;
+    if bytes.len() as u64 > MAX_SIZE {
+        return Err(cannot(format!("it is over {} MiB", MAX_SIZE >> 20)));
+    }
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => {
@@ -236,7 +261,10 @@ pub fn parse(source: Source) -> Result<Qairtfile, Diagnostic> {
                     });
                 }
             }
-            "default" => file.default = p.str_list(value, "default")?,
+            "default" => {
+                file.default = p.str_list(value, "default")?;
+                p.literal_names(&file.default, "`default`")?;
+            }
             "toolchain" => {
                 let mut name = None;
                 let mut root = None;
@@ -269,6 +297,14 @@ pub fn parse(source: Source) -> Result<Qairtfile, Diagnostic> {
             "alias" => {
                 for (k, v) in p.table(value, "[alias]")? {
                     let name = p.string_key(k);
+                    let n = &name.text;
+                    if n.is_empty() || n.trim() != n || n.contains("${") {
+                        return Err(p
+                            .err(&name.span, format!("`{n}` cannot be an alias name"))
+                            .with_hint(
+                                "an alias is a plain word, as you type it on the command line",
+                            ));
+                    }
                     if RESERVED.contains(&name.text.as_str()) {
                         return Err(p
                             .err(
@@ -278,6 +314,7 @@ pub fn parse(source: Source) -> Result<Qairtfile, Diagnostic> {
                             .with_hint("`all` always means every job"));
                     }
                     let targets = p.str_list(v, "an alias")?;
+                    p.literal_names(&targets, "an alias")?;
                     file.aliases.push(AliasDef { name, targets });
                 }
             }
@@ -362,12 +399,36 @@ impl<'s> Parser<'s> {
         }
     }
 
+    /// A NUL cannot be part of a path, an argument or an environment value: refused where
+    /// it is written, not when the command fails to start.
+    fn no_nul(&self, v: &V<'_>, s: &str) -> Result<(), Diagnostic> {
+        if s.contains('\0') {
+            return Err(self
+                .err(&v.span(), "this string holds a NUL character (`\\u0000`)")
+                .with_hint("paths, commands and environment values cannot hold one"));
+        }
+        Ok(())
+    }
+
+    /// Names of rules, aliases, outputs and pools are taken as written: no `${...}`.
+    fn literal_names(&self, names: &[Str], what: &str) -> Result<(), Diagnostic> {
+        match names.iter().find(|n| n.text.contains("${")) {
+            Some(n) => Err(self
+                .err(&n.span, format!("`{}` in {what} is a name, not a template", n.text))
+                .with_hint("`${...}` works in paths, commands, argv, content, env, description, check and variables; write the name out")),
+            None => Ok(()),
+        }
+    }
+
     fn string(&self, v: &V<'_>, what: &str) -> Result<Str, Diagnostic> {
         match v.get_ref() {
-            DeValue::String(s) => Ok(Str {
-                text: s.to_string(),
-                span: v.span(),
-            }),
+            DeValue::String(s) => {
+                self.no_nul(v, s)?;
+                Ok(Str {
+                    text: s.to_string(),
+                    span: v.span(),
+                })
+            }
             other => Err(self.err(
                 &v.span(),
                 format!("{what} must be a string, found {}", other.type_str()),
@@ -411,7 +472,10 @@ impl<'s> Parser<'s> {
             }))
         };
         match v.get_ref() {
-            DeValue::String(s) => scalar(s.to_string()),
+            DeValue::String(s) => {
+                self.no_nul(v, s)?;
+                scalar(s.to_string())
+            }
             DeValue::Integer(i) => {
                 match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
                     Ok(n) => scalar(n.to_string()),
@@ -551,7 +615,11 @@ impl<'s> Parser<'s> {
                 "command" => command = Some(self.string(val, "command")?),
                 "argv" => argv = Some((self.str_list(val, "argv")?, val.span())),
                 "content" => content = Some(self.string(val, "content")?),
-                "pool" => pool = Some(self.string(val, "pool")?),
+                "pool" => {
+                    let p = self.string(val, "pool")?;
+                    self.literal_names(std::slice::from_ref(&p), "`pool`")?;
+                    pool = Some(p);
+                }
                 "description" => description = Some(self.string(val, "description")?),
                 "tools" => tools = self.str_list(val, "tools")?,
                 "check" => check = Some(self.string(val, "check")?),
@@ -584,7 +652,23 @@ impl<'s> Parser<'s> {
                 }
                 "env" => {
                     for (ek, ev) in self.table(val, "env")? {
-                        env.push((self.string_key(ek), self.string(ev, "an env value")?));
+                        let k = self.string_key(ek);
+                        let mut c = k.text.chars();
+                        let ok = c
+                            .next()
+                            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                            && c.all(|c| c.is_ascii_alphanumeric() || c == '_');
+                        if !ok {
+                            return Err(self
+                                .err(
+                                    &k.span,
+                                    format!("`{}` is not an environment variable name", k.text),
+                                )
+                                .with_hint(
+                                    "names are letters, digits and `_`, not starting with a digit",
+                                ));
+                        }
+                        env.push((k, self.string(ev, "an env value")?));
                     }
                 }
                 other => return Err(self.unknown_key(key, other, RULE_KEYS)),

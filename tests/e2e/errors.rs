@@ -587,3 +587,38 @@ content = "[${xs|join: }] [${xs|join:, }] [${xs|join: - }]"
         "[a b c] [a, b, c] [a - b - c]"
     );
 }
+
+/// What used to pass `--check` and fail only when run (or do something else): a NUL in a
+/// string, an env name that is not one, `content` over two outputs, an `argv` that expands
+/// to nothing; an alias naming an output by another spelling, or no name; `${...}` where
+/// only names go; a Qairtfile that is a FIFO (it hung), a device (it read forever) or a folder.
+#[test]
+fn inconsistent_rules_are_refused_at_load_with_their_place() {
+    for (q, message, position) in [
+        ("[rule.r]\noutputs = [\"o\"]\ncommand = \"echo a\\u0000b > o\"\n", "this string holds a NUL character (`\\u0000`)", "Qairtfile:6:11"),
+        ("[rule.r]\noutputs = [\"o\"]\nenv = { \"A=B\" = \"x\" }\ncommand = \"true\"\n", "`A=B` is not an environment variable name", "Qairtfile:6:9"),
+        ("[vars]\ntwo = [\"a\", \"b\"]\n[rule.r]\noutputs = [\"o_${two}\"]\ncontent = \"hello\"\n", "`content` writes one output, but `r` has 2", "Qairtfile:7:11"),
+        ("[vars]\nnone = []\n[rule.r]\noutputs = [\"o\"]\nargv = [\"${none}\"]\n", "`argv` of `r` names no program (it expands to nothing, or to an empty first word)", "Qairtfile:8:9"),
+        ("[rule.r]\noutputs = [\"o\"]\ncommand = \"true\"\n[alias]\n\"./o\" = [\"r\"]\n", "alias `./o` has the name of an output", "Qairtfile:8:1"),
+        ("[rule.r]\noutputs = [\"o\"]\ncommand = \"true\"\n[alias]\n\"\" = [\"r\"]\n", "`` cannot be an alias name", "Qairtfile:8:1"),
+        ("[pool]\nq = 1\n[rule.r]\noutputs = [\"o\"]\npool = \"${p}\"\ncommand = \"true\"\n", "`${p}` in `pool` is a name, not a template", "Qairtfile:8:8"),
+        ("[rule.r]\noutputs = [\"o\"]\ncommand = \"true\"\n[alias]\nx = [\"${t}\"]\n", "`${t}` in an alias is a name, not a template", "Qairtfile:8:6"),
+    ] {
+        refuse_at(&format!("{HARMLESS}{q}"), message, position);
+    }
+    let s = Space::new();
+    s.mkdir("dir");
+    let fifo = s.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_string_lossy().as_bytes()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    for (file, says) in [
+        ("fifo", "it is not a regular file"),
+        ("/dev/zero", "it is not a regular file"),
+        ("dir", "it is a folder"),
+    ] {
+        let out = s.run(["-f", file, "--check"]);
+        out.assert_code(2);
+        assert!(out.stderr.contains(says), "{file}\n{out}");
+    }
+}
