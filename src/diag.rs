@@ -55,8 +55,17 @@ impl Source {
         let line_start = self.text[..start].rfind('\n').map_or(0, |i| i + 1);
         let line_end = self.text[start..].find('\n').map_or(len, |i| start + i);
         let line = self.text[..start].matches('\n').count() + 1;
-        let column = self.text[line_start..start].chars().count() + 1;
-        let line_text = self.text[line_start..line_end]
+        // A byte-order mark opens the first line but takes no column.
+        let bom = if line_start == 0 && self.text.starts_with('\u{feff}') {
+            '\u{feff}'.len_utf8()
+        } else {
+            0
+        };
+        let column = self.text[(line_start + bom).min(start)..start]
+            .chars()
+            .count()
+            + 1;
+        let line_text = self.text[(line_start + bom).min(line_end)..line_end]
             .trim_end_matches('\r')
             .to_string();
         let width = self.text[start..end.min(line_end).max(start)]

@@ -572,7 +572,14 @@ impl Eval<'_, '_, '_> {
         let src = self.g.src;
         let val = match kind {
             RefKind::Env { name, default } => match std::env::var(name) {
-                Ok(v) => Val::scalar(&v),
+                Ok(v) => {
+                    // The default is checked (and the variables it names count as used)
+                    // whatever the environment: `--check` must not depend on it.
+                    if let Some(d) = default {
+                        self.render(d, Mode::Scalar { quote: false })?;
+                    }
+                    Val::scalar(&v)
+                }
                 Err(_) => match default {
                     Some(d) => Val::scalar(&self.render(d, Mode::Scalar { quote: false })?),
                     None => {
@@ -1250,6 +1257,7 @@ fn expand_rule<'a>(
         .map(|d| parse_template(src, d))
         .transpose()?;
 
+    let jobs_before = jobs.len();
     let mut idx = vec![0usize; axes.len()];
     let total = total.unwrap_or(0);
     // Exactly: a doubled buffer would be idle memory for the whole run.
@@ -1489,6 +1497,102 @@ fn expand_rule<'a>(
             }
         };
         jobs.push(Box::new(job));
+    }
+    if jobs.len() == jobs_before {
+        // No instance (an empty matrix, or all excluded): nothing was evaluated, so check
+        // at least that every variable the rule names exists, as an instance would.
+        let mut lets_t = Vec::new();
+        for (_, v) in rule
+            .lets
+            .iter()
+            .chain(rule.cases.iter().flat_map(|c| &c.lets))
+        {
+            value_templates(g, v, &mut lets_t)?;
+        }
+        let plain = inputs_t
+            .iter()
+            .chain(&outputs_t)
+            .chain(&tools_t)
+            .chain(links_t.iter().flat_map(|(a, b)| [a, b]))
+            .chain(lets_t.iter().map(|t| &**t));
+        let io = action_t
+            .iter()
+            .chain(&check_t)
+            .chain(env_t.iter().map(|(_, t)| t))
+            .chain(&desc_t);
+        let local = |n: &str| {
+            axes.iter().any(|(a, _)| **a == *n)
+                || rule
+                    .lets
+                    .iter()
+                    .chain(rule.cases.iter().flat_map(|c| &c.lets))
+                    .any(|(k, _)| k.text == n)
+        };
+        let mut e = Eval {
+            g: &mut *g,
+            scope: None,
+            stack: Vec::new(),
+            depth: 0,
+        };
+        for (t, with_io) in plain.map(|t| (t, false)).chain(io.map(|t| (t, true))) {
+            names_exist(&mut e, t, &t.segs, with_io, &local)?;
+        }
+    }
+    Ok(())
+}
+
+/// The templates of a variable's value (list items, range bounds).
+fn value_templates(
+    g: &mut Globals<'_>,
+    v: &RawValue,
+    out: &mut Vec<Rc<Template>>,
+) -> Result<(), Diagnostic> {
+    match v {
+        RawValue::Scalar(s) => out.push(g.template(s)?),
+        RawValue::List(items, _) => {
+            for i in items {
+                value_templates(g, i, out)?;
+            }
+        }
+        RawValue::Range(a, b, _) => {
+            value_templates(g, a, out)?;
+            value_templates(g, b, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every variable `segs` names is local (`local`), `inputs`/`outputs` where allowed, or a
+/// global (evaluated: an unknown name is the usual error, with its hint).
+fn names_exist(
+    e: &mut Eval<'_, '_, '_>,
+    tpl: &Template,
+    segs: &[Seg],
+    with_io: bool,
+    local: &dyn Fn(&str) -> bool,
+) -> Result<(), Diagnostic> {
+    for seg in segs {
+        match seg {
+            Seg::Lit(_) => {}
+            Seg::Ref {
+                kind: RefKind::Var { name, .. },
+                at,
+                ..
+            } => {
+                let io = with_io && (name == "inputs" || name == "outputs");
+                if !io && !local(name) {
+                    e.lookup(name, tpl, *at)?;
+                }
+            }
+            Seg::Ref {
+                kind: RefKind::Env { default, .. },
+                ..
+            } => {
+                if let Some(d) = default {
+                    names_exist(e, tpl, &d.segs, with_io, local)?;
+                }
+            }
+        }
     }
     Ok(())
 }

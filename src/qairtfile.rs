@@ -747,6 +747,43 @@ impl<'s> Parser<'s> {
 
 /// Byte offset in the Qairtfile of character offset `at` inside a string value, when the
 /// string is written without escapes (so the mapping is exact); else the token's start.
+/// In the text of a TOML basic string as written, where byte `at` of its decoded value
+/// comes from (escapes such as `\"` or `\u00e9` are longer written than decoded).
+fn raw_offset(body: &str, at: usize) -> Option<usize> {
+    let b = body.as_bytes();
+    let (mut r, mut d) = (0, 0);
+    while d < at {
+        let c = *b.get(r)?;
+        if c != b'\\' {
+            let n = body[r..].chars().next()?.len_utf8();
+            r += n;
+            d += n;
+            continue;
+        }
+        match *b.get(r + 1)? {
+            b'u' | b'U' => {
+                let len = if b[r + 1] == b'u' { 4 } else { 8 };
+                let hex = body.get(r + 2..r + 2 + len)?;
+                let ch = char::from_u32(u32::from_str_radix(hex, 16).ok()?)?;
+                r += 2 + len;
+                d += ch.len_utf8();
+            }
+            b' ' | b'\t' | b'\r' | b'\n' => {
+                // A line-ending backslash: it and the blanks after it decode to nothing.
+                r += 1;
+                while matches!(b.get(r), Some(b' ' | b'\t' | b'\r' | b'\n')) {
+                    r += 1;
+                }
+            }
+            _ => {
+                r += 2;
+                d += 1;
+            }
+        }
+    }
+    Some(r)
+}
+
 pub fn offset_in(src: &Source, s: &Str, at: usize) -> usize {
     let raw = src.text.get(s.span.clone()).unwrap_or("");
     for q in ["\"\"\"", "'''", "\"", "'"] {
@@ -764,6 +801,12 @@ pub fn offset_in(src: &Source, s: &Str, at: usize) -> usize {
             };
             if body == s.text {
                 return s.span.start + q.len() + skip + at.min(body.len());
+            }
+            // A basic string with escapes: walk the text as written to the decoded offset.
+            if q.starts_with('"') {
+                if let Some(r) = raw_offset(body, at) {
+                    return s.span.start + q.len() + skip + r;
+                }
             }
             break;
         }

@@ -622,3 +622,36 @@ fn inconsistent_rules_are_refused_at_load_with_their_place() {
         assert!(out.stderr.contains(says), "{file}\n{out}");
     }
 }
+
+/// Positions and checks that did not hold: the column inside a string with escapes (it
+/// pointed at the opening quote), on the first line after a byte-order mark (one too far);
+/// an unknown variable in a rule with no instance (an empty matrix passed `--check`); and
+/// a variable used only in the default of a set `${env:...}` (called unused, so `--check`
+/// depended on the environment).
+#[test]
+fn escapes_a_bom_empty_matrices_and_env_defaults_are_checked() {
+    refuse_at(
+        &format!("{HARMLESS}[rule.r]\noutputs = [\"o\"]\ncommand = \"sh -c \\\"echo \\u00e9\\\" && echo ${{nope}} > o\"\n"),
+        "unknown variable `nope`",
+        "Qairtfile:6:42",
+    );
+    refuse_at(
+        &format!("{HARMLESS}[rule.r]\nmatrix = {{ a = [] }}\noutputs = [\"${{typo}}.txt\"]\ncommand = \"true\"\n"),
+        "unknown variable `typo`",
+        "Qairtfile:6:13",
+    );
+    let s = Space::new();
+    s.write("Qairtfile", "\u{feff}[rule.x.y]\noutputs = [\"a\"]\n");
+    let out = s.run(["--check"]);
+    out.assert_code(2);
+    assert!(out.stderr.contains("--> Qairtfile:1:9\n"), "{out}");
+    s.write(
+        "Qairtfile",
+        "[vars]\nfallback = \"sim-sdk\"\nsdk = \"${env:QBUILD_TEST_SET:-${fallback}}\"\n[rule.r]\noutputs = [\"o.txt\"]\ncommand = \"echo ${sdk} > ${outputs}\"\n",
+    );
+    s.qbuild(["--check"])
+        .env("QBUILD_TEST_SET", "x")
+        .run()
+        .assert_ok();
+    s.run(["--check"]).assert_ok();
+}
