@@ -258,6 +258,17 @@ impl Session {
         let json = args.json;
         let mut progress = progress::for_terminal(json && !std::io::stderr().is_terminal());
         let mut emit = json_emitter(json);
+        // Opened before anything runs: a path that cannot be written is bad input (exit 2),
+        // not a surprise after a long build.
+        let trace = match &args.trace {
+            Some(path) => Some(std::fs::File::create(path).map_err(|e| {
+                BuildFailure::Other(Diagnostic::plain(format!(
+                    "--trace {}: {e}",
+                    path.display()
+                )))
+            })?),
+            None => None,
+        };
         let summary = match work::build(
             &loaded.graph,
             &self.workdir,
@@ -273,13 +284,11 @@ impl Session {
             Err(e) => return Err(BuildFailure::Other(Diagnostic::plain(e.to_string()))),
         };
         progress.done();
-        if let Some(path) = &args.trace {
-            write_trace(path, &summary.spans).map_err(|e| {
-                BuildFailure::Other(Diagnostic::plain(format!(
-                    "--trace {}: {e}",
-                    path.display()
-                )))
-            })?;
+        if let (Some(file), Some(path)) = (trace, &args.trace) {
+            // The build is done and recorded: a trace that cannot be written is a warning.
+            if let Err(e) = write_trace(file, &summary.spans) {
+                say!("qbuild: warning: --trace {}: {e}", path.display());
+            }
         }
         let status = if summary.interrupted.is_some() {
             "interrupted"
@@ -699,7 +708,7 @@ pub fn install_signal_handlers() {
 }
 
 /// A Chrome trace-event file (Perfetto, chrome://tracing): one complete event per job.
-fn write_trace(path: &Path, spans: &[work::Span]) -> std::io::Result<()> {
+fn write_trace(mut file: std::fs::File, spans: &[work::Span]) -> std::io::Result<()> {
     let events: Vec<serde_json::Value> = spans
         .iter()
         .map(|s| {
@@ -716,7 +725,7 @@ fn write_trace(path: &Path, spans: &[work::Span]) -> std::io::Result<()> {
         })
         .collect();
     let doc = serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" });
-    std::fs::write(path, doc.to_string())
+    file.write_all(doc.to_string().as_bytes())
 }
 
 fn print_list(g: &Graph, want: &[bool]) {

@@ -2274,6 +2274,25 @@ fn regression_watch_with_another_mode_is_refused() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
+/// A `--trace` path that cannot be written is refused before anything runs (it used to be
+/// found after the whole build, exit 2 with no `build_finished`).
+#[test]
+fn a_trace_path_that_cannot_be_written_is_refused_before_the_build() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.a]\noutputs = [\"a\"]\ncommand = \"echo a > a\"\n",
+    );
+    for bad in ["no/such/folder/t.json", "."] {
+        let out = s.run(["--trace", bad, "all"]);
+        out.assert_code(2);
+        assert!(out.stderr.contains(&format!("--trace {bad}:")), "{out}");
+        assert!(!s.exists("a"), "nothing may run\n{out}");
+    }
+    s.run(["--trace", "t.json", "all"]).assert_ok();
+    assert!(s.exists("t.json"));
+}
+
 #[test]
 fn trace_writes_one_complete_event_per_job_that_ran() {
     let s = Space::demo();
