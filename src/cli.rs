@@ -43,7 +43,7 @@ pub struct Args {
     /// Write JSON Lines events to stdout.
     #[arg(long)]
     pub json: bool,
-    /// Print each job's output after it finishes.
+    /// Stream each command's output live (it is always kept in the job's log).
     #[arg(short = 'v', long)]
     pub verbose: bool,
     /// Validate the Qairtfile and exit without running anything.
@@ -53,7 +53,7 @@ pub struct Args {
     #[arg(long)]
     pub list: bool,
     /// Print the job graph of the targets in Graphviz DOT.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["list", "json", "check", "clean", "clean_dead", "status"])]
     pub graph: bool,
     /// Remove the outputs qbuild made for the targets (default: all), nothing else.
     #[arg(long)]

@@ -92,6 +92,11 @@ impl Running {
     }
 
     /// Send `sig` to every running command's whole process group.
+    /// How many commands are running now.
+    pub fn count(&self) -> usize {
+        self.groups.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
     pub fn signal_all(&self, sig: i32) {
         if let Ok(s) = self.groups.lock() {
             for pgid in s.iter() {

@@ -20,6 +20,9 @@ pub trait Progress {
         took: Duration,
         eta: Option<Duration>,
     );
+    /// Where the build stands (called as jobs start, so the bar is right before the first
+    /// one finishes).
+    fn counts(&mut self, _done: usize, _total: usize, _eta: Option<Duration>) {}
     /// A message for the user (warnings, failures), printed without garbling the display.
     fn message(&mut self, text: &str);
     fn done(&mut self);
@@ -96,6 +99,7 @@ pub struct Fancy {
     multi: MultiProgress,
     bar: ProgressBar,
     jobs: HashMap<String, ProgressBar>,
+    eta: Option<Duration>,
 }
 
 impl Fancy {
@@ -109,13 +113,31 @@ impl Fancy {
             multi,
             bar,
             jobs: HashMap::new(),
+            eta: None,
         }
+    }
+}
+
+impl Fancy {
+    /// `2 running, ETA 4.5 s`: the ETA stays shown as jobs start.
+    fn status(&self) -> String {
+        let eta = self
+            .eta
+            .map(|e| format!(", ETA {}", secs(e)))
+            .unwrap_or_default();
+        format!("{} running{eta}", self.jobs.len())
     }
 }
 
 impl Progress for Fancy {
     fn shows_running(&self) -> bool {
         true
+    }
+
+    fn counts(&mut self, done: usize, total: usize, eta: Option<Duration>) {
+        self.bar.set_length(total as u64);
+        self.bar.set_position(done as u64);
+        self.eta = eta;
     }
 
     fn started(&mut self, label: &str, expected: Option<Duration>) {
@@ -131,7 +153,7 @@ impl Progress for Fancy {
         pb.set_message(label.to_string());
         pb.enable_steady_tick(Duration::from_millis(200));
         self.jobs.insert(label.to_string(), pb);
-        self.bar.set_message(format!("{} running", self.jobs.len()));
+        self.bar.set_message(self.status());
     }
     fn finished(
         &mut self,
@@ -146,13 +168,8 @@ impl Progress for Fancy {
             pb.finish_and_clear();
             self.multi.remove(&pb);
         }
-        self.bar.set_length(total as u64);
-        self.bar.set_position(done as u64);
-        let eta = eta
-            .map(|e| format!(", ETA {}", secs(e)))
-            .unwrap_or_default();
-        self.bar
-            .set_message(format!("{} running{eta}", self.jobs.len()));
+        self.counts(done, total, eta);
+        self.bar.set_message(self.status());
         let fail = if ok { "" } else { " FAILED" };
         let _ = self
             .multi

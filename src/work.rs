@@ -548,6 +548,9 @@ impl Work<'_> {
                     Msg::Started(j) => {
                         let expected = self.expected(j);
                         let g = self.g;
+                        let (done, total) = self.counts(0);
+                        let eta = self.eta();
+                        self.progress.counts(done, total, eta);
                         self.progress.started(&g.jobs[j.idx()].spec.label, expected);
                     }
                     Msg::Done(d) if !d.ran => self.unstart(d.job),
@@ -620,7 +623,7 @@ impl Work<'_> {
             self.summary.interrupted = Some(sig);
             self.progress.message(&format!(
                 "qbuild: interrupted; stopping {} running job(s)",
-                self.running
+                self.procs.count()
             ));
             self.procs.signal_all(libc::SIGTERM);
             let procs = self.procs.clone();
@@ -1284,6 +1287,8 @@ impl Work<'_> {
                 text.push_str(&format!("  log: {}", log.display()));
             }
             let text = text.trim_end_matches('\n');
+            // The ETA is what is left once this job is out of it.
+            self.forget_expected(j);
             let (done, total) = self.counts(1);
             let eta = self.eta();
             self.progress
@@ -1327,6 +1332,8 @@ impl Work<'_> {
             }
             self.rehash_holders(j);
             self.refresh_link(j);
+            // The ETA is what is left once this job is out of it.
+            self.forget_expected(j);
             let (done, total) = self.counts(1);
             let eta = self.eta();
             self.progress

@@ -2274,6 +2274,23 @@ fn regression_watch_with_another_mode_is_refused() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
+/// `--graph` with another mode, or with `--json` (it has no JSON form), is refused instead
+/// of one of them being silently ignored.
+#[test]
+fn graph_with_another_mode_or_json_is_refused() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.a]\noutputs = [\"a\"]\ncommand = \"echo a > a\"\n",
+    );
+    for other in ["--list", "--json", "--status", "--clean"] {
+        let out = s.qbuild(["--graph", other]).no_json().run();
+        out.assert_code(2);
+        assert!(out.stderr.contains("cannot be used with"), "{other}\n{out}");
+    }
+    s.qbuild(["--graph"]).no_json().run().assert_ok();
+}
+
 /// A `--trace` path that cannot be written is refused before anything runs (it used to be
 /// found after the whole build, exit 2 with no `build_finished`).
 #[test]

@@ -1445,6 +1445,34 @@ fn signals_a_job_ignoring_sigterm_is_killed_3_s_later() {
     interrupt(libc::SIGTERM, 143, true);
 }
 
+/// The interrupt message counts the commands running, not the jobs handed to the workers
+/// (with `-j1` and five jobs it said "stopping 2" while one ran).
+#[test]
+fn signals_the_interrupt_message_counts_running_commands() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.t]
+matrix = { i = [1, 2, 3, 4, 5] }
+outputs = ["t${i}.txt"]
+command = "touch started${i}.flag; sleep 30; echo > ${outputs}"
+"#,
+    );
+    let bg = Bg::start(s.path(), &["-j", "1", "all"], &[]);
+    let up = wait_until(Duration::from_secs(20), || s.exists("started1.flag"));
+    assert!(up, "the job never got going");
+    bg.signal(libc::SIGINT);
+    let ended = bg.wait(Duration::from_secs(30));
+    assert_eq!(ended.code, Some(130), "{ended}");
+    assert!(
+        ended
+            .stderr
+            .contains("qbuild: interrupted; stopping 1 running job(s)"),
+        "{ended}"
+    );
+}
+
 /// A tool that catches SIGTERM, saves what it has and exits 0 is still a job stopped by the
 /// interrupt: nothing is recorded for it, its output goes, and the next run reruns it (it
 /// used to be recorded as built, so `-n` then said everything was up to date).
