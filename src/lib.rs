@@ -698,10 +698,20 @@ stopping. Nothing unfinished is recorded: run qbuild again (it stops any command
     }
 }
 
+/// Ctrl-C, SIGTERM and SIGHUP stop the build cleanly, unless qbuild was started with the
+/// signal ignored: `nohup qbuild` must survive the hang-up, and a background job of a
+/// non-interactive shell ignores Ctrl-C (make leaves such signals ignored too).
 pub fn install_signal_handlers() {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
+        // SAFETY: sigaction(2) with a null new action only reads the disposition into a
+        // zeroed struct we own; the handler only stores into an atomic (async-signal-safe).
         unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction == libc::SIG_IGN
+            {
+                continue;
+            }
             libc::signal(sig, on_signal as *const () as libc::sighandler_t);
         }
     }

@@ -1445,6 +1445,35 @@ fn signals_a_job_ignoring_sigterm_is_killed_3_s_later() {
     interrupt(libc::SIGTERM, 143, true);
 }
 
+/// Started with SIGHUP ignored (`nohup qbuild`), a hang-up does not stop the build: the
+/// ignored disposition is kept, as make keeps it (qbuild used to install its handler over
+/// it and stop at the first SIGHUP).
+#[test]
+fn signals_a_build_started_under_nohup_survives_a_hangup() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.t]\noutputs = [\"t.txt\"]\ncommand = \"touch started.flag; sleep 1; echo ok > t.txt\"\n",
+    );
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("trap '' HUP; exec {} all", support::QBUILD))
+        .current_dir(s.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start sh");
+    let up = wait_until(Duration::from_secs(20), || s.exists("started.flag"));
+    assert!(up, "the job never got going");
+    // SAFETY: kill(2) on the pid of a child we started and have not reaped yet.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGHUP);
+    }
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert_eq!(s.read_string("t.txt"), "ok\n");
+}
+
 /// The interrupt message counts the commands running, not the jobs handed to the workers
 /// (with `-j1` and five jobs it said "stopping 2" while one ran).
 #[test]
