@@ -1445,6 +1445,15 @@ fn signals_a_job_ignoring_sigterm_is_killed_3_s_later() {
     interrupt(libc::SIGTERM, 143, true);
 }
 
+/// `qbuild ARGS` in `s`, sent SIGINT once its job has made `flag`.
+fn interrupt_once_up(s: &Space, args: &[&str], flag: &str) -> Ended {
+    let bg = Bg::start(s.path(), args, &[]);
+    let up = wait_until(Duration::from_secs(20), || s.exists(flag));
+    assert!(up, "the job never got going");
+    bg.signal(libc::SIGINT);
+    bg.wait(Duration::from_secs(30))
+}
+
 /// Started with SIGHUP ignored (`nohup qbuild`), a hang-up does not stop the build: the
 /// ignored disposition is kept, as make keeps it (qbuild used to install its handler over
 /// it and stop at the first SIGHUP).
@@ -1488,11 +1497,7 @@ outputs = ["t${i}.txt"]
 command = "touch started${i}.flag; sleep 30; echo > ${outputs}"
 "#,
     );
-    let bg = Bg::start(s.path(), &["-j", "1", "all"], &[]);
-    let up = wait_until(Duration::from_secs(20), || s.exists("started1.flag"));
-    assert!(up, "the job never got going");
-    bg.signal(libc::SIGINT);
-    let ended = bg.wait(Duration::from_secs(30));
+    let ended = interrupt_once_up(&s, &["-j", "1", "all"], "started1.flag");
     assert_eq!(ended.code, Some(130), "{ended}");
     assert!(
         ended
@@ -1516,11 +1521,7 @@ outputs = ["t.txt"]
 command = "trap 'echo caught > t.txt; exit 0' TERM; echo started > started.flag; sleep 30 & wait"
 "#,
     );
-    let bg = Bg::start(s.path(), &["--json", "all"], &[]);
-    let up = wait_until(Duration::from_secs(20), || s.exists("started.flag"));
-    assert!(up, "the job never got going");
-    bg.signal(libc::SIGINT);
-    let ended = bg.wait(Duration::from_secs(30));
+    let ended = interrupt_once_up(&s, &["--json", "all"], "started.flag");
     assert_eq!(ended.code, Some(130), "{ended}");
     assert_no_panic(&ended.stderr, "interrupt");
     assert!(!ended.ok_jobs().contains("t"), "{ended}");
