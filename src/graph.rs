@@ -6,7 +6,7 @@ use petgraph::algo::tarjan_scc;
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use crate::diag::{closest, Diagnostic};
-use crate::expand::{JobSpec, Model};
+use crate::expand::{Action, JobSpec, Model};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FileId(pub u32);
@@ -200,25 +200,52 @@ impl Graph {
             }
         }
         // A file no job declares, inside a folder a job writes: its readers wait for that
-        // job (one lookup per folder above each such file; sources are few).
+        // job (one lookup per folder above each such file; sources are few). When that
+        // output is a link qbuild makes, the file lies in what the link leads to: the jobs
+        // writing there are followed too, through chains of links.
         let mut within: rustc_hash::FxHashMap<FileId, Vec<FileId>> = Default::default();
-        let mut maker: rustc_hash::FxHashMap<FileId, JobId> = Default::default();
-        for (fi, file) in files.iter().enumerate() {
-            if file.producer.is_some() {
-                continue;
-            }
-            let path = file.path.as_str();
+        let mut maker: rustc_hash::FxHashMap<FileId, Vec<JobId>> = Default::default();
+        // The nearest path at or above `path` that a job writes, and where `path` goes on.
+        let written = |path: &str, exact: bool| -> Option<(FileId, JobId, usize)> {
             let mut end = path.len();
+            if exact {
+                if let Some(f) = by_path.get(&files, path) {
+                    if let Some(p) = files[f.idx()].producer {
+                        return Some((f, p, end));
+                    }
+                }
+            }
             while let Some(slash) = path[..end].rfind('/') {
                 end = slash;
                 let Some(outer) = by_path.get(&files, &path[..end]) else {
                     continue;
                 };
                 if let Some(p) = files[outer.idx()].producer {
-                    within.entry(outer).or_default().push(FileId(fi as u32));
-                    maker.insert(FileId(fi as u32), p);
-                    break;
+                    return Some((outer, p, end));
                 }
+            }
+            None
+        };
+        for (fi, file) in files.iter().enumerate() {
+            if file.producer.is_some() {
+                continue;
+            }
+            let me = FileId(fi as u32);
+            let mut path = file.path.clone();
+            let mut exact = false;
+            // At most 40 links, as the kernel follows them.
+            for _ in 0..40 {
+                let Some((outer, p, end)) = written(&path, exact) else {
+                    break;
+                };
+                within.entry(outer).or_default().push(me);
+                maker.entry(me).or_default().push(p);
+                let job = &jobs[p.idx()];
+                let (Action::Link(_), Some(to)) = (&job.spec.action, job.order.first()) else {
+                    break;
+                };
+                path = format!("{}{}", files[to.idx()].path, &path[end..]);
+                exact = true;
             }
         }
         let mut g: DiGraph<(), ()> = DiGraph::with_capacity(jobs.len(), jobs.len() * 2);
@@ -231,7 +258,10 @@ impl Graph {
                 .ins
                 .iter()
                 .chain(&job.order)
-                .filter_map(|f| files[f.idx()].producer.or_else(|| maker.get(f).copied()))
+                .flat_map(|f| {
+                    let made = maker.get(f).map_or(&[][..], Vec::as_slice);
+                    files[f.idx()].producer.into_iter().chain(made.iter().copied())
+                })
                 .collect();
             // A folder it reads (or links to) that holds other jobs' outputs: it waits for them.
             for (i, f) in job.ins.iter().chain(&job.order).enumerate() {

@@ -2080,3 +2080,38 @@ command = "cat sha2/x > shaz"
     assert_eq!(s.read_string("rd"), "2\n");
     s.run(["-j2", "all"]).assert_nothing_ran(6);
 }
+
+/// The same through links qbuild makes: a file read as `lk/f` (or `lk2/f`, a link to that
+/// link) where `lk` leads to another job's folder output is read again after that job
+/// reruns. It was hashed before, so one run left `r` with the old content.
+#[test]
+fn a_file_read_through_a_declared_link_to_a_folder_output_is_reread() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.gen]
+inputs = ["v"]
+outputs = ["gen"]
+command = "mkdir -p gen && cp v gen/f"
+links = [{ link = "lk", to = "gen" }]
+[rule.ch]
+links = [{ link = "lk2", to = "lk" }]
+[rule.read]
+inputs = ["lk/f", "lk2/f"]
+outputs = ["r"]
+command = "cat lk/f lk2/f > r"
+"#,
+    )
+    .write("v", "a\n");
+    s.run(["-j2", "all"]).assert_ok();
+    assert_eq!(s.read_string("r"), "a\na\n");
+    s.write("v", "b\n");
+    let dry = s.run(["-n", "all"]);
+    assert_eq!(dry.would_run(), set(["gen", "read"]), "{dry}");
+    s.run(["-j2", "all"])
+        .assert_ok()
+        .assert_ran(&set(["gen", "read"]));
+    assert_eq!(s.read_string("r"), "b\nb\n");
+    s.run(["all"]).assert_nothing_ran(4);
+}
