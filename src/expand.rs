@@ -573,10 +573,11 @@ impl Eval<'_, '_, '_> {
         let val = match kind {
             RefKind::Env { name, default } => match std::env::var(name) {
                 Ok(v) => {
-                    // The default is checked (and the variables it names count as used)
-                    // whatever the environment: `--check` must not depend on it.
+                    // The variables the default names must exist (and count as used)
+                    // whatever the environment, so `--check` does not depend on it; the
+                    // default itself is not needed (it may name an unset variable).
                     if let Some(d) = default {
-                        self.render(d, Mode::Scalar { quote: false })?;
+                        names_exist(self, d, &d.segs, true, &|_| false)?;
                     }
                     Val::scalar(&v)
                 }

@@ -259,8 +259,10 @@ impl Graph {
                 .iter()
                 .chain(&job.order)
                 .flat_map(|f| {
+                    // (A file kept by hand in the job's own folder output: no edge to itself.)
                     let made = maker.get(f).map_or(&[][..], Vec::as_slice);
-                    files[f.idx()].producer.into_iter().chain(made.iter().copied())
+                    let made = made.iter().copied().filter(|p| p.idx() != ji);
+                    files[f.idx()].producer.into_iter().chain(made)
                 })
                 .collect();
             // A folder it reads (or links to) that holds other jobs' outputs: it waits for them.
@@ -681,7 +683,9 @@ fn cycle_error(
             "`{}` (which writes `{example}`) ends up depending on its own output{}",
             jobs[start].spec.label,
             if via_folder {
-                " (a job that reads a folder waits for every job that writes into it)"
+                " (a job that reads a folder waits for every job that writes into it, and one \
+                 that reads a file inside a folder output waits for that folder's job: a file \
+                 kept by hand in a folder output belongs elsewhere)"
             } else {
                 ""
             }

@@ -2079,6 +2079,18 @@ command = "cat sha2/x > shaz"
     assert_eq!(s.read_string("rx"), "2\n");
     assert_eq!(s.read_string("rd"), "2\n");
     s.run(["-j2", "all"]).assert_nothing_ran(6);
+
+    // A file kept by hand in a job's own folder output, read by that job: no cycle.
+    let t = Space::new();
+    t.write("d/seed.txt", "seed\n").write(
+        "Qairtfile",
+        "[rule.w]\ninputs = [\"d/seed.txt\"]\noutputs = [\"d\"]\ncommand = \"mkdir -p d; cat d/seed.txt > d/x.txt\"\n",
+    );
+    t.run(["all"]).assert_ok().assert_ran(&set(["w"]));
+    t.run(["all"]).assert_nothing_ran(1);
+    t.write("d/seed.txt", "seed 2\n");
+    t.run(["all"]).assert_ok().assert_ran(&set(["w"]));
+    assert_eq!(t.read_string("d/x.txt"), "seed 2\n");
 }
 
 /// The same through links qbuild makes: a file read as `lk/f` (or `lk2/f`, a link to that

@@ -654,4 +654,15 @@ fn escapes_a_bom_empty_matrices_and_env_defaults_are_checked() {
         .run()
         .assert_ok();
     s.run(["--check"]).assert_ok();
+    // A default that falls back on another environment variable is not needed, nor
+    // evaluated, while the first one is set.
+    s.write(
+        "Qairtfile",
+        "[rule.a]\noutputs = [\"a.out\"]\ncommand = \"echo ${env:QBUILD_TEST_SET:-${env:QBUILD_TEST_UNSET}} > a.out\"\n",
+    );
+    s.qbuild(["all"])
+        .env("QBUILD_TEST_SET", "x")
+        .run()
+        .assert_ok();
+    assert_eq!(s.read_string("a.out"), "x\n");
 }
