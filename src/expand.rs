@@ -480,7 +480,8 @@ impl Eval<'_, '_, '_> {
                 .map(String::as_str)
                 .collect();
             cycle.push(name);
-            return Err(here(format!("variable cycle: {}", cycle.join(" -> "))));
+            return Err(here(format!("variable cycle: {}", cycle.join(" -> ")))
+                .with_hint("a variable cannot refer to itself, directly or through others"));
         }
         if let Some(scope) = &self.scope {
             if let Some((ins, outs)) = &scope.io {
@@ -613,7 +614,8 @@ impl Eval<'_, '_, '_> {
                                         "`{name}[{i}]` is out of range: `{name}` has {} item(s)",
                                         items.len()
                                     ),
-                                ));
+                                )
+                                .with_hint("indexes count from 0; a negative one counts from the end (`[-1]` is the last)"));
                             }
                         }
                     }
@@ -987,9 +989,11 @@ pub fn expand_in(q: &Qairtfile, roots: Option<&WorkRoots>) -> Result<Model, Diag
                 Some(n) => one(n)?,
                 None => "sdk".to_string(),
             };
+            // A list variable in a tool's path stands for one tool per item, as in paths.
             let mut tools = Vec::new();
             for tool in &t.tools {
-                tools.push(one(tool)?);
+                let tpl = parse_template(src, tool)?;
+                tools.extend(e.expand(&tpl, Mode::List)?);
             }
             Some(Toolchain {
                 name,
@@ -1133,13 +1137,21 @@ fn matches(
 ) -> Result<bool, Diagnostic> {
     for (k, v) in cond {
         let Some((_, cur)) = assignment.iter().find(|(n, _)| **n == *k.text) else {
-            return Err(e.g.src.error(
+            let names: Vec<&str> = assignment.iter().map(|(n, _)| &**n).collect();
+            let d = e.g.src.error(
                 k.span.clone(),
                 format!(
                     "`{}` in {what} is not a matrix variable of this rule",
                     k.text
                 ),
-            ));
+            );
+            return Err(match closest(&k.text, names.iter().copied()) {
+                Some(c) => d.with_hint(format!("did you mean `{c}`?")),
+                None => d.with_hint(format!(
+                    "{what} names the rule's matrix variables: {}",
+                    names.join(", ")
+                )),
+            });
         };
         if !e.value(v)?.items().iter().any(|x| **x == **cur) {
             return Ok(false);

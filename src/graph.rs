@@ -684,8 +684,7 @@ fn cycle_error(
             jobs[start].spec.label,
             if via_folder {
                 " (a job that reads a folder waits for every job that writes into it, and one \
-                 that reads a file inside a folder output waits for that folder's job: a file \
-                 kept by hand in a folder output belongs elsewhere)"
+                 that reads a file inside another job's folder output waits for that job)"
             } else {
                 ""
             }

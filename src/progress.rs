@@ -25,6 +25,10 @@ pub trait Progress {
     fn counts(&mut self, _done: usize, _total: usize, _eta: Option<Duration>) {}
     /// A message for the user (warnings, failures), printed without garbling the display.
     fn message(&mut self, text: &str);
+    /// `-n` without `--explain`: one line per job that would run (`--json` has its events).
+    fn would_run(&mut self, label: &str) {
+        self.message(&format!("would run: {label}"));
+    }
     fn done(&mut self);
     /// Whether `started` shows anything (then workers report when each job starts).
     fn shows_running(&self) -> bool {
@@ -90,6 +94,7 @@ impl Progress for Quiet {
     fn message(&mut self, text: &str) {
         let _ = writeln!(std::io::stderr(), "{text}");
     }
+    fn would_run(&mut self, _label: &str) {}
     fn done(&mut self) {}
 }
 

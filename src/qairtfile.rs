@@ -253,7 +253,9 @@ pub fn parse(source: Source) -> Result<Qairtfile, Diagnostic> {
                         _ => return Err(p.err(&v.span(), "a pool is a depth: `quantize = 1`")),
                     };
                     if depth == 0 {
-                        return Err(p.err(&v.span(), "pool depth must be at least 1"));
+                        return Err(p.err(&v.span(), "pool depth must be at least 1").with_hint(
+                            "the depth is how many of the pool's jobs may run at once",
+                        ));
                     }
                     file.pools.push(PoolDef {
                         name,
@@ -445,9 +447,10 @@ impl<'s> Parser<'s> {
     }
 
     fn bool(&self, v: &V<'_>, what: &str) -> Result<bool, Diagnostic> {
-        v.get_ref()
-            .as_bool()
-            .ok_or_else(|| self.err(&v.span(), format!("{what} must be true or false")))
+        v.get_ref().as_bool().ok_or_else(|| {
+            self.err(&v.span(), format!("{what} must be true or false"))
+                .with_hint(format!("write `{what} = true` (a TOML boolean, no quotes)"))
+        })
     }
 
     fn str_list(&self, v: &V<'_>, what: &str) -> Result<Vec<Str>, Diagnostic> {
@@ -670,6 +673,8 @@ impl<'s> Parser<'s> {
                         }
                         env.push((k, self.string(ev, "an env value")?));
                     }
+                    // A TOML table has no order: `{ A, B }` and `{ B, A }` are one key.
+                    env.sort_by(|a, b| a.0.text.cmp(&b.0.text));
                 }
                 other => return Err(self.unknown_key(key, other, RULE_KEYS)),
             }

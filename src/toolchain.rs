@@ -47,6 +47,27 @@ pub fn verify(tc: &Toolchain, workdir: &Path, src: &Source) -> Result<Verified, 
         )
     })?;
     if let Some(min) = &tc.min_version {
+        // Part by part as numbers: a part that is not one cannot be ordered (`v2.9`, `2.x`
+        // were taken as newer than anything).
+        if !is_numeric_version(min) {
+            return Err(here(
+                format!(
+                    "toolchain `{}`: min_version `{min}` is not a version",
+                    tc.name
+                ),
+                "write numbers separated by dots, as `min_version = \"2.28\"`".into(),
+            ));
+        }
+        if !is_numeric_version(&version) {
+            return Err(here(
+                format!(
+                    "toolchain `{}` is version `{version}` (in {}), which cannot be compared with the required {min}",
+                    tc.name,
+                    vf.display()
+                ),
+                "a version is numbers separated by dots, as `version: 2.31.0.250130`".into(),
+            ));
+        }
         if compare_versions(&version, min) == Ordering::Less {
             return Err(here(
                 format!(
@@ -93,8 +114,20 @@ pub fn read_version(yaml: &str) -> Option<String> {
     })
 }
 
+/// `2.31.0.250130`, `2.28`, `v2.28`: numbers separated by `.` or `-` (a leading `v` allowed).
+pub fn is_numeric_version(v: &str) -> bool {
+    let v = v.strip_prefix('v').unwrap_or(v);
+    !v.is_empty()
+        && v.split(['.', '-'])
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Compare dotted versions part by part, numerically where both parts are numbers.
 pub fn compare_versions(a: &str, b: &str) -> Ordering {
+    let (a, b) = (
+        a.strip_prefix('v').unwrap_or(a),
+        b.strip_prefix('v').unwrap_or(b),
+    );
     let pa: Vec<&str> = a.split(['.', '-']).collect();
     let pb: Vec<&str> = b.split(['.', '-']).collect();
     for i in 0..pa.len().max(pb.len()) {
@@ -120,6 +153,17 @@ mod tests {
         assert_eq!(compare_versions("2.31.0.250130", "2.28"), Ordering::Greater);
         assert_eq!(compare_versions("2.9", "2.10"), Ordering::Less);
         assert_eq!(compare_versions("2.28.0", "2.28"), Ordering::Equal);
+        assert_eq!(compare_versions("v2.31.0", "2.28"), Ordering::Greater);
+    }
+
+    #[test]
+    fn only_numbers_are_versions() {
+        for v in ["2.28", "2.31.0.250130", "v2.28", "2-28"] {
+            assert!(is_numeric_version(v), "{v}");
+        }
+        for v in ["", "abc", "v", "2.x", "2..28", "-1", "v2.9a", "true"] {
+            assert!(!is_numeric_version(v), "{v}");
+        }
     }
 
     #[test]

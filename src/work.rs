@@ -827,6 +827,10 @@ impl Work<'_> {
             self.progress.message(&text);
         }
         if self.opts.dry_run {
+            if !self.opts.explain {
+                let label = self.label(j).to_string();
+                self.progress.would_run(&label);
+            }
             let ev = json!({
                 "event": "would_run",
                 "rule": self.rule_name(j),
@@ -1541,7 +1545,7 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
     let mut hashes = Vec::new();
     let mut entries = Vec::new();
     if matches!(result, Ok(Outcome::Success)) {
-        result = sanity_check(&outputs, &rels, &post, workdir, &log, mode, procs);
+        result = sanity_check(&outputs, &rels, &post, workdir, &env, &log, mode, procs);
     }
     if matches!(result, Ok(Outcome::Success)) {
         // Outputs are new: hash them without the cache. A link's content is derived from
@@ -1624,11 +1628,13 @@ struct Post {
 
 /// After a command succeeded: every declared output exists, files are non-empty (unless
 /// allowed), and the rule's `check` command passes.
+#[allow(clippy::too_many_arguments)]
 fn sanity_check(
     outputs: &[PathBuf],
     rels: &[String],
     post: &Post,
     workdir: &Path,
+    env: &[(String, String)],
     log: &Path,
     mode: exec::LogMode,
     procs: &Running,
@@ -1666,7 +1672,8 @@ fn sanity_check(
             &Action::Shell(c.to_string()),
             outputs,
             workdir,
-            &[],
+            // The rule's `env` too: a check runs the same tools (LD_LIBRARY_PATH).
+            env,
             log,
             exec::LogMode {
                 append: true,

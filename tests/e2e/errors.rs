@@ -264,7 +264,7 @@ command = \"cat out/a.txt > models/gen.txt\"
   |
 5 | [rule.a]
   |       ^
-  = hint: `a` (which writes `out/a.txt`) ends up depending on its own output (a job that reads a folder waits for every job that writes into it)
+  = hint: `a` (which writes `out/a.txt`) ends up depending on its own output (a job that reads a folder waits for every job that writes into it, and one that reads a file inside another job's folder output waits for that job)
 "
     );
 }
@@ -665,4 +665,44 @@ fn escapes_a_bom_empty_matrices_and_env_defaults_are_checked() {
         .run()
         .assert_ok();
     assert_eq!(s.read_string("a.out"), "x\n");
+}
+
+/// `min_version` compares numbers: an SDK version or a `min_version` that is not one is an
+/// error (`v2.9a`, `2.x` passed as newer than anything); a list variable in a `tools` path
+/// stands for one tool per item (it was joined into one path with a space).
+#[test]
+fn toolchain_versions_must_be_numbers_and_tool_lists_multiply() {
+    let s = Space::new();
+    s.write("sdk/sdk.yaml", "version: 2.x\n")
+        .write("sdk/bin/a", "#!/bin/sh\n");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(s.join("sdk/bin/a"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let qf = |min: &str, tools: &str| {
+        format!(
+            "[vars]\nnames = [\"a\", \"b\"]\n[toolchain]\nroot = \"sdk\"\nmin_version = \"{min}\"\ntools = [{tools}]\n[rule.r]\noutputs = [\"o\"]\ncommand = \"echo ${{names}} > o\"\n"
+        )
+    };
+    s.write("Qairtfile", qf("2.28", ""));
+    let out = s.run(["--check"]);
+    out.assert_code(2);
+    assert!(out.stderr.contains("is version `2.x`"), "{out}");
+    s.write("sdk/sdk.yaml", "version: 2.31.0\n");
+    s.write("Qairtfile", qf("abc", ""));
+    let out = s.run(["--check"]);
+    out.assert_code(2);
+    assert!(
+        out.stderr.contains("min_version `abc` is not a version"),
+        "{out}"
+    );
+    s.write("Qairtfile", qf("v2.28", ""));
+    s.run(["--check"]).assert_ok();
+    s.write("Qairtfile", qf("2.28", "\"bin/${names}\""));
+    let out = s.run(["--check"]);
+    out.assert_code(2);
+    assert!(
+        out.stderr
+            .contains("sdk/bin/b is missing or not executable"),
+        "{out}"
+    );
 }

@@ -2779,3 +2779,33 @@ command = "cat a w > b"
     assert_eq!(s.read_string("b"), "2\n1\n", "as a clean build makes it");
     s.run(["all"]).assert_nothing_ran(2);
 }
+
+/// A rule's `check` runs with the rule's `env` (it failed without it); reordering `env`
+/// keys changes nothing (a TOML table has no order; it reran the job); `-n` alone names
+/// each job it would run (it printed only the count).
+#[test]
+fn check_sees_env_env_order_is_no_change_and_dry_run_lists_jobs() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.a]
+env = { E = "val", A = "1" }
+outputs = ["a"]
+command = "echo \"$E $A\" > a"
+check = "test \"$E\" = val"
+"#,
+    );
+    s.run(["all"]).assert_ok().assert_ran(&set(["a"]));
+    assert_eq!(s.read_string("a"), "val 1\n");
+    s.replace(
+        "Qairtfile",
+        r#"{ E = "val", A = "1" }"#,
+        r#"{ A = "1", E = "val" }"#,
+    );
+    s.run(["all"]).assert_nothing_ran(1);
+    s.replace("Qairtfile", "> a", ">a");
+    let dry = s.qbuild(["-n"]).no_json().run();
+    dry.assert_ok();
+    assert!(dry.stderr.contains("would run: a\n"), "{dry}");
+}
