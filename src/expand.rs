@@ -888,7 +888,25 @@ impl WorkRoots {
         if let Ok(a) = std::path::absolute(workdir) {
             roots.push(normalize(&a.to_string_lossy()));
         }
-        if let Ok(c) = workdir.canonicalize() {
+        let real = workdir.canonicalize().ok();
+        // The folder as the shell names it (`cd` through a symlink, or `-C link`): `$PWD`
+        // when it is the current folder, and the work folder's place below it.
+        let cwd = std::env::current_dir().ok();
+        if let (Ok(pwd), Some(cwd), Some(real)) = (std::env::var("PWD"), cwd, &real) {
+            let canon = |p: &std::path::Path| p.canonicalize().ok();
+            let below = if workdir.is_absolute() {
+                workdir.strip_prefix(&cwd).ok()
+            } else {
+                Some(workdir)
+            };
+            if let (true, Some(below)) = (canon(pwd.as_ref()) == canon(&cwd), below) {
+                let n = normalize(&format!("{pwd}/{}", below.display()));
+                if canon(n.as_ref()).as_ref() == Some(real) {
+                    roots.push(n);
+                }
+            }
+        }
+        if let Some(c) = real {
             roots.push(c.to_string_lossy().into_owned());
         }
         roots.dedup();

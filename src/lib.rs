@@ -453,11 +453,29 @@ pub fn json_emitter(json: bool) -> impl FnMut(serde_json::Value) {
     }
 }
 
+/// `$PWD/d` (or `d`), normalised, if `$PWD` is the current folder as named by the shell.
+fn logical_dir(d: &Path) -> Option<String> {
+    let base = if d.is_absolute() {
+        String::new()
+    } else {
+        let pwd = std::env::var("PWD").ok()?;
+        let here = std::env::current_dir().ok()?;
+        (Path::new(&pwd).canonicalize().ok()? == here.canonicalize().ok()?).then_some(pwd)?
+    };
+    Some(expand::normalize(&format!("{base}/{}", d.display())))
+}
+
 fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
     // -C first: like make and ninja, every other path is then relative to DIR.
     if let Some(d) = &args.dir {
+        let logical = logical_dir(d);
         std::env::set_current_dir(d)
             .map_err(|e| Diagnostic::plain(format!("-C {}: {e}", d.display())))?;
+        // As a shell's `cd` does: the folder as named (through any symlink) stays known,
+        // to qbuild (`expand::WorkRoots`) and to the commands.
+        if let Some(l) = logical {
+            std::env::set_var("PWD", l);
+        }
     }
     let cwd = std::env::current_dir()
         .map_err(|e| Diagnostic::plain(format!("cannot read the current folder: {e}")))?;

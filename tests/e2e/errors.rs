@@ -219,6 +219,20 @@ fn the_work_folder_named_from_outside_is_refused_and_paths_back_inside_are_its_f
         assert!(out.stderr.contains(says), "{line}\n{out}");
         assert!(out.stderr.contains("--> Qairtfile:2:"), "{out}");
     }
+    // The same through a symlink to the work folder, as `-C` (or the shell's `cd`) names it.
+    let t = Space::new();
+    std::os::unix::fs::symlink(s.path(), t.join("lnk")).expect("symlink");
+    let via = t.path().to_string_lossy().into_owned();
+    s.write(
+        "Qairtfile",
+        format!("[rule.a]\ninputs = [\"{via}/lnk\"]\noutputs = [\"a.txt\"]\ncommand = \"true\"\n"),
+    );
+    let out = t.qbuild(["-C", "lnk", "--check"]).env("PWD", &via).run();
+    out.assert_code(2);
+    assert!(
+        out.stderr.contains("holds qbuild's own state folder"),
+        "{out}"
+    );
     s.write(
         "Qairtfile",
         "[rule.l]\nlinks = [{ link = \"l\", to = \".qbuild/snapshot\" }]\n",
