@@ -347,18 +347,20 @@ pub fn source_link_to_output(g: &Graph, workdir: &Path, rel: &str) -> Option<Str
         // really in, whatever links led to it.
         let target = link.parent()?.canonicalize().ok()?.join(&text);
         let normal = PathBuf::from(crate::expand::normalize(&target.to_string_lossy()));
-        let inside = normal.strip_prefix(&root).ok()?;
-        let key = inside.to_string_lossy().into_owned();
-        let mut at = Some(inside);
-        while let Some(p) = at.filter(|p| !p.as_os_str().is_empty()) {
-            let f = g.by_path.get(&g.files, &p.to_string_lossy());
-            if let Some(j) = f.and_then(|f| g.files[f.idx()].producer) {
-                return Some(format!(
-                    "{rel} is a symlink to {key}, which `{}` writes; jobs are ordered by the paths they declare, so make the link with `links = [...]` on that rule, or read {key} directly",
-                    g.jobs[j.idx()].spec.label
-                ));
+        // A hop outside the work folder (shared storage) may lead back in: follow on.
+        if let Ok(inside) = normal.strip_prefix(&root) {
+            let key = inside.to_string_lossy().into_owned();
+            let mut at = Some(inside);
+            while let Some(p) = at.filter(|p| !p.as_os_str().is_empty()) {
+                let f = g.by_path.get(&g.files, &p.to_string_lossy());
+                if let Some(j) = f.and_then(|f| g.files[f.idx()].producer) {
+                    return Some(format!(
+                        "{rel} is a symlink to {key}, which `{}` writes; jobs are ordered by the paths they declare, so make the link with `links = [...]` on that rule, or read {key} directly",
+                        g.jobs[j.idx()].spec.label
+                    ));
+                }
+                at = p.parent();
             }
-            at = p.parent();
         }
         text = fs::read_link(&normal).ok()?;
         link = normal;

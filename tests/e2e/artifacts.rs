@@ -2127,3 +2127,30 @@ command = "cat lk/f lk2/f > r"
     assert_eq!(s.read_string("r"), "b\nb\n");
     s.run(["all"]).assert_nothing_ran(4);
 }
+
+/// A source link whose chain leaves the work folder (shared storage) and comes back to
+/// another job's output is refused like a direct one: it was accepted, its reader not
+/// ordered after the writer, and an edit took two runs.
+#[test]
+fn a_source_link_back_to_an_output_through_outside_storage_is_refused() {
+    let s = Space::new();
+    let shared = Space::new();
+    s.write("src/in.txt", "v1\n").write(
+        "Qairtfile",
+        r#"
+[rule.gen]
+inputs = ["src/in.txt"]
+outputs = ["out/gen.txt"]
+command = "mkdir -p out && cat src/in.txt > out/gen.txt"
+[rule.reader]
+inputs = ["src/via.txt"]
+outputs = ["out/reader.txt"]
+command = "cat src/via.txt > out/reader.txt"
+"#,
+    );
+    std::os::unix::fs::symlink(s.join("out/gen.txt"), shared.join("hop.txt")).expect("symlink");
+    std::os::unix::fs::symlink(shared.join("hop.txt"), s.join("src/via.txt")).expect("symlink");
+    let out = s.run(["--check"]);
+    out.assert_code(2);
+    assert!(out.stderr.contains("which `gen` writes"), "{out}");
+}

@@ -2649,6 +2649,44 @@ command = "cat tv/input_0.raw > tv.txt"
     );
 }
 
+/// A link in the middle of a source's chain retargeted (`current -> v2` on shared storage),
+/// then the new target edited: both rebuild (neither did: only the first link and the
+/// final file were watched).
+#[test]
+fn watch_sees_a_retargeted_link_in_the_middle_of_a_sources_chain() {
+    let s = Space::new();
+    let shared = Space::new();
+    shared
+        .write("v1/model.onnx", "V1\n")
+        .write("v2/model.onnx", "V2\n");
+    std::os::unix::fs::symlink("v1", shared.join("current")).expect("symlink");
+    s.mkdir("models");
+    std::os::unix::fs::symlink(shared.join("current/model.onnx"), s.join("models/m.onnx"))
+        .expect("symlink");
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.export]
+inputs = ["models/m.onnx"]
+outputs = ["export.onnx"]
+command = "cat models/m.onnx > export.onnx"
+"#,
+    );
+    let mut w = Watch::start(&s, &[], &[]);
+    w.round("the first build");
+    assert_eq!(s.read_string("export.onnx"), "V1\n");
+    let tmp = shared.join("current.new");
+    std::os::unix::fs::symlink("v2", &tmp).expect("symlink");
+    fs::rename(&tmp, shared.join("current")).expect("rename");
+    let r = w.round("the middle link retargeted");
+    assert_eq!(r.ran(), set(["export"]), "{}", r.transcript);
+    assert_eq!(s.read_string("export.onnx"), "V2\n");
+    shared.write("v2/model.onnx", "V3\n");
+    let r = w.round("an edit of the new target");
+    assert_eq!(r.ran(), set(["export"]), "{}", r.transcript);
+    assert_eq!(s.read_string("export.onnx"), "V3\n");
+}
+
 /// Ctrl-C ends a `--watch` that is waiting for the lock another qbuild holds (it waited,
 /// signal handled but ignored, until the other build ended: an hour, in this pipeline).
 #[test]
