@@ -60,10 +60,19 @@ enum OpenError {
 impl From<sled::Error> for OpenError {
     fn from(e: sled::Error) -> Self {
         match e {
+            sled::Error::Io(io) if misshapen(&io) => OpenError::Corrupt(io.to_string()),
             sled::Error::Io(io) => OpenError::Io(io.to_string()),
             other => OpenError::Corrupt(other.to_string()),
         }
     }
+}
+
+/// A part of the state that is the wrong kind of file (a file where a folder belongs, or
+/// the reverse): damage to set aside, not the disk refusing service. Left as it is, it
+/// failed every run (the journal then grew without end, never folded).
+fn misshapen(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{IsADirectory, NotADirectory};
+    matches!(e.kind(), IsADirectory | NotADirectory)
 }
 
 /// The state under `.qbuild/`: the snapshot (`snapshot`, one checksummed file: the stat
@@ -289,7 +298,13 @@ impl Db {
         let (mut state, snapshot_len) = match read_snapshot(&path) {
             Ok(state) => state.unwrap_or_default(),
             Err(Ok(msg)) => return Err(DbError::Corrupt { path, msg }),
-            Err(Err(e)) => return Err(self.io(e)),
+            Err(Err(e)) if misshapen(&e) => {
+                return Err(DbError::Corrupt {
+                    path,
+                    msg: e.to_string(),
+                })
+            }
+            Err(Err(e)) => return Err(self.io_at(&path, e)),
         };
         let mut pending = FxHashMap::default();
         // One merge into the stat cache for the whole journal (later entries win): a
@@ -304,7 +319,17 @@ impl Db {
                     pending.insert(j.id, j.explain);
                 }
             })
-            .map_err(|e| self.io(e))?;
+            .map_err(|e| {
+                let path = self.dir.join("journal");
+                if misshapen(&e) {
+                    DbError::Corrupt {
+                        path,
+                        msg: e.to_string(),
+                    }
+                } else {
+                    self.io_at(&path, e)
+                }
+            })?;
         state.stat.extend(stats);
         if let Ok(mut p) = self.pending_explain.lock() {
             *p = pending;
@@ -331,7 +356,7 @@ impl Db {
     pub fn record_stats(&self, stats: Vec<(String, StatEntry)>) -> Result<(), DbError> {
         self.journal
             .append(Entry { job: None, stats })
-            .map_err(|e| self.io(e))
+            .map_err(|e| self.io_at(&self.dir.join("journal"), e))
     }
 
     /// Make `state` (which must already hold every journal entry) the new snapshot, move
@@ -378,7 +403,7 @@ impl Db {
                     }
                 }
             })
-            .map_err(|e| self.io(e))?;
+            .map_err(|e| self.io_at(&self.dir.join("journal"), e))?;
         // The store is open iff something was written to it (or read for an explanation:
         // flushing it then is a no-op).
         let flush = || match self.sled.get() {
@@ -408,13 +433,17 @@ impl Db {
 
     /// The second half of `compact`: `state` becomes the snapshot; the journal is emptied.
     pub fn commit_snapshot(&self, state: &State) -> Result<(), DbError> {
-        write_snapshot(&self.snapshot_path(), state).map_err(|e| self.io(e))?;
-        self.journal.clear().map_err(|e| self.io(e))
+        write_snapshot(&self.snapshot_path(), state)
+            .map_err(|e| self.io_at(&self.snapshot_path(), e))?;
+        self.journal
+            .clear()
+            .map_err(|e| self.io_at(&self.dir.join("journal"), e))
     }
 
-    fn io(&self, e: std::io::Error) -> DbError {
+    /// An I/O error naming the file at fault.
+    fn io_at(&self, path: &Path, e: std::io::Error) -> DbError {
         DbError::Io {
-            path: self.dir.clone(),
+            path: path.to_path_buf(),
             msg: e.to_string(),
         }
     }
@@ -445,14 +474,29 @@ impl Db {
             }),
             stats: stats.to_vec(),
         };
-        self.journal.append(e).map_err(|e| self.io(e))
+        self.journal
+            .append(e)
+            .map_err(|e| self.io_at(&self.dir.join("journal"), e))
     }
 }
 
-/// Move the named parts of the state (those that exist) into `.qbuild/broken-PID/`.
+/// Move the named parts of the state (those that exist) into a new `.qbuild/broken-PID/`
+/// (`broken-PID-N` if that exists: in a container qbuild may be PID 1 every time).
 fn set_aside(state_dir: &Path, parts: &[&str]) -> Result<PathBuf, (PathBuf, String)> {
-    let aside = state_dir.join(format!("broken-{}", std::process::id()));
-    std::fs::create_dir_all(&aside).map_err(|e| (aside.clone(), e.to_string()))?;
+    let pid = std::process::id();
+    let mut n = 0;
+    let aside = loop {
+        let name = match n {
+            0 => format!("broken-{pid}"),
+            _ => format!("broken-{pid}-{n}"),
+        };
+        let at = state_dir.join(name);
+        match std::fs::create_dir(&at) {
+            Ok(()) => break at,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(e) => return Err((at, e.to_string())),
+        }
+    };
     for part in parts {
         let from = state_dir.join(part);
         if from.symlink_metadata().is_ok() {

@@ -359,6 +359,7 @@ fn copy_output(
     // A log missing some of the output (a write failed) would show a failure's last lines
     // wrong; it is removed, and the failure shows the in-memory tail instead.
     let mut broken = false;
+    let mut why: Option<io::Error> = None;
     let tick = std::time::Duration::from_millis(50);
     let mut looked = std::time::Instant::now();
     let mut leader_gone: Option<std::time::Instant> = None;
@@ -402,19 +403,25 @@ fn copy_output(
                     if let Some(dir) = log.parent() {
                         let _ = fs::create_dir_all(dir);
                     }
-                    file = fs::OpenOptions::new()
+                    match fs::OpenOptions::new()
                         .create(true)
                         .write(true)
                         .append(mode.append)
                         .truncate(!mode.append)
                         .open(log)
-                        .ok();
-                    broken = file.is_none();
+                    {
+                        Ok(f) => file = Some(f),
+                        Err(e) => {
+                            broken = true;
+                            why = Some(e);
+                        }
+                    }
                 }
                 if let Some(f) = file.as_mut() {
-                    if f.write_all(&buf[..n]).is_err() {
+                    if let Err(e) = f.write_all(&buf[..n]) {
                         file = None;
                         broken = true;
+                        why = Some(e);
                     }
                 }
                 tail.extend_from_slice(&buf[..n]);
@@ -429,6 +436,14 @@ fn copy_output(
     }
     if broken || (file.is_none() && !mode.append) {
         let _ = fs::remove_file(log);
+    }
+    // A log that could not be kept (a full disk) is said, not silently missing; the
+    // output's end is still kept in memory for a failure report.
+    if let Some(e) = why {
+        say!(
+            "qbuild: warning: cannot write the log {} ({e}); this command's output is not kept",
+            log.display()
+        );
     }
     if tail.len() > TAIL_BYTES {
         tail.drain(..tail.len() - TAIL_BYTES);

@@ -3437,3 +3437,50 @@ fn a_job_ends_with_its_leader_even_when_a_helper_holds_the_output_pipe() {
         .args(["-f", "^sleep 31.7$"])
         .status();
 }
+
+/// Parts of the state that are the wrong kind of file (the explain store a file, the
+/// snapshot or the journal a folder) are set aside like damaged bytes, and the run goes
+/// on: they used to fail every run ("Is a directory"), or (the explain store) leave the
+/// journal growing forever, never folded. A log that cannot be written is warned about.
+#[test]
+fn misshapen_state_parts_are_set_aside_and_a_lost_log_is_said() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.a]\ninputs = [\"v\"]\noutputs = [\"a.txt\"]\ncommand = \"cat v > a.txt; echo said\"\n",
+    )
+    .write("v", "1\n");
+    s.run(["all"]).assert_ok();
+
+    fs::remove_dir_all(s.join(".qbuild/state.sled")).expect("rm sled");
+    s.write(".qbuild/state.sled", "x");
+    s.write("v", "2\n");
+    let out = s.run(["all"]);
+    out.assert_ok().assert_ran(&support::set(["a"]));
+    assert!(out.stderr.contains("the explain store"), "{out}");
+    assert!(
+        s.join(".qbuild/state.sled").is_dir(),
+        "a fresh store\n{out}"
+    );
+    assert!(
+        !s.exists(".qbuild/journal"),
+        "the journal was folded\n{out}"
+    );
+
+    for part in ["snapshot", "journal"] {
+        let p = s.join(".qbuild").join(part);
+        let _ = fs::remove_file(&p);
+        fs::create_dir(&p).expect("mkdir");
+        let out = s.run(["all"]);
+        out.assert_ok();
+        assert!(out.stderr.contains("moved it to"), "{part}\n{out}");
+        s.run(["all"]).assert_nothing_ran(1);
+    }
+
+    fs::remove_dir_all(s.join(".qbuild/logs")).expect("rm logs");
+    s.write(".qbuild/logs", "not a folder");
+    s.write("v", "3\n");
+    let out = s.run(["all"]);
+    out.assert_ok();
+    assert!(out.stderr.contains("cannot write the log"), "{out}");
+}
