@@ -47,8 +47,8 @@ pub fn verify(tc: &Toolchain, workdir: &Path, src: &Source) -> Result<Verified, 
         )
     })?;
     if let Some(min) = &tc.min_version {
-        // Part by part as numbers: a part that is not one cannot be ordered (`v2.9`, `2.x`
-        // were taken as newer than anything).
+        // By their leading numbers: text was compared as text, so `v2.9` and `2.x` were
+        // taken as newer than anything; one that does not start with a number is refused.
         if !is_numeric_version(min) {
             return Err(here(
                 format!(
@@ -114,29 +114,32 @@ pub fn read_version(yaml: &str) -> Option<String> {
     })
 }
 
-/// `2.31.0.250130`, `2.28`, `v2.28`: numbers separated by `.` or `-` (a leading `v` allowed).
-pub fn is_numeric_version(v: &str) -> bool {
+/// The leading numbers of a version (`2.31.0.250130`, `v2.28`, `2.31.0-rc1` gives
+/// 2, 31, 0): what is compared. `None` if it does not start with a number.
+pub fn version_numbers(v: &str) -> Option<Vec<u64>> {
     let v = v.strip_prefix('v').unwrap_or(v);
-    !v.is_empty()
-        && v.split(['.', '-'])
-            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    let nums: Vec<u64> = v
+        .split(['.', '-', '_', '+'])
+        .map_while(|p| p.parse::<u64>().ok())
+        .collect();
+    (!nums.is_empty()).then_some(nums)
 }
 
-/// Compare dotted versions part by part, numerically where both parts are numbers.
+/// Whether `v` starts with a number, so that it can be compared.
+pub fn is_numeric_version(v: &str) -> bool {
+    version_numbers(v).is_some()
+}
+
+/// Compare versions by their leading numbers, part by part (`2.9` < `2.28`; a missing
+/// part is 0; a suffix such as `-rc1` is not compared). Text that does not start with a
+/// number sorts first: callers refuse it (`is_numeric_version`).
 pub fn compare_versions(a: &str, b: &str) -> Ordering {
-    let (a, b) = (
-        a.strip_prefix('v').unwrap_or(a),
-        b.strip_prefix('v').unwrap_or(b),
+    let (pa, pb) = (
+        version_numbers(a).unwrap_or_default(),
+        version_numbers(b).unwrap_or_default(),
     );
-    let pa: Vec<&str> = a.split(['.', '-']).collect();
-    let pb: Vec<&str> = b.split(['.', '-']).collect();
     for i in 0..pa.len().max(pb.len()) {
-        let x = pa.get(i).copied().unwrap_or("0");
-        let y = pb.get(i).copied().unwrap_or("0");
-        let o = match (x.parse::<u64>(), y.parse::<u64>()) {
-            (Ok(m), Ok(n)) => m.cmp(&n),
-            _ => x.cmp(y),
-        };
+        let o = pa.get(i).unwrap_or(&0).cmp(pb.get(i).unwrap_or(&0));
         if o != Ordering::Equal {
             return o;
         }
@@ -158,12 +161,24 @@ mod tests {
 
     #[test]
     fn only_numbers_are_versions() {
-        for v in ["2.28", "2.31.0.250130", "v2.28", "2-28"] {
+        for v in [
+            "2.28",
+            "2.31.0.250130",
+            "v2.28",
+            "2-28",
+            "2.31.0-rc1",
+            "2.x",
+        ] {
             assert!(is_numeric_version(v), "{v}");
         }
-        for v in ["", "abc", "v", "2.x", "2..28", "-1", "v2.9a", "true"] {
+        for v in ["", "abc", "v", "-1", "true", "x2.9"] {
             assert!(!is_numeric_version(v), "{v}");
         }
+        // A part that is not a number ends the comparison: `2.x` is 2, older than 2.28
+        // (it used to sort as newer than anything).
+        assert_eq!(compare_versions("2.x", "2.28"), Ordering::Less);
+        assert_eq!(compare_versions("v2.9a", "2.28"), Ordering::Less);
+        assert_eq!(compare_versions("2.31.0-rc1", "2.28"), Ordering::Greater);
     }
 
     #[test]

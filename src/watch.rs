@@ -45,28 +45,32 @@ impl Interest {
 
     fn add_file(&mut self, p: PathBuf) {
         // Through a symlink, the file that really changes is the target; and every link on
-        // the way (`current -> v2` on shared storage) can be retargeted: each hop is watched.
-        let mut hop = p.clone();
-        for _ in 0..40 {
-            // A linked folder on the way (`current/model.onnx`) is a hop too.
-            for a in hop.ancestors().skip(1) {
+        // the way can be retargeted (`current -> v2` on shared storage, a linked folder
+        // above the file, that folder's own chain): each is watched.
+        let mut todo = vec![p.clone()];
+        let mut seen = HashSet::new();
+        while let Some(at) = todo.pop() {
+            if seen.len() > 256 || !seen.insert(at.clone()) {
+                continue;
+            }
+            self.files.insert(at.clone());
+            for a in at.ancestors().skip(1) {
                 if std::fs::symlink_metadata(a).is_ok_and(|m| m.file_type().is_symlink()) {
-                    self.files.insert(a.to_path_buf());
+                    todo.push(a.to_path_buf());
                 }
             }
-            let Ok(text) = std::fs::read_link(&hop) else {
-                break;
-            };
-            let next = hop.parent().unwrap_or(Path::new("/")).join(text);
-            hop = PathBuf::from(crate::expand::normalize(&next.to_string_lossy()));
-            self.files.insert(hop.clone());
+            if let Ok(text) = std::fs::read_link(&at) {
+                let next = at.parent().unwrap_or(Path::new("/")).join(text);
+                todo.push(PathBuf::from(crate::expand::normalize(
+                    &next.to_string_lossy(),
+                )));
+            }
         }
         if let Ok(real) = p.canonicalize() {
             if real != p {
                 self.files.insert(real);
             }
         }
-        self.files.insert(p);
     }
 
     /// The folders to register: each file's folder (editors replace files by rename), or

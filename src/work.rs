@@ -347,8 +347,25 @@ pub fn source_link_to_output(g: &Graph, workdir: &Path, rel: &str) -> Option<Str
         // really in, whatever links led to it.
         let target = link.parent()?.canonicalize().ok()?.join(&text);
         let normal = PathBuf::from(crate::expand::normalize(&target.to_string_lossy()));
-        // A hop outside the work folder (shared storage) may lead back in: follow on.
-        if let Ok(inside) = normal.strip_prefix(&root) {
+        // A hop outside the work folder (shared storage) may lead back in: follow on. The
+        // text may name the work folder another way (a link to it): its folder's real path.
+        let inside = normal
+            .strip_prefix(&root)
+            .ok()
+            .map(Path::to_path_buf)
+            .or_else(|| {
+                // The deepest folder on the way that exists, resolved; the rest as written.
+                let mut base = normal.parent()?;
+                let real = loop {
+                    if let Ok(r) = base.canonicalize() {
+                        break r;
+                    }
+                    base = base.parent()?;
+                };
+                let real = real.join(normal.strip_prefix(base).ok()?);
+                real.strip_prefix(&root).ok().map(Path::to_path_buf)
+            });
+        if let Some(inside) = inside.as_deref() {
             let key = inside.to_string_lossy().into_owned();
             let mut at = Some(inside);
             while let Some(p) = at.filter(|p| !p.as_os_str().is_empty()) {

@@ -2153,4 +2153,12 @@ command = "cat src/via.txt > out/reader.txt"
     let out = s.run(["--check"]);
     out.assert_code(2);
     assert!(out.stderr.contains("which `gen` writes"), "{out}");
+    // The same through a second name for the work folder (a link to it elsewhere).
+    std::os::unix::fs::symlink(s.path(), shared.join("alias")).expect("symlink");
+    fs::remove_file(s.join("src/via.txt")).expect("rm");
+    std::os::unix::fs::symlink(shared.join("alias/out/gen.txt"), s.join("src/via.txt"))
+        .expect("symlink");
+    let out = s.run(["--check"]);
+    out.assert_code(2);
+    assert!(out.stderr.contains("which `gen` writes"), "{out}");
 }

@@ -681,8 +681,8 @@ fn escapes_a_bom_empty_matrices_and_env_defaults_are_checked() {
     assert_eq!(s.read_string("a.out"), "x\n");
 }
 
-/// `min_version` compares numbers: an SDK version or a `min_version` that is not one is an
-/// error (`v2.9a`, `2.x` passed as newer than anything); a list variable in a `tools` path
+/// `min_version` compares leading numbers: `2.x` is 2, older than 2.28 (it passed as newer
+/// than anything), and a version or `min_version` with no number is an error; a list variable in a `tools` path
 /// stands for one tool per item (it was joined into one path with a space).
 #[test]
 fn toolchain_versions_must_be_numbers_and_tool_lists_multiply() {
@@ -700,7 +700,15 @@ fn toolchain_versions_must_be_numbers_and_tool_lists_multiply() {
     s.write("Qairtfile", qf("2.28", ""));
     let out = s.run(["--check"]);
     out.assert_code(2);
-    assert!(out.stderr.contains("is version `2.x`"), "{out}");
+    assert!(
+        out.stderr
+            .contains("is version 2.x, older than the required 2.28"),
+        "{out}"
+    );
+    s.write("sdk/sdk.yaml", "version: abc\n");
+    let out = s.run(["--check"]);
+    out.assert_code(2);
+    assert!(out.stderr.contains("is version `abc`"), "{out}");
     s.write("sdk/sdk.yaml", "version: 2.31.0\n");
     s.write("Qairtfile", qf("abc", ""));
     let out = s.run(["--check"]);

@@ -2685,6 +2685,23 @@ command = "cat models/m.onnx > export.onnx"
     let r = w.round("an edit of the new target");
     assert_eq!(r.ran(), set(["export"]), "{}", r.transcript);
     assert_eq!(s.read_string("export.onnx"), "V3\n");
+
+    // A linked folder above the source, itself a chain: `tv -> shared/tcur -> t1`.
+    shared.write("t1/x", "T1\n").write("t2/x", "T2\n");
+    std::os::unix::fs::symlink("t1", shared.join("tcur")).expect("symlink");
+    std::os::unix::fs::symlink(shared.join("tcur"), s.join("tv")).expect("symlink");
+    s.append(
+        "Qairtfile",
+        "[rule.tv]\ninputs = [\"tv/x\"]\noutputs = [\"tv.txt\"]\ncommand = \"cat tv/x > tv.txt\"\n",
+    );
+    let r = w.round("a new rule");
+    assert_eq!(r.ran(), set(["tv"]), "{}", r.transcript);
+    let tmp = shared.join("tcur.new");
+    std::os::unix::fs::symlink("t2", &tmp).expect("symlink");
+    fs::rename(&tmp, shared.join("tcur")).expect("rename");
+    let r = w.round("the linked folder's chain retargeted");
+    assert_eq!(r.ran(), set(["tv"]), "{}", r.transcript);
+    assert_eq!(s.read_string("tv.txt"), "T2\n");
 }
 
 /// Ctrl-C ends a `--watch` that is waiting for the lock another qbuild holds (it waited,
