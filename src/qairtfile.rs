@@ -671,6 +671,11 @@ impl<'s> Parser<'s> {
                                     "names are letters, digits and `_`, not starting with a digit",
                                 ));
                         }
+                        if k.text == "QBUILD_RUN" {
+                            return Err(self.err(&k.span, "`QBUILD_RUN` is qbuild's own").with_hint(
+                                "qbuild sets it on every command, to find and stop those a killed run left behind",
+                            ));
+                        }
                         env.push((k, self.string(ev, "an env value")?));
                     }
                     // A TOML table has no order: `{ A, B }` and `{ B, A }` are one key.

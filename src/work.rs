@@ -1107,13 +1107,16 @@ impl Work<'_> {
             recorded.is_some() && arts.identity(rel).ok().flatten().as_ref() == recorded
         };
         let removed = if ft.is_symlink() {
-            if let Some(to) = crate::clean::link_leading_out(&self.workdir, rel) {
+            // A link this job made last time (as recorded) goes, wherever it leads: removing
+            // a link never touches its target.
+            let mine = ours();
+            if let Some(to) = crate::clean::link_leading_out(&self.workdir, rel).filter(|_| !mine) {
                 return Err(format!(
                     "output {rel} is a symlink to {}, outside the work folder; refusing to write through it",
                     to.display()
                 ));
             }
-            if !ours() {
+            if !mine {
                 let to = fs::read_link(path).unwrap_or_default();
                 return Err(format!(
                     "output {rel} is a symlink to {} that qbuild did not make; refusing to write through it (remove it to rebuild)",
@@ -1619,9 +1622,8 @@ fn tree_stamp(path: &Path) -> Option<Hash> {
             for v in [st.dev, st.ino, st.size] {
                 h.update(&v.to_le_bytes());
             }
-            for v in [st.mtime_ns, st.ctime_ns] {
-                h.update(&v.to_le_bytes());
-            }
+            // Not the ctime: a chmod or a new hard link is no write.
+            h.update(&st.mtime_ns.to_le_bytes());
             if m.is_dir() {
                 walk(&p, h, depth + 1)?;
             }
@@ -1631,6 +1633,12 @@ fn tree_stamp(path: &Path) -> Option<Hash> {
     let mut h = blake3::Hasher::new();
     walk(path, &mut h, 0)?;
     Some(*h.finalize().as_bytes())
+}
+
+/// The same file with the same bytes as far as its stat tells: a command that only changed
+/// its mode or its links (`cp` failing on a read-only output, then `chmod`) did not write it.
+fn same_content_stamp(a: &StatKey, b: &StatKey) -> bool {
+    (a.dev, a.ino, a.size, a.mtime_ns) == (b.dev, b.ino, b.size, b.mtime_ns)
 }
 
 /// What the post-step checks need to know about a job.
@@ -1667,7 +1675,7 @@ fn sanity_check(
             }
             // A file left exactly as it was before the run was not written by this run: a
             // stale copy must not pass for the new result.
-            Ok(m) if post.is_command && m.is_file() && post.before.get(i).copied().flatten() == Some(StatKey::from_meta(&m, 0)) => {
+            Ok(m) if post.is_command && m.is_file() && post.before.get(i).copied().flatten().is_some_and(|b| same_content_stamp(&b, &StatKey::from_meta(&m, 0))) => {
                 return Err(io::Error::other(format!(
                     "the command succeeded but did not write the declared output {rel} (the file there is left from before)"
                 )))

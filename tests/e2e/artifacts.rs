@@ -2162,3 +2162,43 @@ command = "cat src/via.txt > out/reader.txt"
     out.assert_code(2);
     assert!(out.stderr.contains("which `gen` writes"), "{out}");
 }
+
+/// A command that only changes an old output's mode (or links) did not write it: the job
+/// fails as when it touches nothing (`cp` failing on a read-only output, then `chmod`, was
+/// recorded with the old content). A link the command made to shared storage outside the
+/// work folder is replaced on a rerun (every rerun was refused as "writing through" it).
+#[test]
+fn a_chmod_is_no_write_and_an_own_link_leading_out_is_replaced() {
+    let s = Space::new();
+    let shared = Space::new();
+    shared.write("w.bin", "weights\n");
+    let to = shared.join("w.bin").to_string_lossy().into_owned();
+    s.write(
+        "Qairtfile",
+        format!(
+            r#"
+[rule.cp]
+inputs = ["src"]
+outputs = ["out"]
+command = "if grep -q yes src; then cp src out; fi; chmod 600 out"
+[rule.ln]
+outputs = ["l"]
+command = "ln -s {to} l # 1"
+"#
+        ),
+    )
+    .write("src", "yes 1\n");
+    s.run(["all"]).assert_ok().assert_ran(&set(["cp", "ln"]));
+    s.write("src", "no\n");
+    s.replace("Qairtfile", "l # 1", "l # 2");
+    let out = s.run(["-k", "all"]);
+    out.assert_code(1);
+    assert_eq!(out.failed(), set(["cp"]), "{out}");
+    assert!(
+        out.stderr.contains("did not write the declared output out"),
+        "{out}"
+    );
+    assert!(out.ran().contains("ln"), "{out}");
+    assert_eq!(shared.read_string("w.bin"), "weights\n");
+    s.run(["all"]).assert_code(1);
+}

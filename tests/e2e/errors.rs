@@ -611,6 +611,7 @@ fn inconsistent_rules_are_refused_at_load_with_their_place() {
     for (q, message, position) in [
         ("[rule.r]\noutputs = [\"o\"]\ncommand = \"echo a\\u0000b > o\"\n", "this string holds a NUL character (`\\u0000`)", "Qairtfile:6:11"),
         ("[rule.r]\noutputs = [\"o\"]\nenv = { \"A=B\" = \"x\" }\ncommand = \"true\"\n", "`A=B` is not an environment variable name", "Qairtfile:6:9"),
+        ("[rule.r]\noutputs = [\"o\"]\nenv = { QBUILD_RUN = \"x\" }\ncommand = \"true\"\n", "`QBUILD_RUN` is qbuild's own", "Qairtfile:6:9"),
         ("[vars]\ntwo = [\"a\", \"b\"]\n[rule.r]\noutputs = [\"o_${two}\"]\ncontent = \"hello\"\n", "`content` writes one output, but `r` has 2", "Qairtfile:7:11"),
         ("[vars]\nnone = []\n[rule.r]\noutputs = [\"o\"]\nargv = [\"${none}\"]\n", "`argv` of `r` names no program (it expands to nothing, or to an empty first word)", "Qairtfile:8:9"),
         ("[rule.r]\noutputs = [\"o\"]\ncommand = \"true\"\n[alias]\n\"./o\" = [\"r\"]\n", "alias `./o` has the name of an output", "Qairtfile:8:1"),
