@@ -192,7 +192,29 @@ impl Graph {
                 deps: Vec::new(),
             });
         }
-        let holds = nested_outputs(&model, &jobs, &files, &by_path)?;
+        let mut holds = nested_outputs(&model, &jobs, &files, &by_path)?;
+        // A link qbuild makes inside such a folder shows what its target holds: the folder
+        // changes when the target's job runs too (through chains of links).
+        let mut behind = Vec::new();
+        for (folder, inside) in &holds {
+            for &(p, _) in inside {
+                let mut cur = p;
+                for _ in 0..40 {
+                    let job = &jobs[cur.idx()];
+                    let (Action::Link(_), Some(t)) = (&job.spec.action, job.order.first()) else {
+                        break;
+                    };
+                    let Some(q) = files[t.idx()].producer else {
+                        break;
+                    };
+                    behind.push((*folder, (q, *t)));
+                    cur = q;
+                }
+            }
+        }
+        for (folder, made) in behind {
+            holds.entry(folder).or_default().push(made);
+        }
         let mut holders: rustc_hash::FxHashMap<FileId, Vec<FileId>> = Default::default();
         for (folder, inside) in &holds {
             for (_, out) in inside {

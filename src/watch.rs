@@ -217,6 +217,10 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
     let mut last = Interest::default();
     last.add_file(s.file.clone());
     loop {
+        // The work folder by its path each round: moved aside and made again (a checkout,
+        // a restore), the process's folder would still be the old one, and relative paths
+        // (sources, commands) would read it.
+        let _ = std::env::set_current_dir(&s.workdir);
         let loaded = match s.load() {
             Ok(l) => {
                 last = interest(s, &l);

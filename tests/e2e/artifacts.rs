@@ -2202,3 +2202,35 @@ command = "ln -s {to} l # 1"
     assert_eq!(shared.read_string("w.bin"), "weights\n");
     s.run(["all"]).assert_code(1);
 }
+
+/// A source folder holding a link qbuild makes to another job's output: its reader reruns
+/// in the same build when that output changes (it took two: the folder was re-read only
+/// after the link's own job, which was up to date).
+#[test]
+fn a_folder_holding_a_declared_link_is_reread_when_the_target_changes() {
+    let s = Space::new();
+    s.write("models/tv/t0", "t0\n")
+        .write("seed.txt", "seed\n")
+        .write(
+            "Qairtfile",
+            r#"
+[rule.gen]
+inputs = ["seed.txt"]
+outputs = ["gen.txt"]
+command = "cat seed.txt > gen.txt"
+links = [{ link = "models/tv/extra", to = "gen.txt" }]
+[rule.read]
+inputs = ["models/tv"]
+outputs = ["read.txt"]
+command = "cat models/tv/extra models/tv/t0 > read.txt"
+"#,
+        );
+    s.run(["-j2", "all"]).assert_ok();
+    s.write("seed.txt", "seed2\n");
+    assert_eq!(s.run(["-n", "all"]).would_run(), set(["gen", "read"]));
+    s.run(["-j2", "all"])
+        .assert_ok()
+        .assert_ran(&set(["gen", "read"]));
+    assert_eq!(s.read_string("read.txt"), "seed2\nt0\n");
+    s.run(["all"]).assert_nothing_ran(3);
+}

@@ -2704,6 +2704,30 @@ command = "cat models/m.onnx > export.onnx"
     assert_eq!(s.read_string("tv.txt"), "T2\n");
 }
 
+/// The work folder moved aside and made again at its path while watching (a restore, a
+/// checkout into a fresh folder): the next rounds read and build the folder at the path
+/// (the watch kept reading the old one through its current folder, and did nothing).
+#[test]
+fn watch_follows_its_work_folder_moved_aside_and_made_again() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.up]\ninputs = [\"a.txt\"]\noutputs = [\"a.up\"]\ncommand = \"tr a-z A-Z < a.txt > a.up\"\n",
+    )
+    .write("a.txt", "hello\n");
+    let mut w = Watch::start(&s, &[], &[]);
+    w.round("the first build");
+    let aside = s.path().with_extension("old");
+    fs::rename(s.path(), &aside).expect("move aside");
+    support::copy_tree(&aside, s.path());
+    s.write("a.txt", "world\n");
+    let r = w.round("an edit in the folder made again");
+    assert_eq!(r.ran(), set(["up"]), "{}", r.transcript);
+    assert_eq!(s.read_string("a.up"), "WORLD\n");
+    drop(w);
+    let _ = fs::remove_dir_all(&aside);
+}
+
 /// Ctrl-C ends a `--watch` that is waiting for the lock another qbuild holds (it waited,
 /// signal handled but ignored, until the other build ended: an hour, in this pipeline).
 #[test]
