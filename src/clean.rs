@@ -80,6 +80,18 @@ impl Inside {
     }
 }
 
+/// `p` (absolute, normalised) with its deepest existing folder resolved to its real path
+/// and the rest as written: where `p` is, or would be, even through links to folders.
+pub fn real_path(p: &Path) -> Option<PathBuf> {
+    let mut base = p.parent()?;
+    loop {
+        if let Ok(real) = base.canonicalize() {
+            return Some(real.join(p.strip_prefix(base).ok()?));
+        }
+        base = base.parent()?;
+    }
+}
+
 /// If `rel` is a symlink whose target lies outside the work folder, that target.
 pub fn link_leading_out(workdir: &Path, rel: &str) -> Option<PathBuf> {
     let path = workdir.join(rel);

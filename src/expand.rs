@@ -891,17 +891,15 @@ impl WorkRoots {
         let real = workdir.canonicalize().ok();
         // The folder as the shell names it (`cd` through a symlink, or `-C link`): `$PWD`
         // when it is the current folder, and the work folder's place below it.
-        let cwd = std::env::current_dir().ok();
-        if let (Ok(pwd), Some(cwd), Some(real)) = (std::env::var("PWD"), cwd, &real) {
-            let canon = |p: &std::path::Path| p.canonicalize().ok();
+        if let (Some((pwd, cwd)), Some(real)) = (crate::shell_pwd(), &real) {
             let below = if workdir.is_absolute() {
                 workdir.strip_prefix(&cwd).ok()
             } else {
                 Some(workdir)
             };
-            if let (true, Some(below)) = (canon(pwd.as_ref()) == canon(&cwd), below) {
+            if let Some(below) = below {
                 let n = normalize(&format!("{pwd}/{}", below.display()));
-                if canon(n.as_ref()).as_ref() == Some(real) {
+                if std::path::Path::new(&n).canonicalize().ok().as_ref() == Some(real) {
                     roots.push(n);
                 }
             }

@@ -537,18 +537,9 @@ impl Graph {
         // The work folder (or the target's folder) spelled through a symlink: compare
         // real paths, folder by folder up from the target (which may not exist yet).
         let real_wd = workdir.canonicalize().ok()?;
-        let abs = Path::new(&abs);
-        let mut dir = abs.parent()?;
-        let mut tail = vec![abs.file_name()?];
-        loop {
-            if let Ok(real) = dir.canonicalize() {
-                let mut p = real.strip_prefix(&real_wd).ok()?.to_path_buf();
-                p.extend(tail.iter().rev());
-                return self.by_path.get(&self.files, &p.to_string_lossy());
-            }
-            tail.push(dir.file_name()?);
-            dir = dir.parent()?;
-        }
+        let real = crate::clean::real_path(Path::new(&abs))?;
+        let rel = real.strip_prefix(&real_wd).ok()?;
+        self.by_path.get(&self.files, &rel.to_string_lossy())
     }
 
     /// Every job the given targets need, in dependency order.

@@ -453,14 +453,20 @@ pub fn json_emitter(json: bool) -> impl FnMut(serde_json::Value) {
     }
 }
 
+/// `$PWD` (the current folder as the shell names it, through any symlink) and the current
+/// folder, if `$PWD` is indeed that folder.
+pub(crate) fn shell_pwd() -> Option<(String, PathBuf)> {
+    let pwd = std::env::var("PWD").ok()?;
+    let here = std::env::current_dir().ok()?;
+    (Path::new(&pwd).canonicalize().ok()? == here.canonicalize().ok()?).then_some((pwd, here))
+}
+
 /// `$PWD/d` (or `d`), normalised, if `$PWD` is the current folder as named by the shell.
 fn logical_dir(d: &Path) -> Option<String> {
     let base = if d.is_absolute() {
         String::new()
     } else {
-        let pwd = std::env::var("PWD").ok()?;
-        let here = std::env::current_dir().ok()?;
-        (Path::new(&pwd).canonicalize().ok()? == here.canonicalize().ok()?).then_some(pwd)?
+        shell_pwd()?.0
     };
     Some(expand::normalize(&format!("{base}/{}", d.display())))
 }

@@ -354,15 +354,7 @@ pub fn source_link_to_output(g: &Graph, workdir: &Path, rel: &str) -> Option<Str
             .ok()
             .map(Path::to_path_buf)
             .or_else(|| {
-                // The deepest folder on the way that exists, resolved; the rest as written.
-                let mut base = normal.parent()?;
-                let real = loop {
-                    if let Ok(r) = base.canonicalize() {
-                        break r;
-                    }
-                    base = base.parent()?;
-                };
-                let real = real.join(normal.strip_prefix(base).ok()?);
+                let real = crate::clean::real_path(&normal)?;
                 real.strip_prefix(&root).ok().map(Path::to_path_buf)
             });
         if let Some(inside) = inside.as_deref() {
