@@ -45,6 +45,16 @@ pub struct Job {
     pub deps: Vec<JobId>,
 }
 
+impl Job {
+    /// For a link qbuild makes (`links`): the file it points at.
+    pub fn link_target(&self) -> Option<FileId> {
+        match self.spec.action {
+            Action::Link(_) => self.order.first().copied(),
+            _ => None,
+        }
+    }
+}
+
 /// Path → file id, holding only ids: the text is the file table's (a map keyed by `String`
 /// would keep a second copy of every path).
 #[derive(Debug, Default)]
@@ -104,12 +114,11 @@ pub struct Graph {
     pub by_path: PathIndex,
     /// Job → jobs that consume its outputs.
     pub dependents: Vec<Vec<JobId>>,
-    /// Output → the folders in the graph that hold it (a generated file in a source folder
-    /// that some job reads): their content changes when it is written.
+    /// Output → the files in the graph whose content changes when it is written, to hash
+    /// again then: the folders that hold it (a generated file in a source folder some job
+    /// reads), and, for a folder output, the files inside it that no job declares (a
+    /// reader names one file of the folder).
     pub holders: rustc_hash::FxHashMap<FileId, Vec<FileId>>,
-    /// Folder output → the files in the graph inside it that no job declares (a reader
-    /// names one file of a folder a job writes): their content changes when it runs.
-    pub within: rustc_hash::FxHashMap<FileId, Vec<FileId>>,
 }
 
 impl Graph {
@@ -200,14 +209,13 @@ impl Graph {
             for &(p, _) in inside {
                 let mut cur = p;
                 for _ in 0..40 {
-                    let job = &jobs[cur.idx()];
-                    let (Action::Link(_), Some(t)) = (&job.spec.action, job.order.first()) else {
+                    let Some(t) = jobs[cur.idx()].link_target() else {
                         break;
                     };
                     let Some(q) = files[t.idx()].producer else {
                         break;
                     };
-                    behind.push((*folder, (q, *t)));
+                    behind.push((*folder, (q, t)));
                     cur = q;
                 }
             }
@@ -225,7 +233,6 @@ impl Graph {
         // job (one lookup per folder above each such file; sources are few). When that
         // output is a link qbuild makes, the file lies in what the link leads to: the jobs
         // writing there are followed too, through chains of links.
-        let mut within: rustc_hash::FxHashMap<FileId, Vec<FileId>> = Default::default();
         let mut maker: rustc_hash::FxHashMap<FileId, Vec<JobId>> = Default::default();
         // The nearest path at or above `path` that a job writes, and where `path` goes on.
         let written = |path: &str, exact: bool| -> Option<(FileId, JobId, usize)> {
@@ -260,10 +267,9 @@ impl Graph {
                 let Some((outer, p, end)) = written(&path, exact) else {
                     break;
                 };
-                within.entry(outer).or_default().push(me);
+                holders.entry(outer).or_default().push(me);
                 maker.entry(me).or_default().push(p);
-                let job = &jobs[p.idx()];
-                let (Action::Link(_), Some(to)) = (&job.spec.action, job.order.first()) else {
+                let Some(to) = jobs[p.idx()].link_target() else {
                     break;
                 };
                 path = format!("{}{}", files[to.idx()].path, &path[end..]);
@@ -340,7 +346,6 @@ impl Graph {
             by_path,
             dependents,
             holders,
-            within,
         })
     }
 

@@ -636,13 +636,8 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
 /// `--check`: every input is either written by some rule or exists on disk.
 fn check_sources(g: &Graph, workdir: &Path) -> Result<(), Diagnostic> {
     // A folder that holds outputs, or a file inside a folder output, is made by the build.
-    let made: rustc_hash::FxHashSet<graph::FileId> = g
-        .holders
-        .values()
-        .chain(g.within.values())
-        .flatten()
-        .copied()
-        .collect();
+    let made: rustc_hash::FxHashSet<graph::FileId> =
+        g.holders.values().flatten().copied().collect();
     let missing = |f: &graph::FileId| {
         let file = &g.files[f.idx()];
         file.producer.is_none()

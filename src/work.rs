@@ -772,19 +772,18 @@ impl Work<'_> {
         reasons
     }
 
-    /// The folders that hold `j`'s outputs (see `Graph::holders`), and the files read inside
-    /// its folder outputs (`Graph::within`), have new content once it ran: hash them again
-    /// for the jobs that read them, which waited for `j`.
+    /// The folders that hold `j`'s outputs, and the files read inside its folder outputs
+    /// (see `Graph::holders`), have new content once it ran: hash them again for the jobs
+    /// that read them, which waited for `j`.
     fn rehash_holders(&mut self, j: JobId) {
         let g = self.g;
-        if g.holders.is_empty() && g.within.is_empty() {
+        if g.holders.is_empty() {
             return; // the usual graph: no output lies in a folder that is read
         }
         let folders: Vec<crate::graph::FileId> = g.jobs[j.idx()]
             .outs
             .iter()
             .filter_map(|f| g.holders.get(f))
-            .chain(g.jobs[j.idx()].outs.iter().filter_map(|f| g.within.get(f)))
             .flatten()
             .copied()
             .collect();
@@ -853,14 +852,7 @@ impl Work<'_> {
             let g = self.g;
             for f in &g.jobs[j.idx()].outs {
                 self.now[f.idx()] = Now::WillRebuild;
-                let inner = g.within.get(f).map_or(&[][..], Vec::as_slice);
-                for h in g
-                    .holders
-                    .get(f)
-                    .map_or(&[][..], Vec::as_slice)
-                    .iter()
-                    .chain(inner)
-                {
+                for h in g.holders.get(f).map_or(&[][..], Vec::as_slice) {
                     self.now[h.idx()] = Now::WillRebuild;
                 }
             }
@@ -1142,13 +1134,10 @@ impl Work<'_> {
     /// later) cannot leave a record that claims the old content. One stat per file input;
     /// a file is read again only if it changed during the build. (Files inside a folder
     /// input are not looked at.)
-    fn source_changed_during_build(&self, parts: &OwnedKeyParts) -> Option<String> {
-        use std::os::unix::fs::MetadataExt;
+    fn source_changed_during_build(&self, j: JobId, parts: &OwnedKeyParts) -> Option<String> {
         let g = self.g;
-        for (path, hash) in &parts.inputs {
-            let Some(f) = g.by_path.get(&g.files, path) else {
-                continue;
-            };
+        // The key's inputs are the job's, in order (a key is only taken when all are known).
+        for (f, (path, hash)) in g.jobs[j.idx()].ins.iter().zip(&parts.inputs) {
             if g.files[f.idx()].producer.is_some() {
                 continue;
             }
@@ -1158,18 +1147,9 @@ impl Work<'_> {
             if m.is_dir() {
                 continue;
             }
-            let ctime = m
-                .ctime()
-                .saturating_mul(1_000_000_000)
-                .saturating_add(m.ctime_nsec());
             // (Rarely past here: then, is it a file this build writes into a folder?)
-            let made = || {
-                g.holders
-                    .values()
-                    .chain(g.within.values())
-                    .any(|v| v.contains(&f))
-            };
-            if ctime <= self.began_ns || made() {
+            let made = || g.holders.values().any(|v| v.contains(f));
+            if StatKey::from_meta(&m, 0).ctime_ns <= self.began_ns || made() {
                 continue;
             }
             let arts = Artifacts::new(&self.workdir, &self.db_state.stat, &self.stats);
@@ -1239,7 +1219,7 @@ impl Work<'_> {
                 duration_ms: took_ms,
             };
             let id = self.ids[j.idx()];
-            if let Some(path) = self.source_changed_during_build(&parts) {
+            if let Some(path) = self.source_changed_during_build(j, &parts) {
                 self.progress.message(&format!(
                     "qbuild: warning: input {path} of {} changed while the build ran; its result is kept but not recorded, so it runs again next time",
                     job.spec.label
@@ -1261,6 +1241,8 @@ impl Work<'_> {
                 Err(e) => return Err(e.into()),
             }
         }
+        // The ETA is what is left once this job is out of it.
+        self.forget_expected(j);
         if let Some(why) = &failure {
             let removed = self.remove_partial_outputs(j, &d.before);
             let mut text = format!("FAILED: {}\n  {why}", job.spec.label);
@@ -1305,8 +1287,6 @@ impl Work<'_> {
                 text.push_str(&format!("  log: {}", log.display()));
             }
             let text = text.trim_end_matches('\n');
-            // The ETA is what is left once this job is out of it.
-            self.forget_expected(j);
             let (done, total) = self.counts(1);
             let eta = self.eta();
             self.progress
@@ -1350,8 +1330,6 @@ impl Work<'_> {
             }
             self.rehash_holders(j);
             self.refresh_link(j);
-            // The ETA is what is left once this job is out of it.
-            self.forget_expected(j);
             let (done, total) = self.counts(1);
             let eta = self.eta();
             self.progress
