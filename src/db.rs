@@ -75,6 +75,17 @@ fn misshapen(e: &std::io::Error) -> bool {
     matches!(e.kind(), IsADirectory | NotADirectory)
 }
 
+/// An error reading the state file `path`: damage if it is the wrong kind of file, else the
+/// disk's (reported, the state kept).
+fn read_error(path: &Path, e: std::io::Error) -> DbError {
+    let (path, msg) = (path.to_path_buf(), e.to_string());
+    if misshapen(&e) {
+        DbError::Corrupt { path, msg }
+    } else {
+        DbError::Io { path, msg }
+    }
+}
+
 /// The state under `.qbuild/`: the snapshot (`snapshot`, one checksummed file: the stat
 /// cache and every job record, read whole by every run), the journal in front of it (jobs
 /// finished since), and the sled database `state.sled` holding each job's readable key for
@@ -249,6 +260,10 @@ impl Db {
         self.dir.join("state.sled")
     }
 
+    fn journal_path(&self) -> PathBuf {
+        self.dir.join("journal")
+    }
+
     /// Set this state (after it proved unreadable) aside and start a fresh one.
     pub fn reset(self, why: &str, warn: &mut dyn FnMut(String)) -> Result<Db, DbError> {
         let state_dir = self.dir.clone();
@@ -298,13 +313,7 @@ impl Db {
         let (mut state, snapshot_len) = match read_snapshot(&path) {
             Ok(state) => state.unwrap_or_default(),
             Err(Ok(msg)) => return Err(DbError::Corrupt { path, msg }),
-            Err(Err(e)) if misshapen(&e) => {
-                return Err(DbError::Corrupt {
-                    path,
-                    msg: e.to_string(),
-                })
-            }
-            Err(Err(e)) => return Err(self.io_at(&path, e)),
+            Err(Err(e)) => return Err(read_error(&path, e)),
         };
         let mut pending = FxHashMap::default();
         // One merge into the stat cache for the whole journal (later entries win): a
@@ -319,17 +328,7 @@ impl Db {
                     pending.insert(j.id, j.explain);
                 }
             })
-            .map_err(|e| {
-                let path = self.dir.join("journal");
-                if misshapen(&e) {
-                    DbError::Corrupt {
-                        path,
-                        msg: e.to_string(),
-                    }
-                } else {
-                    self.io_at(&path, e)
-                }
-            })?;
+            .map_err(|e| read_error(&self.journal_path(), e))?;
         state.stat.extend(stats);
         if let Ok(mut p) = self.pending_explain.lock() {
             *p = pending;
@@ -356,7 +355,7 @@ impl Db {
     pub fn record_stats(&self, stats: Vec<(String, StatEntry)>) -> Result<(), DbError> {
         self.journal
             .append(Entry { job: None, stats })
-            .map_err(|e| self.io_at(&self.dir.join("journal"), e))
+            .map_err(|e| self.io_at(&self.journal_path(), e))
     }
 
     /// Make `state` (which must already hold every journal entry) the new snapshot, move
@@ -403,7 +402,7 @@ impl Db {
                     }
                 }
             })
-            .map_err(|e| self.io_at(&self.dir.join("journal"), e))?;
+            .map_err(|e| self.io_at(&self.journal_path(), e))?;
         // The store is open iff something was written to it (or read for an explanation:
         // flushing it then is a no-op).
         let flush = || match self.sled.get() {
@@ -437,7 +436,7 @@ impl Db {
             .map_err(|e| self.io_at(&self.snapshot_path(), e))?;
         self.journal
             .clear()
-            .map_err(|e| self.io_at(&self.dir.join("journal"), e))
+            .map_err(|e| self.io_at(&self.journal_path(), e))
     }
 
     /// An I/O error naming the file at fault.
@@ -476,7 +475,7 @@ impl Db {
         };
         self.journal
             .append(e)
-            .map_err(|e| self.io_at(&self.dir.join("journal"), e))
+            .map_err(|e| self.io_at(&self.journal_path(), e))
     }
 }
 

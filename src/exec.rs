@@ -358,7 +358,6 @@ fn copy_output(
     let mut tail: Vec<u8> = Vec::new();
     // A log missing some of the output (a write failed) would show a failure's last lines
     // wrong; it is removed, and the failure shows the in-memory tail instead.
-    let mut broken = false;
     let mut why: Option<io::Error> = None;
     let tick = std::time::Duration::from_millis(50);
     let mut looked = std::time::Instant::now();
@@ -399,7 +398,7 @@ fn copy_output(
         match reader.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if file.is_none() && !broken {
+                if file.is_none() && why.is_none() {
                     if let Some(dir) = log.parent() {
                         let _ = fs::create_dir_all(dir);
                     }
@@ -412,7 +411,6 @@ fn copy_output(
                     {
                         Ok(f) => file = Some(f),
                         Err(e) => {
-                            broken = true;
                             why = Some(e);
                         }
                     }
@@ -420,7 +418,6 @@ fn copy_output(
                 if let Some(f) = file.as_mut() {
                     if let Err(e) = f.write_all(&buf[..n]) {
                         file = None;
-                        broken = true;
                         why = Some(e);
                     }
                 }
@@ -434,7 +431,7 @@ fn copy_output(
             }
         }
     }
-    if broken || (file.is_none() && !mode.append) {
+    if why.is_some() || (file.is_none() && !mode.append) {
         let _ = fs::remove_file(log);
     }
     // A log that could not be kept (a full disk) is said, not silently missing; the

@@ -631,10 +631,7 @@ impl Eval<'_, '_, '_> {
                     .map(|i| i.len().saturating_add(sep.len()))
                     .fold(0usize, usize::saturating_add);
                 if len > MAX_STRING {
-                    return Err(self.too_big(
-                        tpl,
-                        format!("this string expands to more than {} MiB", MAX_STRING >> 20),
-                    ));
+                    return Err(self.too_long(tpl));
                 }
                 Piece::One(Rc::from(items.join(sep)))
             }
@@ -662,13 +659,7 @@ impl Eval<'_, '_, '_> {
                             joined.push_str(item);
                         }
                         if joined.len() > MAX_STRING {
-                            return Err(self.too_big(
-                                tpl,
-                                format!(
-                                    "this string expands to more than {} MiB",
-                                    MAX_STRING >> 20
-                                ),
-                            ));
+                            return Err(self.too_long(tpl));
                         }
                     }
                     return Ok((Piece::One(Rc::from(joined)), false));
@@ -682,6 +673,14 @@ impl Eval<'_, '_, '_> {
     fn too_big(&self, tpl: &Template, msg: String) -> Diagnostic {
         let off = offset_in(self.g.src, &tpl.str, 0);
         self.g.src.error(off..off + 1, msg)
+    }
+
+    /// `tpl` gives a string past `MAX_STRING`.
+    fn too_long(&self, tpl: &Template) -> Diagnostic {
+        self.too_big(
+            tpl,
+            format!("this string expands to more than {} MiB", MAX_STRING >> 20),
+        )
     }
 
     /// Count what `tpl` produced against the caps on the whole expansion.
@@ -743,10 +742,7 @@ impl Eval<'_, '_, '_> {
                 },
             }
             if long(&acc) {
-                return Err(self.too_big(
-                    tpl,
-                    format!("this string expands to more than {} MiB", MAX_STRING >> 20),
-                ));
+                return Err(self.too_long(tpl));
             }
         }
         let bytes = acc.iter().map(String::len).sum();

@@ -135,9 +135,10 @@ fn interest(s: &Session, l: &Loaded) -> Interest {
     for t in &i.trees {
         file_links(t, &mut linked, &mut 0);
     }
-    i.files.extend(linked); // already real paths
-                            // The graph knows which outputs lie inside source folders it names (`holders`); the
-                            // watched trees are such folders.
+    // (Already real paths.)
+    i.files.extend(linked);
+    // The graph knows which outputs lie inside source folders it names (`holders`); the
+    // watched trees are such folders.
     for f in g.holders.keys() {
         let p = s.workdir.join(g.path(*f));
         if i.trees.iter().any(|t| p.starts_with(t)) {
