@@ -425,6 +425,9 @@ struct Globals<'a> {
     bytes: usize,
     items: usize,
     roots: &'a WorkRoots,
+    /// Set when the string being expanded mentioned a list: its value is then a list even
+    /// with one item (`"ar${ars}"` with `ars = [1]`), so `|json` still gives an array.
+    multiplied: bool,
 }
 
 impl Globals<'_> {
@@ -718,6 +721,7 @@ impl Eval<'_, '_, '_> {
                         }
                     }
                     (Piece::Many(parts), _) => {
+                        self.g.multiplied = true;
                         if acc.len().saturating_mul(parts.len()) > MAX_LIST {
                             return Err(
                                 self.too_big(tpl, "this string expands to too many items".into())
@@ -770,8 +774,13 @@ impl Eval<'_, '_, '_> {
                 {
                     return self.lookup(name, &tpl, *at);
                 }
-                let mut items = self.expand(&tpl, Mode::List)?;
-                Ok(if items.len() == 1 {
+                // Variables this string names are evaluated inside `expand`, each with its
+                // own flag: this string's is kept aside meanwhile.
+                let outer = std::mem::replace(&mut self.g.multiplied, false);
+                let items = self.expand(&tpl, Mode::List);
+                let multiplied = std::mem::replace(&mut self.g.multiplied, outer);
+                let mut items = items?;
+                Ok(if items.len() == 1 && !multiplied {
                     Val::scalar(&items.pop().unwrap_or_default())
                 } else {
                     Val::list(items)
@@ -793,6 +802,12 @@ impl Eval<'_, '_, '_> {
                         Val::Scalar(s) => s.trim().parse::<i64>().map_err(|_| {
                             e.g.src
                                 .error(v.span(), format!("range bound `{s}` is not an integer"))
+                        }),
+                        Val::List(l) if l.len() == 1 => l[0].trim().parse::<i64>().map_err(|_| {
+                            e.g.src.error(
+                                v.span(),
+                                format!("range bound `{}` is not an integer", l[0]),
+                            )
                         }),
                         Val::List(_) => Err(e
                             .g
@@ -933,6 +948,7 @@ pub fn expand_in(q: &Qairtfile, roots: Option<&WorkRoots>) -> Result<Model, Diag
         bytes: 0,
         items: 0,
         roots,
+        multiplied: false,
     };
     let mut pools: Vec<Pool> = Vec::new();
     for p in &q.pools {

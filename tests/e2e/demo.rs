@@ -248,6 +248,30 @@ fn demo_builds_everything_then_nothing() {
     s.run(Vec::<String>::new()).assert_nothing_ran(n);
 }
 
+/// `ars = [1]` is a pipeline of its own: each config still names its graphs as a JSON array
+/// (one name), so the context binaries build; only the configs (and what reads them) and
+/// the binaries rerun, and
+/// after `--clean-dead` the folder equals a clean build of the one-AR Qairtfile.
+#[test]
+fn dropping_an_ar_reruns_only_the_configs_and_binaries() {
+    let (s, _) = built_demo();
+    s.replace("Qairtfile", "ars = [128, 1]", "ars = [1]");
+    let out = s.build_all();
+    let expected: BTreeSet<String> = (1..=4)
+        .flat_map(|i| [perf_config(i), backend_config(i), context_binary(i)])
+        .collect();
+    out.assert_ran(&expected);
+    let conf: serde_json::Value =
+        serde_json::from_slice(&s.read("artifacts/configs/PerfSetting_2.conf")).expect("JSON");
+    assert_eq!(
+        conf["graphs"][0]["graph_names"],
+        serde_json::json!(["ar1-cl4096_2_of_4"]),
+        "{out}"
+    );
+    s.qbuild(["--clean-dead"]).no_json().run().assert_ok();
+    assert_equals_clean_build(&s);
+}
+
 #[test]
 fn touching_every_source_runs_nothing() {
     let (s, cat) = built_demo();
