@@ -115,6 +115,8 @@ pub struct Cleaned {
     pub unknown: usize,
     /// With `Dead::Count`: what `Dead::Remove` would remove.
     pub dead_left: Vec<String>,
+    /// Folders left empty by the removals, removed too (deepest first).
+    pub removed_dirs: Vec<String>,
 }
 
 /// What `clean` does with the outputs of jobs recorded but no longer in the Qairtfile.
@@ -214,11 +216,12 @@ pub fn clean(
             }
         }
     }
-    let out = std::mem::take(&mut c.out);
+    let mut out = std::mem::take(&mut c.out);
     drop(c);
     if dry {
         return Ok(out);
     }
+    out.removed_dirs = remove_emptied_folders(g, workdir, &out.removed);
     let mut records = records;
     for id in &forget {
         records.remove(id);
@@ -228,6 +231,26 @@ pub fn clean(
         jobs: records,
     })?;
     Ok(out)
+}
+
+/// Remove the folders above `removed` that are empty now, deepest first, as `git clean -d`
+/// would: after `ars` drops 128, `models_ar_n/ar128-cl4096/` would otherwise stay as a tree
+/// of empty folders. Only folders above a removed output are tried, and each path there
+/// passed `Inside::check` (no symlinked folder on it), so nothing outside the work folder is
+/// touched; a path the Qairtfile names (an input folder that happens to be empty) stays;
+/// `rmdir` itself refuses a folder that still holds anything.
+fn remove_emptied_folders(g: &Graph, workdir: &Path, removed: &[String]) -> Vec<String> {
+    let mut dirs: Vec<&str> = removed
+        .iter()
+        .flat_map(|p| p.match_indices('/').map(move |(i, _)| &p[..i]))
+        .filter(|d| !d.is_empty() && g.by_path.get(&g.files, d).is_none())
+        .collect();
+    dirs.sort_unstable_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+    dirs.dedup();
+    dirs.into_iter()
+        .filter(|d| fs::remove_dir(workdir.join(d)).is_ok())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Jobs recorded in the state but no longer in the Qairtfile.

@@ -624,8 +624,14 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
                 say!("qbuild: would remove {p}");
             }
             say!("qbuild: would remove {} output(s)", done.removed.len());
-        } else {
+        } else if done.removed_dirs.is_empty() {
             say!("qbuild: removed {} output(s)", done.removed.len());
+        } else {
+            say!(
+                "qbuild: removed {} output(s) and {} folder(s) they left empty",
+                done.removed.len(),
+                done.removed_dirs.len()
+            );
         }
         return Ok(EXIT_OK);
     }

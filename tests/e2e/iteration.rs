@@ -2048,6 +2048,70 @@ fn clean_dead_removes_outputs_of_jobs_no_longer_in_the_qairtfile() {
     assert_eq!(s.files().len(), sources.len() + new.len());
 }
 
+/// Folders that `--clean` or `--clean-dead` leave empty go too (as `git clean -d`): after
+/// `ars` drops 128, a whole `models_ar_n/ar128-cl4096/` tree of empty folders would
+/// otherwise stay. A folder still holding a file (a hand-edited output kept) stays, and so
+/// does every source folder.
+#[test]
+fn clean_removes_the_folders_it_leaves_empty() {
+    let s = Space::demo();
+    build_demo(&s);
+    s.replace("Qairtfile", "ars = [128, 1]", "ars = [1]");
+    let kept = "models_ar_n/ar128-cl4096/sha/ar128-cl4096_2_of_4.onnx";
+    assert!(s.exists(kept));
+    s.append(kept, "mine");
+    let out = s.qbuild(["--clean-dead"]).no_json().run();
+    out.assert_ok();
+    assert!(out.stderr.contains("folder(s) they left empty"), "{out}");
+    for gone in [
+        "models_ar_n/ar128-cl4096/onnx",
+        "models_ar_n/ar128-cl4096/splits",
+    ] {
+        assert!(!s.join(gone).exists(), "{gone}\n{out}");
+    }
+    // The kept file holds its folder and the folders above it.
+    assert!(s.exists(kept), "{out}");
+    assert!(s.join("models_ar_n/ar1-cl4096/splits").is_dir(), "{out}");
+    assert!(s.join("converted_model").is_dir(), "{out}");
+
+    // --clean of everything leaves the sources' folders only (and the kept file's).
+    s.remove(kept);
+    let out = s.qbuild(["--clean"]).no_json().run();
+    out.assert_ok();
+    let mut dirs = Vec::new();
+    let mut stack = vec![s.path().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let e = e.expect("entry");
+            let t = e.file_type().expect("file type");
+            if t.is_dir() && e.file_name() != ".qbuild" {
+                let rel = e
+                    .path()
+                    .strip_prefix(s.path())
+                    .expect("inside")
+                    .to_path_buf();
+                dirs.push(rel.to_string_lossy().into_owned());
+                stack.push(e.path());
+            }
+        }
+    }
+    dirs.sort();
+    assert_eq!(
+        dirs,
+        [
+            "models",
+            "models/test_vectors",
+            "models_ar_n",
+            "models_ar_n/ar128-cl4096",
+            "models_ar_n/ar128-cl4096/sha"
+        ],
+        "{out}"
+    );
+    // And the next build makes them again.
+    s.run(["all"]).assert_ok();
+    assert!(s.exists("artifacts/serialized_binaries/split_4.bin"));
+}
+
 /// Two Qairtfiles (or two variants of one) built in one folder share its state, so to each
 /// the other's jobs are "no longer in the Qairtfile": `--clean` leaves them (it only names
 /// them), and even `--clean-dead` never removes the Qairtfile in use, which another
