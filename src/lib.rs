@@ -69,10 +69,19 @@ pub fn run() -> i32 {
     // Before any thread starts: every command inherits the run's token.
     exec::mark_environment();
     let args = cli::Args::parse();
+    let json = args.json;
     match run_args(args) {
         Ok(code) => code,
         Err(e) => {
             say!("{e}");
+            // A script reading --json learns why nothing ran, not only the exit status.
+            json_emitter(json)(serde_json::json!({
+                "event": "error",
+                "error": e.message,
+                "at": e.position(),
+                "hint": e.hint,
+                "exit": EXIT_BAD_INPUT,
+            }));
             EXIT_BAD_INPUT
         }
     }

@@ -159,7 +159,7 @@ fn position(text: &str, needle: &str) -> (usize, usize) {
 #[track_caller]
 fn assert_refused(out: &Output, s: &Space, before: &support::Snapshot, had_state: bool) {
     out.assert_code(2);
-    assert_eq!(out.stdout, "", "no events when refused\n{out}");
+    out.assert_error_event();
     assert!(!out.stderr.contains("panicked"), "{out}");
     support::assert_same_files(&s.snapshot(), before, "a refused run writes nothing");
     if !had_state {

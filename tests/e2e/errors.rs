@@ -14,10 +14,7 @@ fn refuse(qairtfile: &str) -> String {
     s.write("Qairtfile", qairtfile);
     let out = s.run(["all"]);
     out.assert_code(2);
-    assert_eq!(
-        out.stdout, "",
-        "no events for a Qairtfile that was refused\n{out}"
-    );
+    out.assert_error_event();
     assert_eq!(
         s.files(),
         vec!["Qairtfile".to_string()],

@@ -490,6 +490,32 @@ impl Output {
         self
     }
 
+    /// A run refused before anything ran: its only `--json` event is the `error`, with the
+    /// message and position stderr shows.
+    #[track_caller]
+    pub fn assert_error_event(&self) -> &Output {
+        assert_eq!(self.events.len(), 1, "one event for a refused run\n{self}");
+        let e = &self.events[0];
+        assert_eq!(e["event"], "error", "{self}");
+        assert_eq!(e["exit"], 2, "{self}");
+        let first = self.stderr.lines().next().unwrap_or_default();
+        assert_eq!(
+            Some(first),
+            e["error"]
+                .as_str()
+                .map(|m| format!("error: {m}"))
+                .as_deref(),
+            "{self}"
+        );
+        let at = self
+            .stderr
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix("--> "))
+            .unwrap_or_default();
+        assert_eq!(e["at"].as_str(), Some(at), "{self}");
+        self
+    }
+
     #[track_caller]
     pub fn assert_ok(&self) -> &Output {
         self.assert_code(0)
