@@ -314,7 +314,7 @@ pub fn hash_fresh(path: &Path, st: StatKey, stats: &HashStats) -> io::Result<Sta
     // run; waiting out the tick (a few ms) is cheaper than that second read.
     if st.size >= crate::hash::MMAP_THRESHOLD {
         for _ in 0..25 {
-            if coarse_now_ns() > st.ctime_ns {
+            if coarse_now_ns() > st.changed_by_ns() {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -333,14 +333,17 @@ pub fn hash_fresh(path: &Path, st: StatKey, stats: &HashStats) -> io::Result<Sta
 /// in), after the clock has moved on, so the next run can trust them without reading.
 pub fn settle_racy(workdir: &Path, entries: &mut [(String, StatEntry)], stats: &HashStats) {
     let racy: Vec<usize> = (0..entries.len())
-        .filter(|i| entries[*i].1.stat.ctime_ns >= entries[*i].1.hashed_at_ns)
+        .filter(|i| entries[*i].1.racy_until() >= entries[*i].1.hashed_at_ns)
         .collect();
     if racy.is_empty() {
         return;
     }
+    // Wait out the clock tick (at most 0.2 s); an entry still racy then (a filesystem that
+    // keeps whole seconds) is left for the next run to read again.
     let latest = racy
         .iter()
-        .map(|i| entries[*i].1.stat.ctime_ns)
+        .map(|i| entries[*i].1.racy_until())
+        .filter(|t| *t < coarse_now_ns().saturating_add(200_000_000))
         .max()
         .unwrap_or(0);
     for _ in 0..100 {
@@ -349,7 +352,11 @@ pub fn settle_racy(workdir: &Path, entries: &mut [(String, StatEntry)], stats: &
         }
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
+    let now = coarse_now_ns();
     for i in racy {
+        if entries[i].1.racy_until() >= now {
+            continue;
+        }
         let (key, entry) = &mut entries[i];
         let path = workdir.join(&*key);
         let Ok(meta) = fs::symlink_metadata(&path) else {

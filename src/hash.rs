@@ -27,6 +27,19 @@ pub struct StatKey {
 }
 
 impl StatKey {
+    /// The latest moment the file's last change may have happened. A timestamp is the
+    /// change's time truncated to the filesystem's granularity: a ctime with no sub-second
+    /// part almost surely comes from one that keeps whole seconds (ext4 with 128-byte inodes,
+    /// ext3, some NFS servers; FAT keeps two), where a write 0.9 s after the stat leaves the
+    /// same timestamps. (On a nanosecond filesystem this costs a re-hash once in 10^9 files.)
+    pub fn changed_by_ns(&self) -> i64 {
+        if self.ctime_ns.rem_euclid(1_000_000_000) == 0 {
+            self.ctime_ns.saturating_add(2_000_000_000)
+        } else {
+            self.ctime_ns
+        }
+    }
+
     pub fn from_meta(m: &fs::Metadata, kind: u8) -> StatKey {
         StatKey {
             dev: m.dev(),
@@ -154,10 +167,15 @@ impl<'de> Deserialize<'de> for StatCache {
 impl StatEntry {
     /// The cached hash stands for `now` iff the stat is unchanged and the file's last change
     /// happened strictly before hashing started. A change in the same clock tick as the
-    /// hashing could leave the stat unchanged (the "racy git" problem), so such entries are
-    /// re-hashed.
+    /// hashing (or, on a filesystem keeping whole seconds, the same second) could leave the
+    /// stat unchanged (the "racy git" problem), so such entries are re-hashed.
     pub fn trusted(&self, now: &StatKey) -> bool {
-        self.stat == *now && self.stat.ctime_ns < self.hashed_at_ns
+        self.racy_until() < self.hashed_at_ns && self.stat == *now
+    }
+
+    /// Until when a change could hide from this entry's stat (see `StatKey::changed_by_ns`).
+    pub fn racy_until(&self) -> i64 {
+        self.stat.changed_by_ns()
     }
 }
 
@@ -310,6 +328,36 @@ mod tests {
         };
         assert!(e.trusted(&st));
         assert!(!e.trusted(&StatKey { size: 1, ..st }));
+    }
+
+    /// On a filesystem that keeps whole seconds, a file changed at 10.9 s shows ctime 10 s:
+    /// hashing it at 10.5 s saw the old bytes with the same stat, so that entry must not be
+    /// trusted; one hashed 2 s after the stamped second may be.
+    #[test]
+    fn whole_second_timestamps_stay_racy_for_their_second() {
+        const S: i64 = 1_000_000_000;
+        let st = StatKey {
+            ctime_ns: 10 * S,
+            ..Default::default()
+        };
+        let at = |hashed_at_ns| StatEntry {
+            stat: st,
+            hash: [0; 32],
+            hashed_at_ns,
+        };
+        assert!(!at(10 * S + S / 2).trusted(&st));
+        assert!(!at(11 * S + S / 2).trusted(&st));
+        assert!(at(12 * S + 1).trusted(&st));
+        // Nanosecond stamps keep the tick rule.
+        let fine = StatKey {
+            ctime_ns: 10 * S + 7,
+            ..st
+        };
+        let e = StatEntry {
+            stat: fine,
+            ..at(10 * S + 8)
+        };
+        assert!(e.trusted(&fine));
     }
 
     #[test]

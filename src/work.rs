@@ -1149,7 +1149,7 @@ impl Work<'_> {
             }
             // (Rarely past here: then, is it a file this build writes into a folder?)
             let made = || g.holders.values().any(|v| v.contains(f));
-            if StatKey::from_meta(&m, 0).ctime_ns <= self.began_ns || made() {
+            if StatKey::from_meta(&m, 0).changed_by_ns() <= self.began_ns || made() {
                 continue;
             }
             let arts = Artifacts::new(&self.workdir, &self.db_state.stat, &self.stats);
@@ -1607,8 +1607,11 @@ fn tree_stamp(path: &Path) -> Option<Hash> {
 
 /// The same file with the same bytes as far as its stat tells: a command that only changed
 /// its mode or its links (`cp` failing on a read-only output, then `chmod`) did not write it.
+/// A filesystem that keeps whole seconds cannot tell a rewrite within the same second, so
+/// there the file is taken as written.
 fn same_content_stamp(a: &StatKey, b: &StatKey) -> bool {
     (a.dev, a.ino, a.size, a.mtime_ns) == (b.dev, b.ino, b.size, b.mtime_ns)
+        && a.changed_by_ns() == a.ctime_ns
 }
 
 /// What the post-step checks need to know about a job.
