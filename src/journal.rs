@@ -101,15 +101,29 @@ impl Journal {
                 .create(true)
                 .append(true)
                 .open(&self.path)?;
-            if f.metadata()?.len() == 0 {
+            // Replay stops at the first torn or garbled record, so a record appended after
+            // one would be lost: cut such a tail (a crash's, or a full disk's) first.
+            let (len, intact) = self.scan(|_| ())?;
+            if intact < len {
+                f.set_len(intact)?;
+            }
+            if intact == 0 {
                 f.write_all(MAGIC)?;
             }
             *guard = Some(f);
         }
-        match guard.as_mut() {
-            Some(f) => f.write_all(&rec),
-            None => Err(io::Error::other("journal not open")),
+        let Some(f) = guard.as_mut() else {
+            return Err(io::Error::other("journal not open"));
+        };
+        // Only this run appends (it holds the lock): the length now is where the record goes.
+        let before = f.metadata()?.len();
+        let wrote = f.write_all(&rec);
+        if wrote.is_err() {
+            // A short write (the disk filled up) leaves a torn record: cut it, so that the
+            // next record, once there is room, is not appended after it.
+            let _ = f.set_len(before);
         }
+        wrote
     }
 
     /// Every intact entry, in order, and the file's length (see `for_each`).
@@ -124,18 +138,25 @@ impl Journal {
     /// a full build's journal holds a record per job), and return the file's length.
     /// Reading stops at the first torn or garbled record (the tail a crash may leave); what
     /// follows it is ignored.
-    pub fn for_each(&self, mut f: impl FnMut(Entry)) -> io::Result<u64> {
+    pub fn for_each(&self, f: impl FnMut(Entry)) -> io::Result<u64> {
+        self.scan(f).map(|(len, _)| len)
+    }
+
+    /// `for_each`, returning the file's length and the length of its intact part (the
+    /// magic and every record before the first torn or garbled one; 0 without the magic).
+    fn scan(&self, mut f: impl FnMut(Entry)) -> io::Result<(u64, u64)> {
         let file = match File::open(&self.path) {
             Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
             Err(e) => return Err(e),
         };
         let len = file.metadata()?.len();
         let mut r = io::BufReader::with_capacity(1 << 16, file);
         let mut magic = [0u8; 8];
         if !fill(&mut r, &mut magic)? || &magic != MAGIC {
-            return Ok(len);
+            return Ok((len, 0));
         }
+        let mut intact = MAGIC.len() as u64;
         let mut payload = Vec::new();
         loop {
             let mut head = [0u8; 12];
@@ -171,8 +192,9 @@ impl Journal {
                 Some(e) => f(e),
                 None => break,
             }
+            intact += 12 + n as u64;
         }
-        Ok(len)
+        Ok((len, intact))
     }
 
     /// Empty the journal (after its entries are safely in the snapshot).
@@ -232,6 +254,16 @@ mod tests {
             .expect("open");
         f.set_len(len - 3).expect("truncate");
         assert_eq!(durations(&j), vec![1, 2]);
+        // The next run appends after the intact part: its record is not lost behind the
+        // torn one (as after a crash, or a write the full disk cut short).
+        let next = Journal::new(&d.path().join("journal"));
+        next.append(entry(4)).expect("append");
+        assert_eq!(durations(&next), vec![1, 2, 4]);
+        // A file that is not a journal at all is replaced, not appended to.
+        fs::write(d.path().join("journal"), b"garbage").expect("write");
+        let next = Journal::new(&d.path().join("journal"));
+        next.append(entry(5)).expect("append");
+        assert_eq!(durations(&next), vec![5]);
     }
 
     #[test]
