@@ -52,20 +52,36 @@ impl Running {
     }
 
     /// Before a command starts: make sure the list names this run's token, so a kill at
-    /// any moment after the start leaves a way to find the command.
-    fn prepare(&self) -> Option<&'static str> {
-        let file = self.file.as_ref()?;
-        let mut written = file.1.lock().ok()?;
+    /// any moment after the start leaves a way to find the command. A command is not
+    /// started if the token cannot be written (a full disk): after a crash, nothing could
+    /// stop it from writing into an output the next run is making.
+    fn prepare(&self) -> io::Result<Option<&'static str>> {
+        let Some(file) = self.file.as_ref() else {
+            return Ok(None);
+        };
+        let mut written = file
+            .1
+            .lock()
+            .map_err(|_| io::Error::other("the list of running commands is poisoned"))?;
         if !*written {
             let line = format!("run {}\n", run_token());
-            *written = fs::OpenOptions::new()
+            fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&file.0)
                 .and_then(|mut f| f.write_all(line.as_bytes()))
-                .is_ok();
+                .map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "not started: cannot write {} ({e}), where qbuild names its commands so that a later run can stop them after a crash",
+                            file.0.display()
+                        ),
+                    )
+                })?;
+            *written = true;
         }
-        Some(run_token())
+        Ok(Some(run_token()))
     }
 
     fn add(&self, pgid: i32) {
@@ -296,7 +312,7 @@ pub fn run(
         .stderr(writer)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .process_group(0);
-    if let Some(token) = running.prepare() {
+    if let Some(token) = running.prepare()? {
         // Inherited when `mark_environment` ran (no copy of the environment per spawn).
         if std::env::var_os(RUN_ENV).is_none_or(|v| v != token) {
             cmd.env(RUN_ENV, token);

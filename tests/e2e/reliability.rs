@@ -1565,6 +1565,29 @@ command = "echo partial > out/slow.txt; if [ -e slow.flag ]; then {wait}; fi; ec
 
 /// `kill -9` of qbuild: the job's whole process group lives on and would write into the
 /// output later. The next run stops it before building.
+/// A command starts only once `.qbuild/running` names the run: if that cannot be written
+/// (a full disk; here a folder stands in the way), a crash would leave the command running
+/// with no way for the next run to find and stop it, so the job fails before it starts,
+/// naming the file, and nothing is recorded.
+#[test]
+fn signals_a_command_is_not_started_when_its_run_cannot_be_noted() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.a]\noutputs = [\"o\"]\ncommand = \"echo hi > o\"\n",
+    );
+    s.mkdir(".qbuild/running");
+    let out = s.run(["all"]);
+    out.assert_code(1);
+    assert!(
+        out.stderr.contains("not started: cannot write") && out.stderr.contains(".qbuild/running"),
+        "{out}"
+    );
+    assert!(!s.exists("o"), "{out}");
+    std::fs::remove_dir(s.join(".qbuild/running")).expect("rmdir");
+    s.run(["all"]).assert_ran(&support::set(["a"]));
+}
+
 #[test]
 fn signals_leftovers_of_a_killed_qbuild_are_stopped_by_the_next_run() {
     adopt_leftovers();
