@@ -257,7 +257,9 @@ pub fn run(
             let out = outputs
                 .first()
                 .ok_or_else(|| io::Error::other("a content rule needs one output"))?;
-            fs::write(out, content.as_bytes())?;
+            fs::write(out, content.as_bytes()).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot write {}: {e}", out.display()))
+            })?;
             return Ok(Outcome::Success);
         }
         Action::Link(text) => {
@@ -415,16 +417,15 @@ fn copy_output(
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 if file.is_none() && why.is_none() {
-                    if let Some(dir) = log.parent() {
-                        let _ = fs::create_dir_all(dir);
-                    }
-                    match fs::OpenOptions::new()
-                        .create(true)
-                        .write(true)
-                        .append(mode.append)
-                        .truncate(!mode.append)
-                        .open(log)
-                    {
+                    let made = log.parent().map_or(Ok(()), fs::create_dir_all);
+                    match made.and_then(|()| {
+                        fs::OpenOptions::new()
+                            .create(true)
+                            .write(true)
+                            .append(mode.append)
+                            .truncate(!mode.append)
+                            .open(log)
+                    }) {
                         Ok(f) => file = Some(f),
                         Err(e) => {
                             why = Some(e);

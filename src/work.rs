@@ -1687,9 +1687,26 @@ fn sanity_check(
     }
 }
 
-/// Where a job's log goes: `.qbuild/logs/<first output>.log`.
+/// Where a job's log goes: `.qbuild/logs/<first output>.log`. An output whose name leaves
+/// no room for `.log` (255 bytes a name) gets its name's first 200 bytes and a hash of it.
 pub fn log_path(workdir: &Path, first_output: &str) -> PathBuf {
-    crate::state_dir(workdir)
-        .join("logs")
-        .join(format!("{first_output}.log"))
+    let logs = crate::state_dir(workdir).join("logs");
+    let (dir, name) = match first_output.rsplit_once('/') {
+        Some((d, n)) => (Some(d), n),
+        None => (None, first_output),
+    };
+    let file = if name.len() + ".log".len() <= 255 {
+        format!("{name}.log")
+    } else {
+        let mut cut = 200;
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let h = blake3::hash(name.as_bytes()).to_hex();
+        format!("{}-{}.log", &name[..cut], &h.as_str()[..16])
+    };
+    match dir {
+        Some(d) => logs.join(d).join(file),
+        None => logs.join(file),
+    }
 }

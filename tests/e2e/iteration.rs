@@ -1294,6 +1294,50 @@ fn a_failure_prints_the_log_tail_and_the_log_path() {
     assert!(tail_at < injected_at && injected_at < log_at, "{out}");
 }
 
+/// An output whose name leaves no room for `.log` (NAME_MAX is 255 bytes) still gets its
+/// log: under a shortened name, the one the failure message prints.
+#[test]
+fn an_output_with_a_255_byte_name_keeps_its_log() {
+    let s = Space::new();
+    let name = format!("sub/{}", "a".repeat(253));
+    s.write(
+        "Qairtfile",
+        format!(
+            "[rule.a]\noutputs = [\"{name}\"]\ncommand = \"echo from-the-command; mkdir -p sub; echo x > {name}; exit 3\"\n"
+        ),
+    );
+    let out = s.run(["all"]);
+    out.assert_code(1);
+    assert!(!out.stderr.contains("is not kept"), "{out}");
+    let log = out
+        .stderr
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("log: "))
+        .unwrap_or_else(|| panic!("the log's path is printed\n{out}"));
+    assert!(log.contains("/.qbuild/logs/sub/"), "{out}");
+    let text = fs::read_to_string(log).expect("the log is kept");
+    assert!(text.contains("from-the-command"), "{text}");
+}
+
+/// qbuild writing a `content` output itself names the file when it cannot (a full disk;
+/// here a folder stands at the path).
+#[test]
+fn a_content_output_that_cannot_be_written_is_named() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.c]\noutputs = [\"o\"]\ncontent = \"hi\"\n",
+    );
+    s.mkdir("o/x");
+    let out = s.run(["all"]);
+    out.assert_code(1);
+    assert!(
+        out.stderr
+            .contains(&format!("cannot write {}: ", s.join("o").display())),
+        "{out}"
+    );
+}
+
 #[test]
 fn a_failure_prints_exactly_the_last_20_lines_of_its_log() {
     let s = Space::new();
