@@ -585,7 +585,16 @@ impl Eval<'_, '_, '_> {
                     }
                     Val::scalar(&v)
                 }
-                Err(_) => match default {
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    let off = offset_in(src, &tpl.str, *at);
+                    return Err(src
+                        .error(
+                            off..off + 6 + name.len(),
+                            format!("environment variable `{name}` is not valid UTF-8"),
+                        )
+                        .with_hint("a Qairtfile's strings are UTF-8: set it to a UTF-8 value"));
+                }
+                Err(std::env::VarError::NotPresent) => match default {
                     Some(d) => Val::scalar(&self.render(d, Mode::Scalar { quote: false })?),
                     None => {
                         let off = offset_in(src, &tpl.str, *at);
@@ -1489,7 +1498,20 @@ fn expand_rule<'a>(
                             )
                             .with_hint("one rule instance per file: put the list in a matrix"));
                     }
-                    Action::Write(e.render(&action_t[0], Mode::Scalar { quote: false })?)
+                    let text = e.render(&action_t[0], Mode::Scalar { quote: false })?;
+                    // The post-step check would fail every build of it.
+                    if text.is_empty() && !rule.allow_empty {
+                        return Err(src
+                            .error(
+                                action_t[0].str.span.clone(),
+                                format!(
+                                    "the content of `{}` is empty, and an empty output fails its job",
+                                    instance_label(rule, &assignment)
+                                ),
+                            )
+                            .with_hint("set `allow_empty = true` on the rule if an empty file is right"));
+                    }
+                    Action::Write(text)
                 }
                 RawAction::Argv(_) => {
                     let mut argv = Vec::new();

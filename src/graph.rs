@@ -376,6 +376,28 @@ impl Graph {
                     .with_hint("a target would mean both; rename the alias"));
             }
         }
+        // So must a rule: `qbuild o` means the rule `o`, so another rule's output `o` could
+        // only be named `./o`. (A rule named for its own output means the same either way.)
+        for (ri, r) in self.model.rules.iter().enumerate() {
+            let Some(f) = self.by_path.get(&self.files, &r.name) else {
+                continue;
+            };
+            let Some(p) = self.files[f.idx()].producer else {
+                continue;
+            };
+            let other = self.jobs[p.idx()].spec.rule as usize;
+            if other != ri {
+                return Err(src
+                    .error(
+                        r.name_span.clone(),
+                        format!(
+                            "rule `{}` has the name of an output of rule `{}`",
+                            r.name, self.model.rules[other].name
+                        ),
+                    )
+                    .with_hint("a target would mean both; rename the rule"));
+            }
+        }
         // Alias cycles, named whole (`a -> b -> a`) at the alias that starts one: one
         // depth-first walk over the alias graph, each alias entered once.
         let index: rustc_hash::FxHashMap<&str, usize> = aliases

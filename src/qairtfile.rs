@@ -616,7 +616,18 @@ impl<'s> Parser<'s> {
                 "inputs" => inputs = self.str_list(val, "inputs")?,
                 "outputs" => outputs = Some((self.str_list(val, "outputs")?, val.span())),
                 "command" => command = Some(self.string(val, "command")?),
-                "argv" => argv = Some((self.str_list(val, "argv")?, val.span())),
+                "argv" => {
+                    // One string is one argument: with a space it would be a program whose
+                    // name holds a space, which is a command line meant for `command`.
+                    if let DeValue::String(s) = val.get_ref() {
+                        if s.chars().any(char::is_whitespace) {
+                            return Err(self
+                                .err(&val.span(), "`argv` is a list: one string per argument, with no shell")
+                                .with_hint("write it as a list, `argv = [\"prog\", \"arg\", ...]`, or use `command = \"...\"` for a shell command line"));
+                        }
+                    }
+                    argv = Some((self.str_list(val, "argv")?, val.span()))
+                }
                 "content" => content = Some(self.string(val, "content")?),
                 "pool" => {
                     let p = self.string(val, "pool")?;
@@ -682,6 +693,20 @@ impl<'s> Parser<'s> {
                     env.sort_by(|a, b| a.0.text.cmp(&b.0.text));
                 }
                 other => return Err(self.unknown_key(key, other, RULE_KEYS)),
+            }
+        }
+        // A matrix variable is looked up first: a let of the same name would never be seen.
+        for (k, _) in lets.iter().chain(cases.iter().flat_map(|c| &c.lets)) {
+            if matrix.iter().any(|(m, _)| m.text == k.text) {
+                return Err(self
+                    .err(
+                        &k.span,
+                        format!(
+                            "let `{}` has the name of a matrix variable of this rule, which always wins",
+                            k.text
+                        ),
+                    )
+                    .with_hint("give the let a name of its own"));
             }
         }
         let rule_span = name.span.clone();

@@ -726,3 +726,74 @@ fn toolchain_versions_must_be_numbers_and_tool_lists_multiply() {
         "{out}"
     );
 }
+
+/// Rules that could only fail, or that say something the Qairtfile would never do, are
+/// refused where they are written: an `argv` given as one command-line string, a `let`
+/// hidden by a matrix variable of the same name, a rule named like another rule's output
+/// (the target would mean both), a `content` that is empty without `allow_empty`.
+#[test]
+fn rules_that_cannot_mean_what_they_say_are_refused() {
+    refuse_at(
+        &format!("{HARMLESS}[rule.p]\noutputs = [\"o\"]\nargv = \"sh -c 'echo hi > o'\"\n"),
+        "`argv` is a list: one string per argument, with no shell",
+        "Qairtfile:6:8",
+    );
+    refuse_at(
+        &format!("{HARMLESS}[rule.p]\nmatrix = {{ x = [1, 2] }}\ncase = [{{ when = {{ x = 1 }}, let = {{ x = \"ONE\" }} }}]\noutputs = [\"o${{x}}\"]\ncommand = \"touch o${{x}}\"\n"),
+        "let `x` has the name of a matrix variable of this rule, which always wins",
+        "Qairtfile:6:37",
+    );
+    refuse_at(
+        &format!("{HARMLESS}[rule.p]\noutputs = [\"o\"]\ncommand = \"touch o\"\n[rule.o]\noutputs = [\"o2\"]\ncommand = \"touch o2\"\n"),
+        "rule `o` has the name of an output of rule `p`",
+        "Qairtfile:7:7",
+    );
+    refuse_at(
+        &format!("{HARMLESS}[rule.c]\noutputs = [\"c.txt\"]\ncontent = \"\"\n"),
+        "the content of `c` is empty, and an empty output fails its job",
+        "Qairtfile:6:11",
+    );
+    // A rule named for its own output means one thing either way; an argv string without
+    // a space is one program; an empty content that is allowed is written.
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.o]\noutputs = [\"o\"]\nargv = \"./mk\"\n[rule.e]\noutputs = [\"e\"]\ncontent = \"\"\nallow_empty = true\n",
+    )
+    .write("mk", "#!/bin/sh\necho made > o\n");
+    std::fs::set_permissions(
+        s.join("mk"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    s.run(["all"]).assert_ok();
+    assert_eq!(s.read_string("o"), "made\n");
+    assert_eq!(s.read_string("e"), "");
+}
+
+/// An environment variable set to bytes that are not UTF-8 is said to be so, not "not set"
+/// (and its default is not taken in silence).
+#[test]
+fn an_environment_variable_that_is_not_utf8_is_named() {
+    use std::os::unix::ffi::OsStrExt;
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[vars]\nv = \"${env:X:-d}\"\n[rule.o]\noutputs = [\"o${v}\"]\ncommand = \"touch o${v}\"\n",
+    );
+    let bad = std::ffi::OsStr::from_bytes(b"\xff");
+    let out = crate::support::command(
+        crate::support::QBUILD,
+        s.path(),
+        &["--check"],
+        &[("X", bad)],
+    )
+    .output()
+    .expect("run qbuild");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("error: environment variable `X` is not valid UTF-8\n --> Qairtfile:2:6"),
+        "{err}"
+    );
+}
