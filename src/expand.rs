@@ -1561,44 +1561,52 @@ fn expand_rule<'a>(
         };
         jobs.push(Box::new(job));
     }
+    // A let is evaluated only when an instance names it: check that every variable each
+    // let names exists, as an instance would (`${nope}` in a let nothing uses, or in a case
+    // that never matches, passed `--check`). Once per rule, not per instance.
+    let mut lets_t = Vec::new();
+    for (_, v) in rule
+        .lets
+        .iter()
+        .chain(rule.cases.iter().flat_map(|c| &c.lets))
+    {
+        value_templates(g, v, &mut lets_t)?;
+    }
+    let local = |n: &str| {
+        axes.iter().any(|(a, _)| **a == *n)
+            || rule
+                .lets
+                .iter()
+                .chain(rule.cases.iter().flat_map(|c| &c.lets))
+                .any(|(k, _)| k.text == n)
+    };
+    let mut e = Eval {
+        g: &mut *g,
+        scope: None,
+        stack: Vec::new(),
+        depth: 0,
+    };
     if jobs.len() == jobs_before {
         // No instance (an empty matrix, or all excluded): nothing was evaluated, so check
         // at least that every variable the rule names exists, as an instance would.
-        let mut lets_t = Vec::new();
-        for (_, v) in rule
-            .lets
-            .iter()
-            .chain(rule.cases.iter().flat_map(|c| &c.lets))
-        {
-            value_templates(g, v, &mut lets_t)?;
-        }
         let plain = inputs_t
             .iter()
             .chain(&outputs_t)
             .chain(&tools_t)
-            .chain(links_t.iter().flat_map(|(a, b)| [a, b]))
-            .chain(lets_t.iter().map(|t| &**t));
+            .chain(links_t.iter().flat_map(|(a, b)| [a, b]));
         let io = action_t
             .iter()
             .chain(&check_t)
             .chain(env_t.iter().map(|(_, t)| t))
-            .chain(&desc_t);
-        let local = |n: &str| {
-            axes.iter().any(|(a, _)| **a == *n)
-                || rule
-                    .lets
-                    .iter()
-                    .chain(rule.cases.iter().flat_map(|c| &c.lets))
-                    .any(|(k, _)| k.text == n)
-        };
-        let mut e = Eval {
-            g: &mut *g,
-            scope: None,
-            stack: Vec::new(),
-            depth: 0,
-        };
+            .chain(&desc_t)
+            // (A let used by a command may name the instance's inputs and outputs.)
+            .chain(lets_t.iter().map(|t| &**t));
         for (t, with_io) in plain.map(|t| (t, false)).chain(io.map(|t| (t, true))) {
             names_exist(&mut e, t, &t.segs, with_io, &local)?;
+        }
+    } else {
+        for t in &lets_t {
+            names_exist(&mut e, t, &t.segs, true, &local)?;
         }
     }
     Ok(())

@@ -797,3 +797,32 @@ fn an_environment_variable_that_is_not_utf8_is_named() {
         "{err}"
     );
 }
+
+/// Every variable a `let` names must exist, whether or not an instance uses the let (it is
+/// evaluated only when one does): a typo in a let nothing uses yet, or in a case that never
+/// matches, is found by `--check`. A let that names `${inputs}` for a command is fine, in a
+/// rule with instances or without.
+#[test]
+fn unused_lets_are_checked_too() {
+    refuse_at(
+        &format!("{HARMLESS}[rule.a]\nlet = {{ n = \"${{nope}}\" }}\noutputs = [\"o\"]\ncommand = \"touch o\"\n"),
+        "unknown variable `nope`",
+        "Qairtfile:5:14",
+    );
+    refuse_at(
+        &format!("{HARMLESS}[rule.a]\nmatrix = {{ x = [1, 2] }}\ncase = [{{ when = {{ x = 3 }}, let = {{ n = \"${{nope}}\" }} }}]\noutputs = [\"o${{x}}\"]\ncommand = \"touch o${{x}}\"\n"),
+        "unknown variable `nope`",
+        "Qairtfile:6:42",
+    );
+    for matrix in ["", "matrix = { x = [] }\n"] {
+        let s = Space::new();
+        s.write(
+            "Qairtfile",
+            format!("[rule.a]\n{matrix}let = {{ first = \"${{inputs[0]}}\" }}\ninputs = [\"i\"]\noutputs = [\"o\"]\ncommand = \"cat ${{first}} > o\"\n"),
+        )
+        .write("i", "hi\n");
+        s.run(["--check"]).assert_ok();
+        s.run(["all"]).assert_ok();
+        assert_eq!(s.exists("o"), matrix.is_empty());
+    }
+}
