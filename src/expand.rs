@@ -900,7 +900,12 @@ pub fn expand(q: &Qairtfile) -> Result<Model, Diagnostic> {
 /// The work folder as inputs may name it from outside: its absolute path as given, and
 /// its real path (they differ under a symlinked folder).
 #[derive(Debug, Clone, Default)]
-pub struct WorkRoots(Vec<String>);
+pub struct WorkRoots(
+    Vec<String>,
+    /// Outside paths resolved through their links, by path (an input named in every
+    /// instance is resolved once).
+    std::cell::RefCell<HashMap<String, Option<String>>>,
+);
 
 impl WorkRoots {
     pub fn of(workdir: &std::path::Path) -> WorkRoots {
@@ -928,7 +933,7 @@ impl WorkRoots {
             roots.push(c.to_string_lossy().into_owned());
         }
         roots.dedup();
-        WorkRoots(roots)
+        WorkRoots(roots, Default::default())
     }
 }
 
@@ -1118,20 +1123,42 @@ pub(crate) fn in_state_folder(n: &str) -> bool {
 /// run, so a job reading it would never be up to date.
 fn input_path(src: &Source, roots: &WorkRoots, s: &Str, p: &str) -> Result<String, Diagnostic> {
     let mut n = normalize(p);
-    if n.starts_with('/') || n.starts_with("../") || n == ".." {
-        for root in &roots.0 {
-            let full = if n.starts_with('/') {
+    // `full` as a work-relative path: "." for the work folder or one above it.
+    let inside = |full: &str, root: &str| -> Option<String> {
+        if full == root || root.starts_with(&format!("{}/", full.trim_end_matches('/'))) {
+            return Some(".".to_string());
+        }
+        full.strip_prefix(&format!("{root}/")).map(str::to_string)
+    };
+    let outside = |n: &str| n.starts_with('/') || n.starts_with("../") || n == "..";
+    if outside(&n) {
+        let full_at = |root: &str| {
+            if n.starts_with('/') {
                 n.clone()
             } else {
                 normalize(&format!("{root}/{n}"))
-            };
-            if full == *root || root.starts_with(&format!("{}/", full.trim_end_matches('/'))) {
-                n = ".".to_string();
-                break;
             }
-            if let Some(rel) = full.strip_prefix(&format!("{root}/")) {
-                n = rel.to_string();
-                break;
+        };
+        if let Some(rel) = roots.0.iter().find_map(|r| inside(&full_at(r), r)) {
+            n = rel;
+        } else if let Some(root) = roots.0.last() {
+            // Through links: an outside name (`/home/me/work` linked to the work folder)
+            // of the work folder, or of a file in it. The real root is the last one.
+            let full = full_at(root);
+            let real = roots
+                .1
+                .borrow_mut()
+                .entry(full.clone())
+                .or_insert_with(|| {
+                    let path = std::path::Path::new(&full);
+                    path.canonicalize()
+                        .ok()
+                        .or_else(|| crate::clean::real_path(path))
+                        .map(|r| r.to_string_lossy().into_owned())
+                })
+                .clone();
+            if let Some(rel) = real.and_then(|r| inside(&r, root)) {
+                n = rel;
             }
         }
     }
