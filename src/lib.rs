@@ -529,6 +529,24 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
                 )
                 .with_hint("remove it, or use it"));
         }
+        // Valid, but a rule that makes nothing is usually a matrix or exclude gone wrong.
+        let mut has_jobs = vec![false; graph.model.rules.len()];
+        for j in &graph.jobs {
+            has_jobs[j.spec.rule as usize] = true;
+        }
+        for (r, _) in graph
+            .model
+            .rules
+            .iter()
+            .zip(&has_jobs)
+            .filter(|(_, h)| !**h)
+        {
+            // (Rules of `links` alone have link jobs, so they count as any other.)
+            say!(
+                "qbuild: note: rule `{}` has no jobs (its matrix is empty, or `exclude` removes every combination)",
+                r.name
+            );
+        }
         say!(
             "qbuild: {} is valid: {} rules, {} jobs, {} files",
             args.file.display(),

@@ -838,7 +838,16 @@ fn unused_lets_are_checked_too() {
             format!("[rule.a]\n{matrix}let = {{ first = \"${{inputs[0]}}\" }}\ninputs = [\"i\"]\noutputs = [\"o\"]\ncommand = \"cat ${{first}} > o\"\n"),
         )
         .write("i", "hi\n");
-        s.run(["--check"]).assert_ok();
+        let check = s.run(["--check"]);
+        check.assert_ok();
+        // A rule with no jobs is valid, but --check points it out.
+        assert_eq!(
+            check
+                .stderr
+                .contains("qbuild: note: rule `a` has no jobs (its matrix is empty"),
+            !matrix.is_empty(),
+            "{check}"
+        );
         s.run(["all"]).assert_ok();
         assert_eq!(s.exists("o"), matrix.is_empty());
     }
