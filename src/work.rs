@@ -270,8 +270,20 @@ fn key_parts<'a>(
     toolchain: &'a [(String, String)],
 ) -> KeyParts<'a> {
     let job = &g.jobs[j.idx()];
+    // What judges the result is part of it: a stricter `check`, or `allow_empty` dropped,
+    // must fail where a clean build would (appended only when set, so that other jobs'
+    // keys stay as they were).
+    let mut action = action_text(&job.spec.action);
+    if !matches!(job.spec.action, crate::expand::Action::Link(_)) {
+        if let Some(c) = &job.spec.check {
+            action = Cow::Owned(format!("{action}\n# check: {c}"));
+        }
+        if job.spec.allow_empty {
+            action = Cow::Owned(format!("{action}\n# allow_empty"));
+        }
+    }
     KeyParts {
-        action: action_text(&job.spec.action),
+        action,
         env: Cow::Borrowed(&job.spec.env),
         toolchain: Cow::Borrowed(if job.spec.toolchain { toolchain } else { &[] }),
         inputs,

@@ -272,6 +272,26 @@ fn dropping_an_ar_reruns_only_the_configs_and_binaries() {
     assert_equals_clean_build(&s);
 }
 
+/// A rule's `check` judges its result, so it is part of the key: a stricter check reruns
+/// the jobs and fails them where a clean build would, instead of passing them untested.
+#[test]
+fn changing_a_check_reruns_the_checked_jobs() {
+    let (s, _) = built_demo();
+    let check = "check = \"${bin}/qairt-dlc-info -i ${outputs}\"";
+    s.replace("Qairtfile", check, "check = \"false\"");
+    let out = s.qbuild(["-k", "all"]).run();
+    out.assert_code(1);
+    let quantize: BTreeSet<String> = (1..=4)
+        .flat_map(|i| [quantize(128, i), quantize(1, i)])
+        .collect();
+    assert_eq!(out.failed(), quantize, "{out}");
+    // Back to the old check: the failed jobs run again (their outputs were removed), and
+    // write what they wrote before, so nothing after them reruns.
+    s.replace("Qairtfile", "check = \"false\"", check);
+    s.build_all().assert_ran(&quantize);
+    assert_equals_clean_build(&s);
+}
+
 #[test]
 fn touching_every_source_runs_nothing() {
     let (s, cat) = built_demo();
