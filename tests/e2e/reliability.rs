@@ -1750,6 +1750,60 @@ fn holds_lock(s: &Space, bg: &Bg) -> bool {
     })
 }
 
+/// A work folder branched with hard links (`cp -al`, cheap for GB of artifacts) shares
+/// its `.qbuild/` files with the original: the first build in the copy gives it files of
+/// its own, so the two folders never wait for each other's lock, and the copy's builds
+/// change nothing in the original's state, explain store or logs.
+#[test]
+fn lock_a_hard_linked_copy_of_a_work_folder_gets_a_state_of_its_own() {
+    let a = Space::new();
+    a.write("Qairtfile", LOCK_QAIRTFILE);
+    a.run(["all"]).assert_ok();
+    let b = Space::new();
+    let copied = Command::new("cp")
+        .arg("-al")
+        .arg(a.path().join("."))
+        .arg(b.path())
+        .status()
+        .expect("cp -al");
+    assert!(copied.success());
+    let state_of = |s: &Space| -> BTreeMap<PathBuf, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![s.join(".qbuild")];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).expect("read_dir").flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.insert(p.clone(), fs::read(&p).expect("read"));
+                }
+            }
+        }
+        out
+    };
+    let before = state_of(&a);
+    // (A new file: the copy's Qairtfile is the original's too.)
+    b.remove("Qairtfile")
+        .write("Qairtfile", LOCK_QAIRTFILE.replace("sleep 0.5", "echo v2"));
+    b.run(["all"]).assert_ok();
+    assert_eq!(state_of(&a), before, "the copy's build changed the original's state");
+    use std::os::unix::fs::MetadataExt;
+    for f in ["lock", "snapshot"] {
+        let m = fs::metadata(a.join(&format!(".qbuild/{f}"))).expect("meta");
+        assert_eq!(m.nlink(), 1, "{f}");
+    }
+    // A slow build in the copy: the original answers at once meanwhile.
+    b.remove("Qairtfile")
+        .write("Qairtfile", LOCK_QAIRTFILE.replace("sleep 0.5", "sleep 1; echo v3"));
+    let bg = Bg::start(b.path(), &["-j", "1", "--json", "all"], &[]);
+    assert!(holds_lock(&b, &bg), "the copy's build never took its lock");
+    a.run(["--no-wait", "all"]).assert_nothing_ran(4);
+    let done = bg.wait(Duration::from_secs(60));
+    assert_eq!(done.code, Some(0), "{done}");
+    b.run(["all"]).assert_nothing_ran(4);
+}
+
 /// A dry run beside a build in progress does not wait for it (it may take hours): `-n`,
 /// `--status` and `-n --explain` answer at once from what the build has recorded so far,
 /// say so, take no lock and write nothing; the build ends as if they had not run.
