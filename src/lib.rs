@@ -312,6 +312,7 @@ impl Session {
             "ran": summary.ran,
             "up_to_date": summary.up_to_date,
             "failed": summary.failed,
+            "interrupted": summary.interrupted_jobs,
             "skipped": summary.skipped,
             "not_started": summary.stopped,
             "would_run": summary.would_run,
@@ -332,6 +333,9 @@ impl Session {
         let mut line = format!("qbuild: {verb} {count}, {} up to date", summary.up_to_date);
         if summary.failed > 0 {
             line.push_str(&format!(", {} failed", summary.failed));
+        }
+        if summary.interrupted_jobs > 0 {
+            line.push_str(&format!(", {} interrupted", summary.interrupted_jobs));
         }
         if summary.skipped > 0 {
             line.push_str(&format!(

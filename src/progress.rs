@@ -6,6 +6,25 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// How a job ended, as its progress line says it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Ok,
+    Failed,
+    /// Stopped by Ctrl-C (or SIGTERM, SIGHUP) while it ran.
+    Interrupted,
+}
+
+impl End {
+    fn suffix(self) -> &'static str {
+        match self {
+            End::Ok => "",
+            End::Failed => " FAILED",
+            End::Interrupted => " interrupted",
+        }
+    }
+}
+
 pub trait Progress {
     /// A job started; `expected` is how long it took last time, if known.
     fn started(&mut self, label: &str, expected: Option<Duration>);
@@ -16,7 +35,7 @@ pub trait Progress {
         done: usize,
         total: usize,
         label: &str,
-        ok: bool,
+        end: End,
         took: Duration,
         eta: Option<Duration>,
     );
@@ -61,11 +80,11 @@ impl Progress for Plain {
         done: usize,
         total: usize,
         label: &str,
-        ok: bool,
+        end: End,
         took: Duration,
         _eta: Option<Duration>,
     ) {
-        let fail = if ok { "" } else { " FAILED" };
+        let fail = end.suffix();
         // One write per line (stderr is unbuffered; `writeln!` would make several).
         let line = format!("[{done}/{total}] {label} ({}){fail}\n", secs(took));
         let _ = std::io::stderr().write_all(line.as_bytes());
@@ -86,7 +105,7 @@ impl Progress for Quiet {
         _d: usize,
         _t: usize,
         _l: &str,
-        _ok: bool,
+        _end: End,
         _took: Duration,
         _eta: Option<Duration>,
     ) {
@@ -165,7 +184,7 @@ impl Progress for Fancy {
         done: usize,
         total: usize,
         label: &str,
-        ok: bool,
+        end: End,
         took: Duration,
         eta: Option<Duration>,
     ) {
@@ -175,7 +194,7 @@ impl Progress for Fancy {
         }
         self.counts(done, total, eta);
         self.bar.set_message(self.status());
-        let fail = if ok { "" } else { " FAILED" };
+        let fail = end.suffix();
         let _ = self
             .multi
             .println(format!("[{done}/{total}] {label} ({}){fail}", secs(took)));

@@ -23,7 +23,7 @@ use crate::db::{job_id, Db, DbError, JobRecord};
 use crate::exec::{self, Outcome, Running};
 use crate::graph::{Graph, JobId};
 use crate::hash::{hash_link, Hash, HashStats, StatEntry, StatKey};
-use crate::progress::Progress;
+use crate::progress::{End, Progress};
 use crate::stale::{action_text, decide, KeyParts, OwnedKeyParts, Reason};
 
 /// With `QBUILD_TIMING` set, print how long each phase of a run took (for profiling).
@@ -76,6 +76,9 @@ pub struct Summary {
     pub ran: usize,
     pub up_to_date: usize,
     pub failed: usize,
+    /// Jobs stopped by the interrupt (Ctrl-C, SIGTERM, SIGHUP) while they ran: not
+    /// failures of their own, and their dependents count as not started.
+    pub interrupted_jobs: usize,
     pub skipped: usize,
     /// Wanted jobs never started because the build stopped early (a failure without
     /// `-k`, or a signal).
@@ -112,6 +115,8 @@ enum State {
     Ran,
     WouldRun,
     Failed,
+    /// Stopped by the interrupt while it ran.
+    Interrupted,
     Skipped,
 }
 
@@ -585,7 +590,8 @@ impl Work<'_> {
         }
         // Jobs never started (stopped early) stay unsettled; nothing is recorded for them.
         let s = &self.summary;
-        let settled = s.ran + s.up_to_date + s.failed + s.skipped + s.would_run;
+        let settled =
+            s.ran + s.up_to_date + s.failed + s.interrupted_jobs + s.skipped + s.would_run;
         self.summary.stopped = self.total.saturating_sub(settled);
         if !self.opts.read_only {
             self.save()?;
@@ -668,6 +674,14 @@ impl Work<'_> {
     /// Prereq: `j` is Ready. Decides it: up to date, stale (queued / would run), or skipped.
     fn check(&mut self, j: JobId) {
         let job = &self.g.jobs[j.idx()];
+        // After an interrupt, what waited for a stopped job is "not started" (unsettled).
+        if job
+            .deps
+            .iter()
+            .any(|d| self.state[d.idx()] == State::Interrupted)
+        {
+            return;
+        }
         if job
             .deps
             .iter()
@@ -943,6 +957,7 @@ impl Work<'_> {
                     self.begin_stopping();
                 }
             }
+            State::Interrupted => self.summary.interrupted_jobs += 1,
             State::Skipped => self.summary.skipped += 1,
             _ => {}
         }
@@ -1301,9 +1316,17 @@ impl Work<'_> {
             let text = text.trim_end_matches('\n');
             let (done, total) = self.counts(1);
             let eta = self.eta();
+            // A job that ends badly once the build is interrupted was stopped by it (or
+            // could not finish cleanly meanwhile): not a failure of its own.
+            let stopped = self.summary.interrupted.is_some();
+            let end = if stopped {
+                End::Interrupted
+            } else {
+                End::Failed
+            };
             self.progress
-                .finished(done, total, &job.spec.label, false, d.took, eta);
-            if self.summary.interrupted.is_none() {
+                .finished(done, total, &job.spec.label, end, d.took, eta);
+            if !stopped {
                 self.progress.message(text);
             }
             let ev = json!({
@@ -1311,13 +1334,20 @@ impl Work<'_> {
                 "rule": self.rule_name(j),
                 "job": job.spec.label,
                 "outputs": rels,
-                "status": "failed",
+                "status": if stopped { "interrupted" } else { "failed" },
                 "duration_ms": took_ms,
                 "error": why,
             });
             (self.events)(ev);
             self.keys.remove(&j);
-            self.settle(j, State::Failed);
+            self.settle(
+                j,
+                if stopped {
+                    State::Interrupted
+                } else {
+                    State::Failed
+                },
+            );
         } else if let Some((id, rec)) = record {
             // The event first: the record is in the journal, so a kill from here on leaves
             // a job that is up to date; reporting it at once keeps "recorded but never
@@ -1345,7 +1375,7 @@ impl Work<'_> {
             let (done, total) = self.counts(1);
             let eta = self.eta();
             self.progress
-                .finished(done, total, &job.spec.label, true, d.took, eta);
+                .finished(done, total, &job.spec.label, End::Ok, d.took, eta);
             self.settle(j, State::Ran);
         }
         Ok(recorded)

@@ -1357,6 +1357,11 @@ inputs = ["out/quick.txt"]
 outputs = ["out/slow.txt", "out/slow_2.txt"]
 env = {{ REL_MARK = "{token}" }}
 command = "{trap}echo partial > out/slow.txt; sh -c 'sleep 30 & sleep 30 & wait'; echo done >> out/slow.txt; echo done > out/slow_2.txt"
+
+[rule.after]
+inputs = ["out/slow_2.txt"]
+outputs = ["out/after.txt"]
+command = "cat out/slow_2.txt > out/after.txt"
 "#
     )
 }
@@ -1402,6 +1407,33 @@ fn interrupt(sig: i32, code: i32, ignore_term: bool) {
         .unwrap_or_default();
     assert_eq!(last["event"], "build_finished", "{ended}");
     assert_eq!(last["status"], "interrupted", "{ended}");
+    // `slow` was stopped, not failed; `after` was never started, not skipped for a failure.
+    assert_eq!(
+        (
+            &last["failed"],
+            &last["interrupted"],
+            &last["skipped"],
+            &last["not_started"]
+        ),
+        (
+            &Value::from(0),
+            &Value::from(1),
+            &Value::from(0),
+            &Value::from(1)
+        ),
+        "{ended}"
+    );
+    let slow = ended
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e["event"] == "job_finished" && e["job"] == "slow")
+        .unwrap_or_default();
+    assert_eq!(slow["status"], "interrupted", "{ended}");
+    assert!(
+        ended.stderr.contains(", 1 interrupted, 1 not started") && !ended.stderr.contains("failed"),
+        "{ended}"
+    );
     if ignore_term {
         assert!(
             took >= Duration::from_millis(2500) && took < Duration::from_secs(15),
@@ -1427,7 +1459,7 @@ fn interrupt(sig: i32, code: i32, ignore_term: bool) {
     // Nothing recorded for `slow`; `quick` (finished before the signal) is.
     let dry = s.run(["-n", "all"]);
     dry.assert_ok();
-    assert_eq!(dry.would_run(), support::set(["slow"]), "{dry}");
+    assert_eq!(dry.would_run(), support::set(["slow", "after"]), "{dry}");
 }
 
 #[test]
@@ -1787,15 +1819,21 @@ fn lock_a_hard_linked_copy_of_a_work_folder_gets_a_state_of_its_own() {
     b.remove("Qairtfile")
         .write("Qairtfile", LOCK_QAIRTFILE.replace("sleep 0.5", "echo v2"));
     b.run(["all"]).assert_ok();
-    assert_eq!(state_of(&a), before, "the copy's build changed the original's state");
+    assert_eq!(
+        state_of(&a),
+        before,
+        "the copy's build changed the original's state"
+    );
     use std::os::unix::fs::MetadataExt;
     for f in ["lock", "snapshot"] {
         let m = fs::metadata(a.join(&format!(".qbuild/{f}"))).expect("meta");
         assert_eq!(m.nlink(), 1, "{f}");
     }
     // A slow build in the copy: the original answers at once meanwhile.
-    b.remove("Qairtfile")
-        .write("Qairtfile", LOCK_QAIRTFILE.replace("sleep 0.5", "sleep 1; echo v3"));
+    b.remove("Qairtfile").write(
+        "Qairtfile",
+        LOCK_QAIRTFILE.replace("sleep 0.5", "sleep 1; echo v3"),
+    );
     let bg = Bg::start(b.path(), &["-j", "1", "--json", "all"], &[]);
     assert!(holds_lock(&b, &bg), "the copy's build never took its lock");
     a.run(["--no-wait", "all"]).assert_nothing_ran(4);
