@@ -165,10 +165,15 @@ pub fn clean(
         let Some(rec) = records.get(&id) else {
             continue;
         };
+        let kept_before = c.out.kept.len();
         for (i, &rel) in outputs.iter().enumerate() {
             c.remove(rel, rec.outputs.get(i));
         }
-        forget.push(id);
+        // A job with an output kept (edited by hand) keeps its record, so the next build
+        // says why it reruns ("output ... changed") rather than "never built".
+        if c.out.kept.len() == kept_before {
+            forget.push(id);
+        }
     }
     if dead != Dead::Leave {
         let count = dead == Dead::Count;

@@ -1999,8 +1999,21 @@ fn clean_removes_recorded_outputs_and_never_a_source() {
     // The links' targets (a source folder) survive their links.
     assert!(s.join("models/test_vectors/input_0.raw").is_file());
 
-    // Nothing is recorded now: a clean of a fresh folder removes nothing, even a file
-    // sitting where an output goes.
+    // The kept file's job keeps its record: a build says why it reruns (here, what it
+    // reads is rebuilt), not "never built".
+    let dry = s.qbuild(["-n", "--explain", BIN1]).no_json().run();
+    let block = dry
+        .stderr
+        .split("explain: context binary split=1 is stale:")
+        .nth(1)
+        .and_then(|b| b.split("explain:").next())
+        .unwrap_or_else(|| panic!("no explanation for split 1\n{dry}"));
+    assert!(
+        block.contains("will be rebuilt") && !block.contains("never built"),
+        "{dry}"
+    );
+    // Nothing else is recorded now: a clean removes nothing more, even a file sitting
+    // where an output goes.
     let out = s.qbuild(["--clean"]).no_json().run();
     out.assert_ok();
     assert!(out.stderr.contains("removed 0 output(s)"), "{out}");
