@@ -237,16 +237,6 @@ fn the_work_folder_named_from_outside_is_refused_and_paths_back_inside_are_its_f
         out.stderr.contains("holds qbuild's own state folder"),
         "{out}"
     );
-    // A file named through that link is the work folder's own: its reader waits for it.
-    s.write(
-        "Qairtfile",
-        format!("[rule.w]\noutputs = [\"a\"]\ncommand = \"sleep 0.3; echo a > a\"\n[rule.r]\ninputs = [\"{via}/lnk/a\"]\noutputs = [\"o\"]\ncommand = \"cat a > o\"\n"),
-    );
-    s.run(["--check"]).assert_ok();
-    s.run(["-j2", "all"]).assert_ok();
-    assert_eq!(s.read_string("o"), "a\n");
-    s.run(["all"]).assert_nothing_ran(2);
-    s.remove("a").remove("o");
     s.write(
         "Qairtfile",
         "[rule.l]\nlinks = [{ link = \"l\", to = \".qbuild/snapshot\" }]\n",
@@ -261,11 +251,15 @@ fn the_work_folder_named_from_outside_is_refused_and_paths_back_inside_are_its_f
     s.write(
         "Qairtfile",
         format!(
-            "[rule.w]\noutputs = [\"a\"]\ncommand = \"sleep 0.3; echo a > a\"\n[rule.r]\ninputs = [\"{root}/a\", \"../{name}/a\"]\noutputs = [\"o\"]\ncommand = \"cat a > o\"\n"
+            "[rule.w]\noutputs = [\"a\"]\ncommand = \"sleep 0.3; echo a > a\"\n[rule.r]\ninputs = [\"{root}/a\", \"../{name}/a\", \"{via}/lnk/a\"]\noutputs = [\"o\"]\ncommand = \"cat a > o\"\n"
         ),
     );
+    // (The three names of `a`, the last through a link to the work folder, are one file:
+    // the reader waits for it, and settles.)
+    s.run(["--check"]).assert_ok();
     s.run(["-j2", "all"]).assert_ok();
     assert_eq!(s.read_string("o"), "a\n");
+    s.run(["all"]).assert_nothing_ran(2);
 }
 
 /// A cycle closed by a folder: `a` reads `models/`, `b` writes into it from `a`'s output.
