@@ -120,23 +120,28 @@ fn interest(s: &Session, l: &Loaded) -> Interest {
                 if let Ok(real) = p.canonicalize() {
                     i.trees.insert(real);
                 }
+                // Every link on the way to the folder can be retargeted (`tv -> cur -> v1`):
+                // each is watched as a file.
+                i.add_file(p.clone());
                 i.trees.insert(p);
             } else {
                 i.add_file(p);
             }
         }
     }
-    if let Some(t) = &l.toolchain {
-        i.add_file(t.root.join("sdk.yaml"));
+    if let Some(tc) = &g.model.toolchain {
+        add_toolchain(&mut i, &s.workdir, tc);
     }
-    // A recursive watch sees a link inside a source folder, not the file it leads to
-    // (test vectors linked from shared storage): watch those files too.
-    let mut linked = Vec::new();
+    // A recursive watch sees a link inside a source folder, not what it leads to (test
+    // vectors linked from shared storage): watch those files, and those folders as trees.
+    // Found anew each round, so a link made while watching is followed from the next.
+    let (mut files, mut trees) = (Vec::new(), Vec::new());
     for t in &i.trees {
-        file_links(t, &mut linked, &mut 0);
+        links_below(t, &mut files, &mut trees, &mut 0);
     }
     // (Already real paths.)
-    i.files.extend(linked);
+    i.files.extend(files);
+    i.trees.extend(trees);
     // The graph knows which outputs lie inside source folders it names (`holders`); the
     // watched trees are such folders.
     for f in g.holders.keys() {
@@ -157,9 +162,19 @@ fn interest(s: &Session, l: &Loaded) -> Interest {
     i
 }
 
-/// The real files that symlinks under `dir` lead to (at most 100,000 entries looked at; a
-/// folder link is not followed, so a loop cannot hold the walk).
-fn file_links(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut usize) {
+/// The SDK's version file and tools (and its root, while it is missing): an SDK fixed or
+/// upgraded, or a tool made executable again, is a change like any other.
+fn add_toolchain(i: &mut Interest, workdir: &Path, tc: &crate::expand::Toolchain) {
+    let root = workdir.join(&tc.root);
+    i.add_file(root.join(&tc.version_file));
+    for t in &tc.tools {
+        i.add_file(root.join(t));
+    }
+}
+
+/// The real files and folders that symlinks under `dir` lead to (at most 100,000 entries
+/// looked at; a folder link is not walked into, so a loop cannot hold the walk).
+fn links_below(dir: &Path, files: &mut Vec<PathBuf>, trees: &mut Vec<PathBuf>, seen: &mut usize) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
@@ -173,11 +188,13 @@ fn file_links(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut usize) {
         if ft.is_symlink() {
             if let Ok(real) = p.canonicalize() {
                 if real.is_file() {
-                    out.push(real);
+                    files.push(real);
+                } else if real.is_dir() {
+                    trees.push(real);
                 }
             }
         } else if ft.is_dir() {
-            file_links(&p, out, seen);
+            links_below(&p, files, trees, seen);
         }
     }
 }
@@ -228,6 +245,13 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
                 Some(l)
             }
             Err(d) => {
+                // The Qairtfile may be fine and the SDK not (too old, a tool missing): then
+                // fixing the SDK must be seen too, even if no load ever succeeded.
+                if let Ok(g) = crate::load_graph(&s.file, &s.args.file) {
+                    if let Some(tc) = &g.model.toolchain {
+                        add_toolchain(&mut last, &s.workdir, tc);
+                    }
+                }
                 say!("{d}");
                 say!("qbuild: fix the error above; watching for changes");
                 emit(serde_json::json!({
@@ -347,7 +371,20 @@ fn relevant(ev: &notify::Event, want: &Interest, workdir: &Path) -> bool {
         return false;
     }
     let state = crate::state_dir(workdir);
-    ev.paths
-        .iter()
-        .any(|p| !p.starts_with(&state) && want.wants(p))
+    ev.paths.iter().any(|p| {
+        if p.starts_with(&state) {
+            return false;
+        }
+        // One folder watched under two names (`store/current/x` and `store/v1/y`) is one
+        // inotify watch, whose events all come under one of the names: judge a path by
+        // its folder's real place too.
+        want.wants(p)
+            || p.parent()
+                .and_then(|d| d.canonicalize().ok())
+                .zip(p.file_name())
+                .is_some_and(|(d, n)| {
+                    let real = d.join(n);
+                    real != *p && want.wants(&real)
+                })
+    })
 }

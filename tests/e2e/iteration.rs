@@ -2825,6 +2825,82 @@ command = "cat models/m.onnx > export.onnx"
     assert_eq!(s.read_string("tv.txt"), "T2\n");
 }
 
+/// Found by hand: a source folder reached through a chain of links (`tv -> fcur -> f1`)
+/// missed its middle link retargeted; one folder named two ways (`current/x`, `v1/y`)
+/// missed edits at random (one inotify watch, events under one of the names); a folder
+/// link made inside a source folder while watching was never followed; and an SDK too old
+/// when the watch started was never looked at again.
+#[test]
+fn watch_follows_folder_chains_two_names_new_folder_links_and_a_fixed_sdk() {
+    let s = Space::new();
+    let shared = Space::new();
+    shared
+        .write("f1/x", "F1\n")
+        .write("f2/x", "F2\n")
+        .write("v1/y", "Y\n")
+        .write("more/z", "Z\n");
+    std::os::unix::fs::symlink("f1", shared.join("fcur")).expect("symlink");
+    std::os::unix::fs::symlink(shared.join("fcur"), s.join("tv")).expect("symlink");
+    std::os::unix::fs::symlink("v1", shared.join("current")).expect("symlink");
+    let root = shared.path().display().to_string();
+    s.write(
+        "Qairtfile",
+        format!(
+            r#"
+[rule.tv]
+inputs = ["tv"]
+outputs = ["tv.txt"]
+command = "cat tv/x > tv.txt; cat tv/more/z >> tv.txt 2>/dev/null || true"
+[rule.x]
+inputs = ["{root}/current/y"]
+outputs = ["x.txt"]
+command = "cat {root}/current/y > x.txt"
+[rule.y]
+inputs = ["{root}/v1/y"]
+outputs = ["y.txt"]
+command = "cat {root}/v1/y > y.txt"
+"#
+        ),
+    );
+    let mut w = Watch::start(&s, &[], &[]);
+    w.round("the first build");
+    let tmp = shared.join("fcur.new");
+    std::os::unix::fs::symlink("f2", &tmp).expect("symlink");
+    fs::rename(&tmp, shared.join("fcur")).expect("rename");
+    let r = w.round("the folder's middle link retargeted");
+    assert_eq!(r.ran(), set(["tv"]), "{r}");
+    assert_eq!(s.read_string("tv.txt"), "F2\n");
+    shared.append("f2/x", "more\n");
+    let r = w.round("an edit in the new folder");
+    assert_eq!(r.ran(), set(["tv"]), "{r}");
+    // One folder, two names: an edit there is seen whichever name the event comes under.
+    shared.append("v1/y", "Y2\n");
+    let r = w.round("an edit of a folder named two ways");
+    assert_eq!(r.ran(), set(["x", "y"]), "{r}");
+    // A folder link made inside the source folder: followed from the next round on.
+    std::os::unix::fs::symlink(shared.join("more"), shared.join("f2/more")).expect("symlink");
+    let r = w.round("a folder link made in a source folder");
+    assert_eq!(r.ran(), set(["tv"]), "{r}");
+    shared.write("more/z", "Z2\n");
+    let r = w.round("an edit behind the new folder link");
+    assert_eq!(r.ran(), set(["tv"]), "{r}");
+    assert_eq!(s.read_string("tv.txt"), "F2\nmore\nZ2\n");
+    assert_eq!(w.stop(libc::SIGINT), 130, "{}", w.bg.transcript());
+
+    // An SDK too old at the start: fixing it is a change like any other.
+    let t = Space::demo();
+    let sdk = own_sdk(&t);
+    set_sdk_version(&t, SDK_VERSION, "2.20.0");
+    let mut w = Watch::start(&t, &[], &[("QNN_SDK_ROOT", &sdk)]);
+    let r = w.round("the first load");
+    assert_eq!(r.of("qairtfile_error").len(), 1, "{r}");
+    set_sdk_version(&t, "2.20.0", SDK_VERSION);
+    let r = w.round("the SDK fixed");
+    assert_eq!(r.finished()["status"], "ok", "{r}");
+    assert!(t.exists(BIN1), "{r}");
+    assert_eq!(w.stop(libc::SIGINT), 130, "{}", w.bg.transcript());
+}
+
 /// The work folder moved aside and made again at its path while watching (a restore, a
 /// checkout into a fresh folder): the next rounds read and build the folder at the path
 /// (the watch kept reading the old one through its current folder, and did nothing).
