@@ -1073,6 +1073,7 @@ impl Work<'_> {
                 before,
                 before_tree,
                 is_command: matches!(job.spec.action, Action::Shell(_) | Action::Argv(_)),
+                started_ns: 0,
             },
         };
         // The workers start with the first job that runs (a no-op starts no thread).
@@ -1570,6 +1571,20 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
         post,
     } = t;
     let (workdir, procs) = (&crew.workdir, &crew.procs);
+    let mut post = post;
+    // The job was set up when it was queued, perhaps a whole job's time ago: a hard link
+    // made to an output since (`cp -al` of the work folder mid-build) must not be written
+    // through either. Such a file is unlinked now, as at set-up.
+    for (i, o) in outputs.iter().enumerate() {
+        use std::os::unix::fs::MetadataExt;
+        if fs::symlink_metadata(o).is_ok_and(|m| m.is_file() && m.nlink() > 1) {
+            let _ = fs::remove_file(o);
+            if let Some(b) = post.before.get_mut(i) {
+                *b = None;
+            }
+        }
+    }
+    post.started_ns = crate::hash::coarse_now_ns();
     let t0 = Instant::now();
     let mode = exec::LogMode {
         append: false,
@@ -1649,11 +1664,18 @@ fn tree_stamp(path: &Path) -> Option<Hash> {
 
 /// The same file with the same bytes as far as its stat tells: a command that only changed
 /// its mode or its links (`cp` failing on a read-only output, then `chmod`) did not write it.
-/// A filesystem that keeps whole seconds cannot tell a rewrite within the same second, so
-/// there the file is taken as written.
-fn same_content_stamp(a: &StatKey, b: &StatKey) -> bool {
-    (a.dev, a.ino, a.size, a.mtime_ns) == (b.dev, b.ino, b.size, b.mtime_ns)
-        && a.changed_by_ns() == a.ctime_ns
+/// Only if `a` was last changed before `started`: on a filesystem that keeps whole seconds,
+/// a rewrite in the second the command started leaves the same stamp, so such a file is
+/// taken as written. (One second, not the two of `changed_by_ns`: this only words a
+/// failure, and a rebuild a second later is the usual case to catch.)
+fn same_content_stamp(a: &StatKey, b: &StatKey, started_ns: i64) -> bool {
+    const S: i64 = 1_000_000_000;
+    let last = if a.ctime_ns.rem_euclid(S) == 0 {
+        a.ctime_ns.saturating_add(S - 1)
+    } else {
+        a.ctime_ns
+    };
+    (a.dev, a.ino, a.size, a.mtime_ns) == (b.dev, b.ino, b.size, b.mtime_ns) && last < started_ns
 }
 
 /// What the post-step checks need to know about a job.
@@ -1666,6 +1688,8 @@ struct Post {
     before_tree: Vec<Option<Hash>>,
     /// False for qbuild's own actions (content, links), which need no such check.
     is_command: bool,
+    /// When the command started (the coarse clock, as file times are).
+    started_ns: i64,
 }
 
 /// After a command succeeded: every declared output exists, files are non-empty (unless
@@ -1690,7 +1714,7 @@ fn sanity_check(
             }
             // A file left exactly as it was before the run was not written by this run: a
             // stale copy must not pass for the new result.
-            Ok(m) if post.is_command && m.is_file() && post.before.get(i).copied().flatten().is_some_and(|b| same_content_stamp(&b, &StatKey::from_meta(&m, 0))) => {
+            Ok(m) if post.is_command && m.is_file() && post.before.get(i).copied().flatten().is_some_and(|b| same_content_stamp(&b, &StatKey::from_meta(&m, 0), post.started_ns)) => {
                 return Err(io::Error::other(format!(
                     "the command succeeded but did not write the declared output {rel} (the file there is left from before)"
                 )))
@@ -1750,5 +1774,46 @@ pub fn log_path(workdir: &Path, first_output: &str) -> PathBuf {
     match dir {
         Some(d) => logs.join(d).join(file),
         None => logs.join(file),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// "The command did not write this output" is only said when the stamps can tell: an
+    /// output last changed before the command started, on any filesystem.
+    #[test]
+    fn an_unchanged_stamp_means_unwritten_only_if_it_predates_the_start() {
+        const S: i64 = 1_000_000_000;
+        let key = |ctime_ns| StatKey {
+            ino: 7,
+            size: 3,
+            mtime_ns: ctime_ns,
+            ctime_ns,
+            ..Default::default()
+        };
+        // Nanosecond stamps: written an hour ago, started now.
+        assert!(same_content_stamp(
+            &key(10 * S + 5),
+            &key(10 * S + 5),
+            3600 * S
+        ));
+        // Whole seconds: an hour ago is still before the start...
+        assert!(same_content_stamp(&key(10 * S), &key(10 * S), 3600 * S));
+        // ...and so is the second before the one the command started in...
+        assert!(same_content_stamp(
+            &key(10 * S),
+            &key(10 * S),
+            11 * S + S / 5
+        ));
+        // ...but the second the command started in cannot tell a rewrite.
+        assert!(!same_content_stamp(
+            &key(10 * S),
+            &key(10 * S),
+            10 * S + S / 2
+        ));
+        // Different stamps: written, whatever the times.
+        assert!(!same_content_stamp(&key(10 * S), &key(11 * S), 3600 * S));
     }
 }

@@ -1782,6 +1782,28 @@ fn holds_lock(s: &Space, bg: &Bg) -> bool {
     })
 }
 
+/// A hard link made to an output while its job waits in the queue (a `cp -al` of the work
+/// folder mid-build) is not written through either: the file is unlinked when the command
+/// starts, not only when the job was queued. (It was checked only then.)
+#[test]
+fn lock_a_hard_link_made_while_a_job_is_queued_keeps_its_bytes() {
+    let s = Space::new();
+    s.write("Qairtfile", LOCK_QAIRTFILE);
+    s.run(["all"]).assert_ok();
+    s.write(
+        "Qairtfile",
+        LOCK_QAIRTFILE.replace("echo w${i}", "echo v2-w${i}"),
+    );
+    let bg = Bg::start(s.path(), &["-j", "1", "--json", "all"], &[]);
+    assert!(holds_lock(&s, &bg), "the build never took the lock");
+    // The first job runs for 0.5 s; the second waits in the workers' queue meanwhile.
+    fs::hard_link(s.join("out/w2.txt"), s.join("keep.txt")).expect("hard link");
+    let done = bg.wait(Duration::from_secs(60));
+    assert_eq!(done.code, Some(0), "{done}");
+    assert_eq!(s.read_string("out/w2.txt"), "v2-w2\n");
+    assert_eq!(s.read_string("keep.txt"), "w2\n", "{done}");
+}
+
 /// A work folder branched with hard links (`cp -al`, cheap for GB of artifacts) shares
 /// its `.qbuild/` files with the original: the first build in the copy gives it files of
 /// its own, so the two folders never wait for each other's lock, and the copy's builds
