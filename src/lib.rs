@@ -581,7 +581,7 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
     let t = std::time::Instant::now();
     let (_lock, db, pre) = match fetching.and_then(Fetch::join) {
         Some((mut lock, db, pre)) => {
-            lock.stamp();
+            lock.stamp(&session.state_dir());
             (Some(lock), db, Some(pre))
         }
         None if session.read_only_dry_run() => {

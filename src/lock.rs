@@ -27,6 +27,12 @@ pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, LockError> {
             .open(&path)
             .map_err(|e| LockError::Other(format!("cannot open the lock {}: {e}", path.display())))
     };
+    // A copy of another folder's state (`cp -al` while that folder builds): its lock file
+    // is the other folder's, held perhaps for hours. Unshare first, so this folder waits
+    // for no one else's build.
+    if foreign(state_dir, &path) {
+        unshare_unlocked(state_dir);
+    }
     let mut file = open()?;
     // Polled, not a blocking flock: a signal qbuild handles (in `--watch`, Ctrl-C) must end
     // the wait, and the kernel restarts a blocking flock after it.
@@ -53,7 +59,7 @@ pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, LockError> {
             Some(w) => w,
             None => {
                 let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                let holder = holder.trim();
+                let holder = holder.split_whitespace().next().unwrap_or_default();
                 let w = if holder.is_empty() {
                     String::new()
                 } else {
@@ -77,8 +83,87 @@ pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, LockError> {
     if lock.file.metadata().is_ok_and(|m| m.nlink() > 1) {
         unshare(state_dir, &mut lock);
     }
-    lock.stamp();
+    lock.stamp(state_dir);
     Ok(lock)
+}
+
+/// The state folder as the lock's stamp names it: its real path.
+fn stamp_name(state_dir: &Path) -> String {
+    state_dir
+        .canonicalize()
+        .unwrap_or_else(|_| state_dir.to_path_buf())
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Whether the lock file at `path` is shared with another folder's state (hard links) and
+/// was last stamped by a run of that other folder.
+fn foreign(state_dir: &Path, path: &Path) -> bool {
+    let Ok(m) = std::fs::metadata(path) else {
+        return false;
+    };
+    if m.nlink() < 2 {
+        return false;
+    }
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(text.split(|b| *b == 0).next().unwrap_or_default());
+    match text.split_once(' ') {
+        Some((_, dir)) if !dir.trim().is_empty() => dir.trim() != stamp_name(state_dir),
+        _ => false,
+    }
+}
+
+/// `unshare` before the lock is taken (the shared lock may be held by the other folder's
+/// build). Runs of this folder take turns on `.qbuild/unsharing` (a file of this folder's
+/// own, made here), and each checks again under it, so one unshares and the rest find
+/// nothing left to do.
+fn unshare_unlocked(state_dir: &Path) {
+    let turn = state_dir.join("unsharing");
+    let Ok(t) = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&turn)
+    else {
+        return;
+    };
+    if t.lock().is_err() {
+        return;
+    }
+    let path = state_dir.join("lock");
+    if !foreign(state_dir, &path) {
+        return;
+    }
+    let tmp = state_dir.join(format!("lock.unshare-{}", std::process::id()));
+    let fresh = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp);
+    let Ok(f) = fresh else {
+        return;
+    };
+    let mut lock = Lock { file: f };
+    if lock.file.try_lock().is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return;
+    }
+    lock.stamp(state_dir);
+    // The new lock, held while the other files are copied, goes in place first: a run of
+    // this folder that starts meanwhile waits on it, not on the other folder's.
+    if std::fs::rename(&tmp, &path).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return;
+    }
+    // `running` names the other folder's build in progress: its commands are not this
+    // folder's leftovers to stop.
+    let running = state_dir.join("running");
+    if std::fs::metadata(&running).is_ok_and(|m| m.nlink() > 1) {
+        let _ = std::fs::remove_file(&running);
+    }
+    unshare(state_dir, &mut lock);
 }
 
 /// Whether `path` names the open `file` (the same inode).
@@ -108,7 +193,7 @@ fn unshare(state_dir: &Path, lock: &mut Lock) {
             if m.is_dir() {
                 walk(&p);
             } else if m.is_file() && m.nlink() > 1 && p.file_name() != Some("lock".as_ref()) {
-                let tmp = p.with_extension("unshare-tmp");
+                let tmp = p.with_extension(format!("unshare-{}", std::process::id()));
                 if std::fs::copy(&p, &tmp).is_ok() && std::fs::rename(&tmp, &p).is_err() {
                     let _ = std::fs::remove_file(&tmp);
                 }
@@ -116,7 +201,10 @@ fn unshare(state_dir: &Path, lock: &mut Lock) {
         }
     }
     walk(state_dir);
-    let tmp = state_dir.join("lock.unshare-tmp");
+    if lock.file.metadata().is_ok_and(|m| m.nlink() < 2) {
+        return;
+    }
+    let tmp = state_dir.join(format!("lock.unshare-{}", std::process::id()));
     let fresh = OpenOptions::new()
         .read(true)
         .write(true)
@@ -150,12 +238,12 @@ pub fn try_existing(state_dir: &Path) -> Option<Lock> {
 }
 
 impl Lock {
-    /// Write this process's id into the lock file, for the message of a run that waits:
-    /// over the old one, padded with spaces, never truncating (ext4 flushes a file that was
-    /// truncated to zero when it is closed, a disk write on every run).
-    pub fn stamp(&mut self) {
-        let _ = self
-            .file
-            .write_all_at(format!("{:<10}", std::process::id()).as_bytes(), 0);
+    /// Write this process's id and the state folder into the lock file (for the message of
+    /// a run that waits, and to tell a hard-linked copy's lock from this folder's): over the
+    /// old stamp, ended by a NUL, never truncating (ext4 flushes a file that was truncated
+    /// to zero when it is closed, a disk write on every run).
+    pub fn stamp(&mut self, state_dir: &Path) {
+        let text = format!("{:<10} {}\n\0", std::process::id(), stamp_name(state_dir));
+        let _ = self.file.write_all_at(text.as_bytes(), 0);
     }
 }

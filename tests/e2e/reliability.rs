@@ -1778,7 +1778,8 @@ command = "sleep 0.5; echo w${i} > ${outputs}"
 fn holds_lock(s: &Space, bg: &Bg) -> bool {
     let pid = bg.pid().to_string();
     wait_until(Duration::from_secs(20), || {
-        fs::read_to_string(s.join(".qbuild/lock")).is_ok_and(|t| t.trim() == pid)
+        fs::read_to_string(s.join(".qbuild/lock"))
+            .is_ok_and(|t| t.split_whitespace().next() == Some(pid.as_str()))
     })
 }
 
@@ -1862,6 +1863,39 @@ fn lock_a_hard_linked_copy_of_a_work_folder_gets_a_state_of_its_own() {
     let done = bg.wait(Duration::from_secs(60));
     assert_eq!(done.code, Some(0), "{done}");
     b.run(["all"]).assert_nothing_ran(4);
+
+    // A copy made while the original builds (for hours, on the real pipeline) waits for
+    // no one: the original's lock, and its commands, are not the copy's.
+    a.remove("Qairtfile").write(
+        "Qairtfile",
+        LOCK_QAIRTFILE.replace("sleep 0.5", "sleep 1; echo v4"),
+    );
+    let bg = Bg::start(a.path(), &["-j", "1", "--json", "all"], &[]);
+    assert!(
+        holds_lock(&a, &bg),
+        "the original's build never took its lock"
+    );
+    let c = Space::new();
+    let copied = Command::new("cp")
+        .arg("-al")
+        .arg(a.path().join("."))
+        .arg(c.path())
+        .status()
+        .expect("cp -al");
+    assert!(copied.success());
+    c.remove("Qairtfile").write("Qairtfile", LOCK_QAIRTFILE);
+    let out = c.run(["--no-wait", "all"]);
+    out.assert_ok();
+    assert!(!out.stderr.contains("another qbuild"), "{out}");
+    assert!(!out.stderr.contains("stopped"), "{out}");
+    let done = bg.wait(Duration::from_secs(60));
+    assert_eq!(done.code, Some(0), "{done}");
+    assert_eq!(done.ok_jobs().len(), 4, "{done}");
+    a.run(["all"]).assert_nothing_ran(4);
+    c.run(["all"]).assert_nothing_ran(4);
+    for i in 1..=4 {
+        assert_eq!(c.read_string(&format!("out/w{i}.txt")), format!("w{i}\n"));
+    }
 }
 
 /// A dry run beside a build in progress does not wait for it (it may take hours): `-n`,
