@@ -131,32 +131,14 @@ fn unshare_unlocked(state_dir: &Path) {
     if t.lock().is_err() {
         return;
     }
-    let path = state_dir.join("lock");
-    if !foreign(state_dir, &path) {
+    if !foreign(state_dir, &state_dir.join("lock")) {
         return;
     }
-    let tmp = state_dir.join(format!("lock.unshare-{}", std::process::id()));
-    let fresh = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp);
-    let Ok(f) = fresh else {
-        return;
-    };
-    let mut lock = Lock { file: f };
-    if lock.file.try_lock().is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        return;
-    }
-    lock.stamp(state_dir);
     // The new lock, held while the other files are copied, goes in place first: a run of
     // this folder that starts meanwhile waits on it, not on the other folder's.
-    if std::fs::rename(&tmp, &path).is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let Some(mut lock) = replace_lock(state_dir) else {
         return;
-    }
+    };
     // `running` names the other folder's build in progress: its commands are not this
     // folder's leftovers to stop.
     let running = state_dir.join("running");
@@ -201,23 +183,34 @@ fn unshare(state_dir: &Path, lock: &mut Lock) {
         }
     }
     walk(state_dir);
-    if lock.file.metadata().is_ok_and(|m| m.nlink() < 2) {
-        return;
+    if lock.file.metadata().is_ok_and(|m| m.nlink() > 1) {
+        if let Some(fresh) = replace_lock(state_dir) {
+            *lock = fresh;
+        }
     }
+}
+
+/// A new lock file, locked and stamped, renamed over `lock` (`None` if any step fails; the
+/// old file stays then).
+fn replace_lock(state_dir: &Path) -> Option<Lock> {
     let tmp = state_dir.join(format!("lock.unshare-{}", std::process::id()));
-    let fresh = OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
-        .open(&tmp);
-    if let Ok(f) = fresh {
-        if f.try_lock().is_ok() && std::fs::rename(&tmp, state_dir.join("lock")).is_ok() {
-            lock.file = f;
-        } else {
-            let _ = std::fs::remove_file(&tmp);
-        }
+        .open(&tmp)
+        .ok()?;
+    let mut lock = Lock { file };
+    let placed = lock.file.try_lock().is_ok() && {
+        lock.stamp(state_dir);
+        std::fs::rename(&tmp, state_dir.join("lock")).is_ok()
+    };
+    if !placed {
+        let _ = std::fs::remove_file(&tmp);
+        return None;
     }
+    Some(lock)
 }
 
 /// The lock, if it is free right now and its file exists: taken without creating or

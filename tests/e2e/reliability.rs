@@ -1805,6 +1805,17 @@ fn lock_a_hard_link_made_while_a_job_is_queued_keeps_its_bytes() {
     assert_eq!(s.read_string("keep.txt"), "w2\n", "{done}");
 }
 
+/// `cp -al FROM/. TO`: every file of `to` a hard link to `from`'s.
+fn cp_al(from: &Space, to: &Space) {
+    let copied = Command::new("cp")
+        .arg("-al")
+        .arg(from.path().join("."))
+        .arg(to.path())
+        .status()
+        .expect("cp -al");
+    assert!(copied.success());
+}
+
 /// A work folder branched with hard links (`cp -al`, cheap for GB of artifacts) shares
 /// its `.qbuild/` files with the original: the first build in the copy gives it files of
 /// its own, so the two folders never wait for each other's lock, and the copy's builds
@@ -1815,13 +1826,7 @@ fn lock_a_hard_linked_copy_of_a_work_folder_gets_a_state_of_its_own() {
     a.write("Qairtfile", LOCK_QAIRTFILE);
     a.run(["all"]).assert_ok();
     let b = Space::new();
-    let copied = Command::new("cp")
-        .arg("-al")
-        .arg(a.path().join("."))
-        .arg(b.path())
-        .status()
-        .expect("cp -al");
-    assert!(copied.success());
+    cp_al(&a, &b);
     let state_of = |s: &Space| -> BTreeMap<PathBuf, Vec<u8>> {
         let mut out = BTreeMap::new();
         let mut stack = vec![s.join(".qbuild")];
@@ -1876,13 +1881,7 @@ fn lock_a_hard_linked_copy_of_a_work_folder_gets_a_state_of_its_own() {
         "the original's build never took its lock"
     );
     let c = Space::new();
-    let copied = Command::new("cp")
-        .arg("-al")
-        .arg(a.path().join("."))
-        .arg(c.path())
-        .status()
-        .expect("cp -al");
-    assert!(copied.success());
+    cp_al(&a, &c);
     c.remove("Qairtfile").write("Qairtfile", LOCK_QAIRTFILE);
     let out = c.run(["--no-wait", "all"]);
     out.assert_ok();
