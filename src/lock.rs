@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Held for the life of the build; the OS releases it if qbuild dies.
 pub struct Lock {
@@ -80,24 +80,32 @@ pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, LockError> {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let mut lock = Lock { file };
-    if lock.file.metadata().is_ok_and(|m| m.nlink() > 1) {
+    if shared(state_dir, &lock) {
         unshare(state_dir, &mut lock);
     }
     lock.stamp(state_dir);
     Ok(lock)
 }
 
-/// The state folder as the lock's stamp names it: its real path.
-fn stamp_name(state_dir: &Path) -> String {
-    state_dir
-        .canonicalize()
-        .unwrap_or_else(|_| state_dir.to_path_buf())
-        .to_string_lossy()
-        .into_owned()
+/// Whether `path` names the open `file` (the same inode).
+fn is_at(file: &File, path: &Path) -> bool {
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
 }
 
-/// Whether the lock file at `path` is shared with another folder's state (hard links) and
-/// was last stamped by a run of that other folder.
+/// Which state folder this is, as the lock's stamp names it: device and inode of
+/// `.qbuild/`. A path would not do: one folder has many (a bind mount, a rename, a
+/// symlinked parent), and a copy made with `cp -al` gets folders of its own, so new inodes.
+fn state_id(state_dir: &Path) -> String {
+    std::fs::metadata(state_dir)
+        .map(|m| format!("{}:{}", m.dev(), m.ino()))
+        .unwrap_or_default()
+}
+
+/// Whether the lock file at `path` has other links and was last stamped by a run of
+/// another state folder (one `cp -al` copied this one from, or copied from this one).
 fn foreign(state_dir: &Path, path: &Path) -> bool {
     let Ok(m) = std::fs::metadata(path) else {
         return false;
@@ -107,16 +115,29 @@ fn foreign(state_dir: &Path, path: &Path) -> bool {
     }
     let text = std::fs::read(path).unwrap_or_default();
     let text = String::from_utf8_lossy(text.split(|b| *b == 0).next().unwrap_or_default());
-    match text.split_once(' ') {
-        Some((_, dir)) if !dir.trim().is_empty() => dir.trim() != stamp_name(state_dir),
-        _ => false,
-    }
+    // `PID DEV:INO PATH`; an older stamp (the pid alone) names no folder.
+    let id = text.split_whitespace().nth(1).unwrap_or_default();
+    let is_id = id
+        .split_once(':')
+        .is_some_and(|(d, i)| d.parse::<u64>().is_ok() && i.parse::<u64>().is_ok());
+    is_id && id != state_id(state_dir)
 }
 
-/// `unshare` before the lock is taken (the shared lock may be held by the other folder's
-/// build). Runs of this folder take turns on `.qbuild/unsharing` (a file of this folder's
-/// own, made here), and each checks again under it, so one unshares and the rest find
-/// nothing left to do.
+/// Whether this folder's state still shares files with another folder's (a `cp -al`): its
+/// lock or one of the files every build writes has other links. (A copy whose lock was
+/// missing, or whose first unsharing was killed after the lock, shows it here.)
+fn shared(state_dir: &Path, lock: &Lock) -> bool {
+    let linked = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.nlink() > 1);
+    lock.file.metadata().is_ok_and(|m| m.nlink() > 1)
+        || ["snapshot", "journal", "state.sled/db"]
+            .iter()
+            .any(|f| linked(&state_dir.join(f)))
+}
+
+/// `unshare` before the lock is taken: the shared lock may be held by the other folder's
+/// build. Runs of this folder take turns on `.qbuild/unsharing`, and each checks again
+/// under it, so one unshares and the rest find nothing left to do. The lock is replaced
+/// last: a run killed before that leaves the stamp foreign, and the next run goes on.
 fn unshare_unlocked(state_dir: &Path) {
     let turn = state_dir.join("unsharing");
     let Ok(t) = OpenOptions::new()
@@ -128,42 +149,43 @@ fn unshare_unlocked(state_dir: &Path) {
     else {
         return;
     };
-    if t.lock().is_err() {
+    if t.lock().is_err() || !foreign(state_dir, &state_dir.join("lock")) {
         return;
     }
-    if !foreign(state_dir, &state_dir.join("lock")) {
-        return;
-    }
-    // The new lock, held while the other files are copied, goes in place first: a run of
-    // this folder that starts meanwhile waits on it, not on the other folder's.
-    let Some(mut lock) = replace_lock(state_dir) else {
-        return;
-    };
     // `running` names the other folder's build in progress: its commands are not this
     // folder's leftovers to stop.
     let running = state_dir.join("running");
     if std::fs::metadata(&running).is_ok_and(|m| m.nlink() > 1) {
         let _ = std::fs::remove_file(&running);
     }
-    unshare(state_dir, &mut lock);
+    copy_shared_files(state_dir);
+    drop(replace_lock(state_dir));
 }
 
-/// Whether `path` names the open `file` (the same inode).
-fn is_at(file: &File, path: &Path) -> bool {
-    match (file.metadata(), std::fs::metadata(path)) {
-        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-        _ => false,
+/// Give this folder state files of its own (see `shared`): a copy of each shared file
+/// renamed over it, then, if the held lock is shared too, a new lock in its place. Files
+/// are replaced, never written in place, so the other folder keeps what it had. Two
+/// folders would otherwise share one lock (each waiting on the other's builds) and write
+/// into each other's explain store and logs.
+fn unshare(state_dir: &Path, lock: &mut Lock) {
+    copy_shared_files(state_dir);
+    if lock.file.metadata().is_ok_and(|m| m.nlink() > 1) {
+        if let Some(fresh) = replace_lock(state_dir) {
+            *lock = fresh;
+        }
     }
 }
 
-/// The state folder was copied with hard links (`cp -al`, to branch a work folder
-/// cheaply): its files are the original's too. Two folders would then share one lock
-/// (each build waiting on the other's) and write into each other's explain store and
-/// logs. Give this folder files of its own: a copy of each shared file renamed over it,
-/// and a new lock, taken before it replaces the shared one. Files are replaced, never
-/// written in place, so the original folder keeps what it had.
-fn unshare(state_dir: &Path, lock: &mut Lock) {
-    fn walk(dir: &Path) {
+/// Where a file being unshared is copied first: in `.qbuild/` itself (inside
+/// `state.sled/`, sled would take a stray copy for a snapshot of its own).
+fn unshare_tmp(state_dir: &Path, pid: u32) -> PathBuf {
+    state_dir.join(format!(".unshare-{pid}"))
+}
+
+/// Copy each file with other links under `state_dir` (but `lock`) and rename the copy over
+/// it. A copy a killed run left behind is removed first.
+fn copy_shared_files(state_dir: &Path) {
+    fn walk(dir: &Path, tmp: &Path) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
@@ -173,27 +195,37 @@ fn unshare(state_dir: &Path, lock: &mut Lock) {
                 continue;
             };
             if m.is_dir() {
-                walk(&p);
+                walk(&p, tmp);
             } else if m.is_file() && m.nlink() > 1 && p.file_name() != Some("lock".as_ref()) {
-                let tmp = p.with_extension(format!("unshare-{}", std::process::id()));
-                if std::fs::copy(&p, &tmp).is_ok() && std::fs::rename(&tmp, &p).is_err() {
-                    let _ = std::fs::remove_file(&tmp);
+                // (A copy that cannot be put in place is not left behind.)
+                let copied = std::fs::copy(&p, tmp).is_ok();
+                if copied && std::fs::rename(tmp, &p).is_err() {
+                    let _ = std::fs::remove_file(tmp);
                 }
             }
         }
     }
-    walk(state_dir);
-    if lock.file.metadata().is_ok_and(|m| m.nlink() > 1) {
-        if let Some(fresh) = replace_lock(state_dir) {
-            *lock = fresh;
+    if let Ok(entries) = std::fs::read_dir(state_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(".unshare-"))
+                .and_then(|p| p.split('-').next_back())
+                .and_then(|p| p.parse::<i32>().ok());
+            // SAFETY: kill(2) with signal 0 only asks whether the process exists.
+            if pid.is_some_and(|p| unsafe { libc::kill(p, 0) } != 0) {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
+    walk(state_dir, &unshare_tmp(state_dir, std::process::id()));
 }
 
 /// A new lock file, locked and stamped, renamed over `lock` (`None` if any step fails; the
 /// old file stays then).
 fn replace_lock(state_dir: &Path) -> Option<Lock> {
-    let tmp = state_dir.join(format!("lock.unshare-{}", std::process::id()));
+    let tmp = state_dir.join(format!(".unshare-lock-{}", std::process::id()));
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -223,11 +255,12 @@ pub fn try_existing(state_dir: &Path) -> Option<Lock> {
         .open(state_dir.join("lock"))
         .ok()?;
     file.try_lock().ok()?;
-    // A lock file shared with a hard-linked copy is left to `acquire`, which unshares it.
-    if !is_at(&file, &state_dir.join("lock")) || file.metadata().ok()?.nlink() > 1 {
+    let lock = Lock { file };
+    // A state shared with a hard-linked copy is left to `acquire`, which unshares it.
+    if !is_at(&lock.file, &state_dir.join("lock")) || shared(state_dir, &lock) {
         return None;
     }
-    Some(Lock { file })
+    Some(lock)
 }
 
 impl Lock {
@@ -236,7 +269,12 @@ impl Lock {
     /// old stamp, ended by a NUL, never truncating (ext4 flushes a file that was truncated
     /// to zero when it is closed, a disk write on every run).
     pub fn stamp(&mut self, state_dir: &Path) {
-        let text = format!("{:<10} {}\n\0", std::process::id(), stamp_name(state_dir));
+        let text = format!(
+            "{:<10} {} {}\n\0",
+            std::process::id(),
+            state_id(state_dir),
+            state_dir.display()
+        );
         let _ = self.file.write_all_at(text.as_bytes(), 0);
     }
 }

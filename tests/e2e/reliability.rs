@@ -1895,6 +1895,56 @@ fn lock_a_hard_linked_copy_of_a_work_folder_gets_a_state_of_its_own() {
     for i in 1..=4 {
         assert_eq!(c.read_string(&format!("out/w{i}.txt")), format!("w{i}\n"));
     }
+
+    // The folder a build holds, under another name (renamed mid-build; a bind mount does
+    // the same) while its lock has other links: still the same folder, so a second run
+    // waits. (Its stamp named its path; the new name read as another folder's, and the
+    // second run unshared the held lock and built beside the first.)
+    a.remove("Qairtfile").write(
+        "Qairtfile",
+        LOCK_QAIRTFILE.replace("sleep 0.5", "sleep 1; echo v5"),
+    );
+    let bg = Bg::start(a.path(), &["-j", "1", "--json", "all"], &[]);
+    assert!(
+        holds_lock(&a, &bg),
+        "the original's build never took its lock"
+    );
+    let d = Space::new();
+    cp_al(&a, &d);
+    let renamed = a.path().with_extension("renamed");
+    fs::rename(a.path(), &renamed).expect("rename");
+    let second = support::command(
+        support::QBUILD,
+        &renamed,
+        &["--no-wait", "all"],
+        &[] as &[(&str, &str)],
+    )
+    .output()
+    .expect("run qbuild");
+    fs::rename(&renamed, a.path()).expect("rename back");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{err}");
+    assert!(err.contains("another qbuild"), "{err}");
+    let done = bg.wait(Duration::from_secs(60));
+    assert_eq!(done.code, Some(0), "{done}");
+
+    // A copy of a folder with no lock file: the lock tells nothing, the other state files
+    // do; after one run no file of the copy's state is the original's.
+    fs::remove_file(a.join(".qbuild/lock")).expect("rm lock");
+    let e = Space::new();
+    cp_al(&a, &e);
+    e.run(["all"]).assert_nothing_ran(4);
+    let mut stack = vec![e.join(".qbuild")];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).expect("read_dir").flatten() {
+            let m = fs::symlink_metadata(entry.path()).expect("meta");
+            if m.is_dir() {
+                stack.push(entry.path());
+            } else {
+                assert_eq!(m.nlink(), 1, "{} is still shared", entry.path().display());
+            }
+        }
+    }
 }
 
 /// A dry run beside a build in progress does not wait for it (it may take hours): `-n`,
