@@ -248,7 +248,7 @@ fn marked_processes(token: &str) -> Vec<(i32, String)> {
 /// is left in the group. Init in this test VM reaps only every second or so, which would
 /// cost the crash harness a second per trial, so the test process adopts them and reaps
 /// them at once, as a prompt init would. It reaps only adopted processes (never a `qbuild`,
-/// `mount` or `umount` it started itself, whose statuses belong to their `Child`).
+/// `mount`, `umount` or `cp` it started itself, whose statuses belong to their `Child`).
 fn adopt_leftovers() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -282,7 +282,7 @@ fn reap_adopted() {
         let mut rest = stat[close + 1..].split_whitespace();
         let state = rest.next().unwrap_or("");
         let ppid: i32 = rest.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        if ppid == me && state == "Z" && !["qbuild", "mount", "umount"].contains(&comm) {
+        if ppid == me && state == "Z" && !["qbuild", "mount", "umount", "cp"].contains(&comm) {
             // SAFETY: reaping a zombie child by pid; no memory is passed.
             unsafe {
                 libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
