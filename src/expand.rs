@@ -1554,6 +1554,24 @@ fn expand_rule<'a>(
                             instance_label(rule, &assignment)
                         )));
                     }
+                    // One word with a space and nothing after it is a command line that a
+                    // variable brought in whole (`argv = "${cmd}"`): no such program exists.
+                    if let [only] = argv.as_slice() {
+                        if only.contains(char::is_whitespace) {
+                            let at = action_t
+                                .first()
+                                .map_or(rule.name.span.clone(), |t| t.str.span.clone());
+                            return Err(src
+                                .error(
+                                    at,
+                                    format!(
+                                        "`argv` of `{}` is one word with a space, `{only}`: a program and its arguments are separate items",
+                                        instance_label(rule, &assignment)
+                                    ),
+                                )
+                                .with_hint("make the variable a list, or use `command = \"...\"` for a shell command line"));
+                        }
+                    }
                     Action::Argv(argv)
                 }
                 RawAction::LinksOnly => continue,

@@ -750,6 +750,11 @@ fn rules_that_cannot_mean_what_they_say_are_refused() {
         "Qairtfile:6:8",
     );
     refuse_at(
+        &format!("{HARMLESS}[vars]\ncmd = \"echo hi\"\n[rule.p]\noutputs = [\"o\"]\nargv = \"${{cmd}}\"\n"),
+        "`argv` of `p` is one word with a space, `echo hi`: a program and its arguments are separate items",
+        "Qairtfile:8:8",
+    );
+    refuse_at(
         &format!("{HARMLESS}[rule.p]\nmatrix = {{ x = [1, 2] }}\ncase = [{{ when = {{ x = 1 }}, let = {{ x = \"ONE\" }} }}]\noutputs = [\"o${{x}}\"]\ncommand = \"touch o${{x}}\"\n"),
         "let `x` has the name of a matrix variable of this rule, which always wins",
         "Qairtfile:6:37",
