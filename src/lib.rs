@@ -349,7 +349,11 @@ impl Session {
                 summary.stopped
             ));
         }
-        if count == 0 && summary.failed == 0 && !opts.dry_run {
+        // (Stopped before anything finished is not "nothing to do".)
+        if count == 0
+            && summary.failed + summary.interrupted_jobs + summary.stopped == 0
+            && !opts.dry_run
+        {
             line = format!("qbuild: nothing to do, {} up to date", summary.up_to_date);
         }
         if let Some(sig) = summary.interrupted {

@@ -1424,7 +1424,7 @@ impl Work<'_> {
     /// to run as far as known (wanted jobs minus those found up to date or skipped).
     fn counts(&self, extra: usize) -> (usize, usize) {
         let s = &self.summary;
-        let done = s.ran + s.failed + extra;
+        let done = s.ran + s.failed + s.interrupted_jobs + extra;
         let total = self
             .total
             .saturating_sub(s.up_to_date + s.skipped + s.would_run)
