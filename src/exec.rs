@@ -374,6 +374,8 @@ fn copy_output(
     // The last bytes stay in memory too: if the log cannot be written (a full disk), a
     // failure can still show what the command said.
     let mut tail: Vec<u8> = Vec::new();
+    // With tee: output read but not shown yet, short of a whole line.
+    let mut unshown: Vec<u8> = Vec::new();
     // A log missing some of the output (a write failed) would show a failure's last lines
     // wrong; it is removed, and the failure shows the in-memory tail instead.
     let mut why: Option<io::Error> = None;
@@ -443,10 +445,26 @@ fn copy_output(
                     tail.drain(..tail.len() - TAIL_BYTES);
                 }
                 if mode.tee {
-                    let _ = io::stderr().write_all(&buf[..n]);
+                    // Whole lines, one write each: parallel jobs' output then interleaves
+                    // by lines, not mid-line. (A line past 64 KiB goes out as it is.)
+                    unshown.extend_from_slice(&buf[..n]);
+                    let end = match unshown.iter().rposition(|b| *b == b'\n') {
+                        Some(i) => i + 1,
+                        None if unshown.len() > 64 << 10 => unshown.len(),
+                        None => 0,
+                    };
+                    if end > 0 {
+                        let _ = io::stderr().write_all(&unshown[..end]);
+                        unshown.drain(..end);
+                    }
                 }
             }
         }
+    }
+    // The last line, ended, so qbuild's own next line does not run on from it.
+    if !unshown.is_empty() {
+        unshown.push(b'\n');
+        let _ = io::stderr().write_all(&unshown);
     }
     if why.is_some() || (file.is_none() && !mode.append) {
         let _ = fs::remove_file(log);

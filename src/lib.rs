@@ -265,7 +265,8 @@ impl Session {
         let args = &self.args;
         let opts = self.options(loaded.toolchain.as_ref());
         let json = args.json;
-        let mut progress = progress::for_terminal(json && !std::io::stderr().is_terminal());
+        let live = !args.verbose && !(json && std::io::stdout().is_terminal());
+        let mut progress = progress::for_terminal(json && !std::io::stderr().is_terminal(), live);
         let mut emit = json_emitter(json);
         // Opened before anything runs: a path that cannot be written is bad input (exit 2),
         // not a surprise after a long build.

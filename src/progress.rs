@@ -55,11 +55,19 @@ pub trait Progress {
     }
 }
 
-/// Choose the display: bars only when stderr is a terminal (and `QBUILD_PLAIN` is unset).
-pub fn for_terminal(quiet: bool) -> Box<dyn Progress> {
+/// Choose the display: bars only when stderr is a terminal that can redraw (not
+/// `TERM=dumb`, as in Emacs' compile buffer), `QBUILD_PLAIN` is unset, and nothing else
+/// writes to that terminal meanwhile (`live` false: `-v` streams commands' output, or
+/// `--json` lines go to the same terminal), which a redrawn bar would overwrite.
+pub fn for_terminal(quiet: bool, live: bool) -> Box<dyn Progress> {
+    let dumb = std::env::var_os("TERM").is_some_and(|t| t == "dumb");
     if quiet {
         Box::new(Quiet)
-    } else if std::io::stderr().is_terminal() && std::env::var_os("QBUILD_PLAIN").is_none() {
+    } else if live
+        && !dumb
+        && std::io::stderr().is_terminal()
+        && std::env::var_os("QBUILD_PLAIN").is_none()
+    {
         Box::new(Fancy::new())
     } else {
         Box::new(Plain)

@@ -1409,6 +1409,40 @@ command = "echo {long} {long} {long} {long} {long} {long} {long} {long} > out/hu
     assert!(out.stderr.contains(" more bytes)"), "{out}");
 }
 
+/// With `-v`, parallel jobs' output interleaves by whole lines, never mid-line (a tool
+/// writing in pieces, as a block-buffered one does, was spliced into the other's lines),
+/// and a last line without a newline is ended before qbuild's own next line.
+#[test]
+fn verbose_output_of_parallel_jobs_interleaves_by_lines() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.p]
+matrix = { c = ["A", "B"] }
+outputs = ["p_${c}.txt"]
+command = "for i in $(seq 300); do printf '${c}${c}${c}${c}${c}${c}${c}${c}${c}${c}'; printf '${c}${c}${c}${c}${c}${c}${c}${c}${c}${c}\\n'; done; echo ok > p_${c}.txt"
+[rule.tail]
+outputs = ["t.txt"]
+command = "echo x > t.txt; printf 'no newline at the end'"
+"#,
+    );
+    let out = s.qbuild(["-j", "3", "-v", "all"]).no_json().run();
+    out.assert_ok();
+    let mut lines = 0;
+    for l in out.stderr.lines() {
+        if l.starts_with('A') || l.starts_with('B') {
+            assert!(
+                l == "A".repeat(20) || l == "B".repeat(20),
+                "a line spliced from two jobs: {l:?}"
+            );
+            lines += 1;
+        }
+    }
+    assert_eq!(lines, 600, "{out}");
+    assert!(out.stderr.contains("no newline at the end\n"), "{out}");
+}
+
 #[test]
 fn verbose_streams_command_output_live() {
     // The tools' output on stderr with -v (the demo).
