@@ -265,7 +265,9 @@ impl Session {
         let args = &self.args;
         let opts = self.options(loaded.toolchain.as_ref());
         let json = args.json;
-        let live = !args.verbose && !(json && std::io::stdout().is_terminal());
+        // (Not with -v, nor with --json lines on the same terminal: both write past a bar.)
+        let to_terminal = json && std::io::stdout().is_terminal();
+        let live = !(args.verbose || to_terminal);
         let mut progress = progress::for_terminal(json && !std::io::stderr().is_terminal(), live);
         let mut emit = json_emitter(json);
         // Opened before anything runs: a path that cannot be written is bad input (exit 2),
