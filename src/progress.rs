@@ -131,33 +131,49 @@ pub struct Fancy {
     multi: MultiProgress,
     bar: ProgressBar,
     jobs: HashMap<String, ProgressBar>,
-    eta: Option<Duration>,
+    /// The latest estimate and when it was made: the bar counts it down between jobs (an
+    /// hour-long quantize would otherwise show one ETA for the whole hour).
+    eta: std::sync::Arc<std::sync::Mutex<Option<(Duration, std::time::Instant)>>>,
 }
 
 impl Fancy {
     fn new() -> Fancy {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
         let bar = multi.add(ProgressBar::new(0));
-        let style = ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg}")
+        let eta: std::sync::Arc<std::sync::Mutex<Option<(Duration, std::time::Instant)>>> =
+            Default::default();
+        let shown = eta.clone();
+        let style = ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg}{eta_left}")
+            .map(|s| {
+                s.with_key(
+                    "eta_left",
+                    move |_: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        if let Ok(Some((e, at))) = shown.lock().as_deref() {
+                            // Past the estimate, the build is late: say so, not "0 s".
+                            let _ = match e.checked_sub(at.elapsed()) {
+                                Some(left) => write!(w, ", ETA {}", secs(left)),
+                                None => write!(w, ", ETA overdue"),
+                            };
+                        }
+                    },
+                )
+            })
             .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
+        bar.enable_steady_tick(Duration::from_millis(500));
         Fancy {
             multi,
             bar,
             jobs: HashMap::new(),
-            eta: None,
+            eta,
         }
     }
 }
 
 impl Fancy {
-    /// `2 running, ETA 4.5 s`: the ETA stays shown as jobs start.
+    /// `2 running` (the ETA follows it, counted down by the bar's template).
     fn status(&self) -> String {
-        let eta = self
-            .eta
-            .map(|e| format!(", ETA {}", secs(e)))
-            .unwrap_or_default();
-        format!("{} running{eta}", self.jobs.len())
+        format!("{} running", self.jobs.len())
     }
 }
 
@@ -169,7 +185,9 @@ impl Progress for Fancy {
     fn counts(&mut self, done: usize, total: usize, eta: Option<Duration>) {
         self.bar.set_length(total as u64);
         self.bar.set_position(done as u64);
-        self.eta = eta;
+        if let Ok(mut e) = self.eta.lock() {
+            *e = eta.map(|d| (d, std::time::Instant::now()));
+        }
     }
 
     fn started(&mut self, label: &str, expected: Option<Duration>) {
