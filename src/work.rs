@@ -1304,7 +1304,7 @@ impl Work<'_> {
             if !tail.is_empty() {
                 text.push_str("\n  last lines of its log:\n");
                 for l in tail.lines() {
-                    text.push_str(&format!("    {l}\n"));
+                    text.push_str(&format!("    {}\n", printable(l)));
                 }
             }
             // A command that printed nothing (or never started) leaves no log to point at.
@@ -1678,6 +1678,31 @@ fn same_content_stamp(a: &StatKey, b: &StatKey, started_ns: i64) -> bool {
     (a.dev, a.ino, a.size, a.mtime_ns) == (b.dev, b.ino, b.size, b.mtime_ns) && last < started_ns
 }
 
+/// A line of a command's output as qbuild shows it in a failure report: escape sequences
+/// and other control characters (a tool's colours, a terminal title, a switch to the
+/// alternate screen) shown as `^[`-style text, not sent to the terminal; at most 1,000
+/// characters (the log holds the rest).
+fn printable(line: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in line.chars().enumerate() {
+        if i == 1000 {
+            out.push_str(" …");
+            break;
+        }
+        match c {
+            '\t' => out.push(c),
+            c if (c as u32) < 0x20 => {
+                out.push('^');
+                out.push(char::from(b'@' + c as u8));
+            }
+            '\u{7f}' => out.push_str("^?"),
+            c if c.is_control() => out.push('?'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// What the post-step checks need to know about a job.
 struct Post {
     allow_empty: bool,
@@ -1815,5 +1840,16 @@ mod tests {
         ));
         // Different stamps: written, whatever the times.
         assert!(!same_content_stamp(&key(10 * S), &key(11 * S), 3600 * S));
+    }
+
+    /// A failing tool's escape sequences are shown, not obeyed, and a huge line is cut.
+    #[test]
+    fn a_log_tail_is_shown_without_control_characters() {
+        assert_eq!(
+            printable("\u{1b}[31merror\u{1b}[0m\tbell\u{7}"),
+            "^[[31merror^[[0m\tbell^G"
+        );
+        assert_eq!(printable(&"x".repeat(5000)).chars().count(), 1002);
+        assert_eq!(printable("ünïcode"), "ünïcode");
     }
 }
