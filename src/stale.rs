@@ -82,6 +82,8 @@ pub fn action_text(a: &Action) -> Cow<'_, str> {
 pub enum Reason {
     NeverBuilt,
     OutputMissing(String),
+    /// The output is a link that is still there, but leads nowhere (its target is gone).
+    OutputDangling(String),
     OutputChanged {
         path: String,
         was: Hash,
@@ -127,6 +129,9 @@ impl fmt::Display for Reason {
         match self {
             Reason::NeverBuilt => write!(f, "never built"),
             Reason::OutputMissing(p) => write!(f, "output {p} is missing"),
+            Reason::OutputDangling(p) => {
+                write!(f, "output {p} is a link whose target is missing")
+            }
             Reason::OutputChanged { path, was, now } => {
                 write!(
                     f,

@@ -849,12 +849,22 @@ impl Work<'_> {
     }
 
     fn stale(&mut self, j: JobId, key: Option<(Hash, OwnedKeyParts)>, reasons: Vec<Reason>) {
-        let reasons = match reasons.first() {
+        let mut reasons = match reasons.first() {
             Some(Reason::NeverBuilt) if self.opts.explain || self.opts.dry_run => {
                 self.why_new(j, reasons)
             }
             _ => reasons,
         };
+        // "Missing" for a link that is there but leads nowhere would send the user looking
+        // for the wrong file.
+        for r in &mut reasons {
+            if let Reason::OutputMissing(p) = r {
+                let path = self.workdir.join(&*p);
+                if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+                    *r = Reason::OutputDangling(std::mem::take(p));
+                }
+            }
+        }
         if self.opts.explain {
             let mut text = format!("explain: {} is stale:", self.label(j));
             for r in &reasons {

@@ -367,6 +367,15 @@ command = "cat l/a.txt > out/r.txt"
         .assert_ok()
         .assert_ran(&set(["link l/a.txt (mk)", "read"]));
     assert_eq!(s.read_string("out/r.txt"), "here\n");
+    // The target gone again: the link is there, and `--explain` says where it leads.
+    fs::remove_file(s.join("nothere/a.txt")).expect("rm");
+    let dry = s.qbuild(["-n", "--explain", "all"]).no_json().run();
+    assert!(
+        dry.stderr
+            .contains("output l/a.txt is a link whose target is missing"),
+        "{dry}"
+    );
+    s.write("nothere/a.txt", "here\n");
 
     // The demo: the test vectors go away after a build; every link to them dangles.
     let (d, n) = built_demo();
