@@ -34,7 +34,7 @@ pub struct Args {
     /// Keep building what does not depend on a failed job.
     #[arg(short = 'k', long = "keep-going")]
     pub keep_going: bool,
-    /// Show what would run, and why, without running anything.
+    /// Show what would run, without running anything (with --explain, why).
     #[arg(short = 'n', long = "dry-run")]
     pub dry_run: bool,
     /// Print why each stale job must run.
@@ -55,7 +55,8 @@ pub struct Args {
     /// Print the job graph of the targets in Graphviz DOT.
     #[arg(long, conflicts_with_all = ["list", "json", "check", "clean", "clean_dead", "status"])]
     pub graph: bool,
-    /// Remove the outputs qbuild made for the targets (default: all), nothing else.
+    /// Remove the outputs qbuild made for the targets (default: all) and the folders that
+    /// leaves empty; never a source or a file changed since.
     #[arg(long)]
     pub clean: bool,
     /// Remove what jobs no longer in the Qairtfile made (a dropped split, a renamed

@@ -1569,7 +1569,7 @@ fn expand_rule<'a>(
                                         instance_label(rule, &assignment)
                                     ),
                                 )
-                                .with_hint("make the variable a list, or use `command = \"...\"` for a shell command line"));
+                                .with_hint("give the program and each argument as items of their own (a list, or a list variable), or use `command = \"...\"` for a shell command line"));
                         }
                     }
                     Action::Argv(argv)
