@@ -47,10 +47,10 @@ pub struct Args {
     #[arg(short = 'v', long)]
     pub verbose: bool,
     /// Validate the Qairtfile and exit without running anything.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["list", "clean", "clean_dead", "status"])]
     pub check: bool,
     /// List rules, their instances and outputs (with targets: what building them involves).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["clean", "clean_dead", "status"])]
     pub list: bool,
     /// Print the job graph of the targets in Graphviz DOT.
     #[arg(long, conflicts_with_all = ["list", "json", "check", "clean", "clean_dead", "status"])]
@@ -65,7 +65,7 @@ pub struct Args {
     #[arg(long = "clean-dead", conflicts_with = "clean")]
     pub clean_dead: bool,
     /// Show what is stale and why, without running anything.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["clean", "clean_dead"])]
     pub status: bool,
     /// Write a Chrome trace-event JSON of the build (open it in Perfetto).
     #[arg(long, value_name = "FILE")]

@@ -355,7 +355,17 @@ impl Graph {
     pub fn check_names(&self, workdir: &Path) -> Result<(), Diagnostic> {
         let aliases = &self.model.aliases;
         let src = &self.model.source;
-        for (a, _) in aliases {
+        for (a, targets) in aliases {
+            if targets.is_empty() {
+                return Err(src
+                    .error(
+                        a.span.clone(),
+                        format!("alias `{}` names no target", a.text),
+                    )
+                    .with_hint(
+                        "an alias stands for the targets it lists: list some, or remove it",
+                    ));
+            }
             let clash = if self.model.rules.iter().any(|r| r.name == a.text) {
                 Some("a rule")
             } else if self

@@ -765,6 +765,11 @@ fn rules_that_cannot_mean_what_they_say_are_refused() {
         "Qairtfile:7:7",
     );
     refuse_at(
+        &format!("[alias]\nx = []\n{HARMLESS}"),
+        "alias `x` names no target",
+        "Qairtfile:2:1",
+    );
+    refuse_at(
         &format!("{HARMLESS}[rule.c]\noutputs = [\"c.txt\"]\ncontent = \"\"\n"),
         "the content of `c` is empty, and an empty output fails its job",
         "Qairtfile:6:11",

@@ -2444,6 +2444,22 @@ fn graph_with_another_mode_or_json_is_refused() {
         assert!(out.stderr.contains("cannot be used with"), "{other}\n{out}");
     }
     s.qbuild(["--graph"]).no_json().run().assert_ok();
+    // So is any other pair of modes: one of them was done, the other silently dropped
+    // (`--list --clean` listed, `--status --clean-dead` cleaned nothing).
+    for pair in [
+        ["--check", "--list"],
+        ["--check", "--clean"],
+        ["--list", "--clean"],
+        ["--list", "--status"],
+        ["--status", "--clean-dead"],
+    ] {
+        let out = s.qbuild(pair).no_json().run();
+        out.assert_code(2);
+        assert!(
+            out.stderr.contains("cannot be used with"),
+            "{pair:?}\n{out}"
+        );
+    }
 }
 
 /// A `--trace` path that cannot be written is refused before anything runs (it used to be
