@@ -333,17 +333,18 @@ pub fn hash_fresh(path: &Path, st: StatKey, stats: &HashStats) -> io::Result<Sta
 /// in), after the clock has moved on, so the next run can trust them without reading.
 pub fn settle_racy(workdir: &Path, entries: &mut [(String, StatEntry)], stats: &HashStats) {
     let racy: Vec<usize> = (0..entries.len())
-        .filter(|i| entries[*i].1.racy_until() >= entries[*i].1.hashed_at_ns)
+        .filter(|i| entries[*i].1.stat.changed_by_ns() >= entries[*i].1.hashed_at_ns)
         .collect();
     if racy.is_empty() {
         return;
     }
     // Wait out the clock tick (at most 0.2 s); an entry still racy then (a filesystem that
     // keeps whole seconds) is left for the next run to read again.
+    let horizon = coarse_now_ns().saturating_add(200_000_000);
     let latest = racy
         .iter()
-        .map(|i| entries[*i].1.racy_until())
-        .filter(|t| *t < coarse_now_ns().saturating_add(200_000_000))
+        .map(|i| entries[*i].1.stat.changed_by_ns())
+        .filter(|t| *t < horizon)
         .max()
         .unwrap_or(0);
     for _ in 0..100 {
@@ -354,7 +355,7 @@ pub fn settle_racy(workdir: &Path, entries: &mut [(String, StatEntry)], stats: &
     }
     let now = coarse_now_ns();
     for i in racy {
-        if entries[i].1.racy_until() >= now {
+        if entries[i].1.stat.changed_by_ns() >= now {
             continue;
         }
         let (key, entry) = &mut entries[i];

@@ -33,11 +33,16 @@ impl StatKey {
     /// ext3, some NFS servers; FAT keeps two), where a write 0.9 s after the stat leaves the
     /// same timestamps. (On a nanosecond filesystem this costs a re-hash once in 10^9 files.)
     pub fn changed_by_ns(&self) -> i64 {
-        if self.ctime_ns.rem_euclid(1_000_000_000) == 0 {
+        if self.whole_seconds() {
             self.ctime_ns.saturating_add(2_000_000_000)
         } else {
             self.ctime_ns
         }
+    }
+
+    /// Whether the stamp looks like one of a filesystem that keeps whole seconds.
+    pub fn whole_seconds(&self) -> bool {
+        self.ctime_ns.rem_euclid(1_000_000_000) == 0
     }
 
     pub fn from_meta(m: &fs::Metadata, kind: u8) -> StatKey {
@@ -170,12 +175,7 @@ impl StatEntry {
     /// hashing (or, on a filesystem keeping whole seconds, the same second) could leave the
     /// stat unchanged (the "racy git" problem), so such entries are re-hashed.
     pub fn trusted(&self, now: &StatKey) -> bool {
-        self.racy_until() < self.hashed_at_ns && self.stat == *now
-    }
-
-    /// Until when a change could hide from this entry's stat (see `StatKey::changed_by_ns`).
-    pub fn racy_until(&self) -> i64 {
-        self.stat.changed_by_ns()
+        self.stat.changed_by_ns() < self.hashed_at_ns && self.stat == *now
     }
 }
 

@@ -849,15 +849,15 @@ impl Work<'_> {
     }
 
     fn stale(&mut self, j: JobId, key: Option<(Hash, OwnedKeyParts)>, reasons: Vec<Reason>) {
+        // The reasons are shown only by --explain and dry runs: only they need the details.
+        let shown = self.opts.explain || self.opts.dry_run;
         let mut reasons = match reasons.first() {
-            Some(Reason::NeverBuilt) if self.opts.explain || self.opts.dry_run => {
-                self.why_new(j, reasons)
-            }
+            Some(Reason::NeverBuilt) if shown => self.why_new(j, reasons),
             _ => reasons,
         };
         // "Missing" for a link that is there but leads nowhere would send the user looking
         // for the wrong file.
-        for r in &mut reasons {
+        for r in reasons.iter_mut().filter(|_| shown) {
             if let Reason::OutputMissing(p) = r {
                 let path = self.workdir.join(&*p);
                 if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
@@ -1111,7 +1111,9 @@ impl Work<'_> {
     ///   overwrite its target (a source, say).
     /// - A folder put where a file output was is refused (the command would write into it
     ///   and pass it off as the file).
-    /// - A file with other hard links is unlinked, so that writing it cannot change them.
+    ///
+    /// A file with other hard links is unlinked later, as the command starts
+    /// (`unlink_shared_outputs`).
     fn clear_output(
         &self,
         rel: &str,
@@ -1119,7 +1121,6 @@ impl Work<'_> {
         meta: Option<&fs::Metadata>,
         recorded: Option<&Hash>,
     ) -> Result<bool, String> {
-        use std::os::unix::fs::MetadataExt;
         let Some(m) = meta else {
             return Ok(false);
         };
@@ -1128,25 +1129,7 @@ impl Work<'_> {
             let arts = Artifacts::new(&self.workdir, &self.db_state.stat, &self.stats);
             recorded.is_some() && arts.identity(rel).ok().flatten().as_ref() == recorded
         };
-        let removed = if ft.is_symlink() {
-            // A link this job made last time (as recorded) goes, wherever it leads: removing
-            // a link never touches its target.
-            let mine = ours();
-            if let Some(to) = crate::clean::link_leading_out(&self.workdir, rel).filter(|_| !mine) {
-                return Err(format!(
-                    "output {rel} is a symlink to {}, outside the work folder; refusing to write through it",
-                    to.display()
-                ));
-            }
-            if !mine {
-                let to = fs::read_link(path).unwrap_or_default();
-                return Err(format!(
-                    "output {rel} is a symlink to {} that qbuild did not make; refusing to write through it (remove it to rebuild)",
-                    to.display()
-                ));
-            }
-            fs::remove_file(path)
-        } else if ft.is_dir() {
+        if ft.is_dir() {
             // The stat cache holds files only: with a record, this path was a file this
             // job wrote. (A folder output is never removed: files a user keeps in it
             // would go; `Post::before_tree` catches a command that writes nothing.)
@@ -1156,12 +1139,27 @@ impl Work<'_> {
                 ));
             }
             return Ok(false);
-        } else if ft.is_file() && m.nlink() > 1 {
-            fs::remove_file(path)
-        } else {
+        }
+        if !ft.is_symlink() {
             return Ok(false);
-        };
-        removed
+        }
+        // A link this job made last time (as recorded) goes, wherever it leads: removing a
+        // link never touches its target.
+        let mine = ours();
+        if let Some(to) = crate::clean::link_leading_out(&self.workdir, rel).filter(|_| !mine) {
+            return Err(format!(
+                "output {rel} is a symlink to {}, outside the work folder; refusing to write through it",
+                to.display()
+            ));
+        }
+        if !mine {
+            let to = fs::read_link(path).unwrap_or_default();
+            return Err(format!(
+                "output {rel} is a symlink to {} that qbuild did not make; refusing to write through it (remove it to rebuild)",
+                to.display()
+            ));
+        }
+        fs::remove_file(path)
             .map(|()| true)
             .map_err(|e| format!("cannot remove the old output {rel} before the run: {e}"))
     }
@@ -1330,10 +1328,10 @@ impl Work<'_> {
             // A job that ends badly once the build is interrupted was stopped by it (or
             // could not finish cleanly meanwhile): not a failure of its own.
             let stopped = self.summary.interrupted.is_some();
-            let end = if stopped {
-                End::Interrupted
+            let (end, status, state) = if stopped {
+                (End::Interrupted, "interrupted", State::Interrupted)
             } else {
-                End::Failed
+                (End::Failed, "failed", State::Failed)
             };
             self.progress
                 .finished(done, total, &job.spec.label, end, d.took, eta);
@@ -1345,20 +1343,13 @@ impl Work<'_> {
                 "rule": self.rule_name(j),
                 "job": job.spec.label,
                 "outputs": rels,
-                "status": if stopped { "interrupted" } else { "failed" },
+                "status": status,
                 "duration_ms": took_ms,
                 "error": why,
             });
             (self.events)(ev);
             self.keys.remove(&j);
-            self.settle(
-                j,
-                if stopped {
-                    State::Interrupted
-                } else {
-                    State::Failed
-                },
-            );
+            self.settle(j, state);
         } else if let Some((id, rec)) = record {
             // The event first: the record is in the journal, so a kill from here on leaves
             // a job that is up to date; reporting it at once keeps "recorded but never
@@ -1582,25 +1573,14 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
     } = t;
     let (workdir, procs) = (&crew.workdir, &crew.procs);
     let mut post = post;
-    // The job was set up when it was queued, perhaps a whole job's time ago: a hard link
-    // made to an output since (`cp -al` of the work folder mid-build) must not be written
-    // through either. Such a file is unlinked now, as at set-up.
-    for (i, o) in outputs.iter().enumerate() {
-        use std::os::unix::fs::MetadataExt;
-        if fs::symlink_metadata(o).is_ok_and(|m| m.is_file() && m.nlink() > 1) {
-            let _ = fs::remove_file(o);
-            if let Some(b) = post.before.get_mut(i) {
-                *b = None;
-            }
-        }
-    }
     post.started_ns = crate::hash::coarse_now_ns();
     let t0 = Instant::now();
     let mode = exec::LogMode {
         append: false,
         tee: crew.verbose,
     };
-    let mut result = exec::run(&action, &outputs, workdir, &env, &log, mode, procs);
+    let mut result = unlink_shared_outputs(&outputs, &rels, &mut post.before)
+        .and_then(|()| exec::run(&action, &outputs, workdir, &env, &log, mode, procs));
     let mut hashes = Vec::new();
     let mut entries = Vec::new();
     if matches!(result, Ok(Outcome::Success)) {
@@ -1634,6 +1614,32 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
         started: t0,
         took: t0.elapsed(),
     }
+}
+
+/// Just before the command starts (not when the job was queued, perhaps a whole job's time
+/// earlier: a `cp -al` of the work folder may come in between), unlink each output file
+/// that has other hard links, so that writing it cannot change them; it counts as absent
+/// from before.
+fn unlink_shared_outputs(
+    outputs: &[PathBuf],
+    rels: &[String],
+    before: &mut [Option<StatKey>],
+) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for (i, (o, rel)) in outputs.iter().zip(rels).enumerate() {
+        if fs::symlink_metadata(o).is_ok_and(|m| m.is_file() && m.nlink() > 1) {
+            fs::remove_file(o).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot remove the old output {rel} before the run: {e}"),
+                )
+            })?;
+            if let Some(b) = before.get_mut(i) {
+                *b = None;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The stats of every entry under the folder `path` (names, kinds, sizes, times, inodes),
@@ -1679,9 +1685,8 @@ fn tree_stamp(path: &Path) -> Option<Hash> {
 /// taken as written. (One second, not the two of `changed_by_ns`: this only words a
 /// failure, and a rebuild a second later is the usual case to catch.)
 fn same_content_stamp(a: &StatKey, b: &StatKey, started_ns: i64) -> bool {
-    const S: i64 = 1_000_000_000;
-    let last = if a.ctime_ns.rem_euclid(S) == 0 {
-        a.ctime_ns.saturating_add(S - 1)
+    let last = if a.whole_seconds() {
+        a.ctime_ns.saturating_add(999_999_999)
     } else {
         a.ctime_ns
     };
