@@ -463,7 +463,16 @@ struct Eval<'a, 'g, 's> {
     depth: usize,
 }
 
-impl Eval<'_, '_, '_> {
+impl<'a, 'g, 's> Eval<'a, 'g, 's> {
+    /// An evaluator in `scope` (`None`: globals only), with nothing being evaluated yet.
+    fn new(g: &'g mut Globals<'a>, scope: Option<Scope<'s>>) -> Self {
+        Eval {
+            g,
+            scope,
+            stack: Vec::new(),
+            depth: 0,
+        }
+    }
     fn lookup(&mut self, name: &str, tpl: &Template, at: usize) -> Result<Val, Diagnostic> {
         let src = self.g.src;
         let here = |msg: String| {
@@ -575,40 +584,39 @@ impl Eval<'_, '_, '_> {
         };
         let src = self.g.src;
         let val = match kind {
-            RefKind::Env { name, default } => match std::env::var(name) {
-                Ok(v) => {
-                    // The variables the default names must exist (and count as used)
-                    // whatever the environment, so `--check` does not depend on it; the
-                    // default itself is not needed (it may name an unset variable).
-                    if let Some(d) = default {
-                        names_exist(self, d, &d.segs, true, &|_| false)?;
-                    }
-                    Val::scalar(&v)
-                }
-                Err(std::env::VarError::NotUnicode(_)) => {
+            RefKind::Env { name, default } => {
+                // `${env:NAME`, where an error about the variable points.
+                let here = |msg: String| {
                     let off = offset_in(src, &tpl.str, *at);
-                    return Err(src
-                        .error(
-                            off..off + 6 + name.len(),
-                            format!("environment variable `{name}` is not valid UTF-8"),
-                        )
-                        .with_hint("a Qairtfile's strings are UTF-8: set it to a UTF-8 value"));
-                }
-                Err(std::env::VarError::NotPresent) => match default {
-                    Some(d) => Val::scalar(&self.render(d, Mode::Scalar { quote: false })?),
-                    None => {
-                        let off = offset_in(src, &tpl.str, *at);
-                        return Err(src
-                            .error(
-                                off..off + 6 + name.len(),
-                                format!("environment variable `{name}` is not set"),
-                            )
-                            .with_hint(format!(
-                                "set it, or give a default: `${{env:{name}:-VALUE}}`"
-                            )));
+                    src.error(off..off + 6 + name.len(), msg)
+                };
+                match std::env::var(name) {
+                    Ok(v) => {
+                        // The variables the default names must exist (and count as used)
+                        // whatever the environment, so `--check` does not depend on it; the
+                        // default itself is not needed (it may name an unset variable).
+                        if let Some(d) = default {
+                            names_exist(self, d, &d.segs, true, &|_| false)?;
+                        }
+                        Val::scalar(&v)
                     }
-                },
-            },
+                    Err(std::env::VarError::NotUnicode(_)) => {
+                        return Err(here(format!(
+                            "environment variable `{name}` is not valid UTF-8"
+                        ))
+                        .with_hint("a Qairtfile's strings are UTF-8: set it to a UTF-8 value"));
+                    }
+                    Err(std::env::VarError::NotPresent) => match default {
+                        Some(d) => Val::scalar(&self.render(d, Mode::Scalar { quote: false })?),
+                        None => {
+                            return Err(here(format!("environment variable `{name}` is not set"))
+                                .with_hint(format!(
+                                    "set it, or give a default: `${{env:{name}:-VALUE}}`"
+                                )));
+                        }
+                    },
+                }
+            }
             RefKind::Var { name, index } => {
                 let v = self.lookup(name, tpl, *at)?;
                 match index {
@@ -807,22 +815,18 @@ impl Eval<'_, '_, '_> {
             }
             RawValue::Range(from, to, span) => {
                 let bound = |e: &mut Self, v: &RawValue| -> Result<i64, Diagnostic> {
-                    match e.value(v)? {
-                        Val::Scalar(s) => s.trim().parse::<i64>().map_err(|_| {
-                            e.g.src
-                                .error(v.span(), format!("range bound `{s}` is not an integer"))
-                        }),
-                        Val::List(l) if l.len() == 1 => l[0].trim().parse::<i64>().map_err(|_| {
-                            e.g.src.error(
-                                v.span(),
-                                format!("range bound `{}` is not an integer", l[0]),
-                            )
-                        }),
-                        Val::List(_) => Err(e
+                    // One value (a one-item list too, as `"${n}"` with `n = [4]` gives).
+                    let items = e.value(v)?.items();
+                    let [s] = items.as_slice() else {
+                        return Err(e
                             .g
                             .src
-                            .error(v.span(), "a range bound must be one integer, not a list")),
-                    }
+                            .error(v.span(), "a range bound must be one integer, not a list"));
+                    };
+                    s.trim().parse::<i64>().map_err(|_| {
+                        e.g.src
+                            .error(v.span(), format!("range bound `{s}` is not an integer"))
+                    })
                 };
                 let a = bound(self, from)?;
                 let b = bound(self, to)?;
@@ -1011,12 +1015,7 @@ pub fn expand_in(q: &Qairtfile, roots: Option<&WorkRoots>) -> Result<Model, Diag
     let toolchain = match &q.toolchain {
         None => None,
         Some(t) => {
-            let mut e = Eval {
-                g: &mut g,
-                scope: None,
-                stack: Vec::new(),
-                depth: 0,
-            };
+            let mut e = Eval::new(&mut g, None);
             let mut one = |s: &Str| -> Result<String, Diagnostic> {
                 let tpl = parse_template(src, s)?;
                 e.render(&tpl, Mode::Scalar { quote: false })
@@ -1239,12 +1238,7 @@ fn expand_rule<'a>(
     // Matrix axes.
     let mut axes: Vec<(Rc<str>, Vec<Rc<str>>)> = Vec::new();
     {
-        let mut e = Eval {
-            g,
-            scope: None,
-            stack: Vec::new(),
-            depth: 0,
-        };
+        let mut e = Eval::new(g, None);
         for (k, v) in &rule.matrix {
             if axes.iter().any(|(n, _)| **n == *k.text) {
                 return Err(src.error(
@@ -1353,12 +1347,7 @@ fn expand_rule<'a>(
             }
             idx[d] = 0;
         }
-        let mut e = Eval {
-            g: &mut *g,
-            scope: None,
-            stack: Vec::new(),
-            depth: 0,
-        };
+        let mut e = Eval::new(&mut *g, None);
         let mut excluded = false;
         for c in &rule.exclude {
             if matches(&mut e, c, &assignment, "exclude")? {
@@ -1377,18 +1366,16 @@ fn expand_rule<'a>(
             }
         }
         let job = {
-            let mut e = Eval {
-                g: &mut *g,
-                scope: Some(Scope {
+            let mut e = Eval::new(
+                &mut *g,
+                Some(Scope {
                     matrix: &assignment,
                     lets: &rule.lets,
                     case_lets,
                     let_memo: Vec::new(),
                     io: None,
                 }),
-                stack: Vec::new(),
-                depth: 0,
-            };
+            );
             let mut inputs = Vec::new();
             let mut input_template = Vec::new();
             for (ti, t) in inputs_t.iter().enumerate() {
@@ -1496,18 +1483,16 @@ fn expand_rule<'a>(
                 ));
             }
             let let_memo = e.scope.take().map(|sc| sc.let_memo).unwrap_or_default();
-            let mut e = Eval {
-                g: &mut *g,
-                scope: Some(Scope {
+            let mut e = Eval::new(
+                &mut *g,
+                Some(Scope {
                     matrix: &assignment,
                     lets: &rule.lets,
                     case_lets,
                     let_memo,
                     io: Some((Val::list(inputs.clone()), Val::list(outputs.clone()))),
                 }),
-                stack: Vec::new(),
-                depth: 0,
-            };
+            );
             let action = match &rule.action {
                 RawAction::Shell(_) => {
                     Action::Shell(e.render(&action_t[0], Mode::Scalar { quote: true })?)
@@ -1545,11 +1530,13 @@ fn expand_rule<'a>(
                     for t in &action_t {
                         argv.extend(e.expand(t, Mode::List)?);
                     }
-                    if argv.first().is_none_or(String::is_empty) {
-                        let at = action_t
+                    let at = || {
+                        action_t
                             .first()
-                            .map_or(rule.name.span.clone(), |t| t.str.span.clone());
-                        return Err(src.error(at, format!(
+                            .map_or(rule.name.span.clone(), |t| t.str.span.clone())
+                    };
+                    if argv.first().is_none_or(String::is_empty) {
+                        return Err(src.error(at(), format!(
                             "`argv` of `{}` names no program (it expands to nothing, or to an empty first word)",
                             instance_label(rule, &assignment)
                         )));
@@ -1558,12 +1545,9 @@ fn expand_rule<'a>(
                     // variable brought in whole (`argv = "${cmd}"`): no such program exists.
                     if let [only] = argv.as_slice() {
                         if only.contains(char::is_whitespace) {
-                            let at = action_t
-                                .first()
-                                .map_or(rule.name.span.clone(), |t| t.str.span.clone());
                             return Err(src
                                 .error(
-                                    at,
+                                    at(),
                                     format!(
                                         "`argv` of `{}` is one word with a space, `{only}`: a program and its arguments are separate items",
                                         instance_label(rule, &assignment)
@@ -1625,12 +1609,7 @@ fn expand_rule<'a>(
                 .chain(rule.cases.iter().flat_map(|c| &c.lets))
                 .any(|(k, _)| k.text == n)
     };
-    let mut e = Eval {
-        g: &mut *g,
-        scope: None,
-        stack: Vec::new(),
-        depth: 0,
-    };
+    let mut e = Eval::new(&mut *g, None);
     if jobs.len() == jobs_before {
         // No instance (an empty matrix, or all excluded): nothing was evaluated, so check
         // at least that every variable the rule names exists, as an instance would.
@@ -1643,16 +1622,14 @@ fn expand_rule<'a>(
             .iter()
             .chain(&check_t)
             .chain(env_t.iter().map(|(_, t)| t))
-            .chain(&desc_t)
-            // (A let used by a command may name the instance's inputs and outputs.)
-            .chain(lets_t.iter().map(|t| &**t));
+            .chain(&desc_t);
         for (t, with_io) in plain.map(|t| (t, false)).chain(io.map(|t| (t, true))) {
             names_exist(&mut e, t, &t.segs, with_io, &local)?;
         }
-    } else {
-        for t in &lets_t {
-            names_exist(&mut e, t, &t.segs, true, &local)?;
-        }
+    }
+    // (A let used by a command may name the instance's inputs and outputs.)
+    for t in &lets_t {
+        names_exist(&mut e, t, &t.segs, true, &local)?;
     }
     Ok(())
 }
