@@ -92,6 +92,11 @@ pub fn real_path(p: &Path) -> Option<PathBuf> {
     }
 }
 
+/// The folders above a work-relative path (`a/b/c`: `a`, `a/b`).
+fn folders_above(p: &str) -> impl Iterator<Item = &str> {
+    p.match_indices('/').map(move |(i, _)| &p[..i])
+}
+
 /// If `rel` is a symlink whose target lies outside the work folder, that target.
 pub fn link_leading_out(workdir: &Path, rel: &str) -> Option<PathBuf> {
     let path = workdir.join(rel);
@@ -186,10 +191,7 @@ pub fn clean(
         let named_dirs: rustc_hash::FxHashSet<&str> = g
             .files
             .iter()
-            .flat_map(|f| {
-                let p = f.path.as_str();
-                p.match_indices('/').map(move |(i, _)| &p[..i])
-            })
+            .flat_map(|f| folders_above(&f.path))
             .collect();
         for (id, outputs) in &gone.known {
             for (i, rel) in outputs.iter().enumerate() {
@@ -247,7 +249,7 @@ pub fn clean(
 fn remove_emptied_folders(g: &Graph, workdir: &Path, removed: &[String]) -> Vec<String> {
     let mut dirs: Vec<&str> = removed
         .iter()
-        .flat_map(|p| p.match_indices('/').map(move |(i, _)| &p[..i]))
+        .flat_map(|p| folders_above(p))
         .filter(|d| !d.is_empty() && g.by_path.get(&g.files, d).is_none())
         .collect();
     dirs.sort_unstable_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));

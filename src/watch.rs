@@ -148,12 +148,7 @@ fn interest(s: &Session, l: &Loaded) -> Interest {
         let p = s.workdir.join(g.path(*f));
         if i.trees.iter().any(|t| p.starts_with(t)) {
             // Through a symlinked tree, events name the real path.
-            let real = p
-                .parent()
-                .and_then(|d| d.canonicalize().ok())
-                .zip(p.file_name())
-                .map(|(d, n)| d.join(n));
-            if let Some(real) = real.filter(|r| *r != p) {
+            if let Some(real) = crate::clean::real_path(&p).filter(|r| *r != p) {
                 i.outputs.insert(real);
             }
             i.outputs.insert(p);
@@ -379,12 +374,6 @@ fn relevant(ev: &notify::Event, want: &Interest, workdir: &Path) -> bool {
         // inotify watch, whose events all come under one of the names: judge a path by
         // its folder's real place too.
         want.wants(p)
-            || p.parent()
-                .and_then(|d| d.canonicalize().ok())
-                .zip(p.file_name())
-                .is_some_and(|(d, n)| {
-                    let real = d.join(n);
-                    real != *p && want.wants(&real)
-                })
+            || crate::clean::real_path(p).is_some_and(|real| real != *p && want.wants(&real))
     })
 }
