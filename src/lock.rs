@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Held for the life of the build; the OS releases it if qbuild dies.
 pub struct Lock {
@@ -58,12 +58,9 @@ pub fn acquire(state_dir: &Path, wait: bool) -> Result<Lock, LockError> {
         let who = match &who {
             Some(w) => w,
             None => {
-                let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                let holder = holder.split_whitespace().next().unwrap_or_default();
-                let w = if holder.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (pid {holder})")
+                let w = match read_stamp(&path).first() {
+                    Some(pid) => format!(" (pid {pid})"),
+                    None => String::new(),
                 };
                 if !wait {
                     return Err(LockError::Busy(w));
@@ -113,14 +110,23 @@ fn foreign(state_dir: &Path, path: &Path) -> bool {
     if m.nlink() < 2 {
         return false;
     }
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(text.split(|b| *b == 0).next().unwrap_or_default());
     // `PID DEV:INO PATH`; an older stamp (the pid alone) names no folder.
-    let id = text.split_whitespace().nth(1).unwrap_or_default();
+    let stamp = read_stamp(path);
+    let id = stamp.get(1).map_or("", String::as_str);
     let is_id = id
         .split_once(':')
         .is_some_and(|(d, i)| d.parse::<u64>().is_ok() && i.parse::<u64>().is_ok());
     is_id && id != state_id(state_dir)
+}
+
+/// The words of the lock's stamp (see `Lock::stamp`), up to its NUL.
+fn read_stamp(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let text = bytes.split(|b| *b == 0).next().unwrap_or_default();
+    String::from_utf8_lossy(text)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }
 
 /// Whether this folder's state still shares files with another folder's (a `cp -al`): its
@@ -176,12 +182,6 @@ fn unshare(state_dir: &Path, lock: &mut Lock) {
     }
 }
 
-/// Where a file being unshared is copied first: in `.qbuild/` itself (inside
-/// `state.sled/`, sled would take a stray copy for a snapshot of its own).
-fn unshare_tmp(state_dir: &Path, pid: u32) -> PathBuf {
-    state_dir.join(format!(".unshare-{pid}"))
-}
-
 /// Copy each file with other links under `state_dir` (but `lock`) and rename the copy over
 /// it. A copy a killed run left behind is removed first.
 fn copy_shared_files(state_dir: &Path) {
@@ -219,7 +219,12 @@ fn copy_shared_files(state_dir: &Path) {
             }
         }
     }
-    walk(state_dir, &unshare_tmp(state_dir, std::process::id()));
+    // Each copy is made in `.qbuild/` itself (inside `state.sled/`, sled would take a stray
+    // copy for a snapshot of its own).
+    walk(
+        state_dir,
+        &state_dir.join(format!(".unshare-{}", std::process::id())),
+    );
 }
 
 /// A new lock file, locked and stamped, renamed over `lock` (`None` if any step fails; the
