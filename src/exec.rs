@@ -107,12 +107,12 @@ impl Running {
         }
     }
 
-    /// Send `sig` to every running command's whole process group.
     /// How many commands are running now.
     pub fn count(&self) -> usize {
         self.groups.lock().map(|s| s.len()).unwrap_or(0)
     }
 
+    /// Send `sig` to every running command's whole process group.
     pub fn signal_all(&self, sig: i32) {
         if let Ok(s) = self.groups.lock() {
             for pgid in s.iter() {
@@ -429,9 +429,7 @@ fn copy_output(
                             .open(log)
                     }) {
                         Ok(f) => file = Some(f),
-                        Err(e) => {
-                            why = Some(e);
-                        }
+                        Err(e) => why = Some(e),
                     }
                 }
                 if let Some(f) = file.as_mut() {

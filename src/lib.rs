@@ -545,14 +545,8 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
         for j in &graph.jobs {
             has_jobs[j.spec.rule as usize] = true;
         }
-        for (r, _) in graph
-            .model
-            .rules
-            .iter()
-            .zip(&has_jobs)
-            .filter(|(_, h)| !**h)
-        {
-            // (Rules of `links` alone have link jobs, so they count as any other.)
+        // (Rules of `links` alone have link jobs, so they count as any other.)
+        for (r, _) in graph.model.rules.iter().zip(has_jobs).filter(|(_, h)| !h) {
             say!(
                 "qbuild: note: rule `{}` has no jobs (its matrix is empty, or `exclude` removes every combination)",
                 r.name

@@ -133,15 +133,17 @@ pub struct Fancy {
     jobs: HashMap<String, ProgressBar>,
     /// The latest estimate and when it was made: the bar counts it down between jobs (an
     /// hour-long quantize would otherwise show one ETA for the whole hour).
-    eta: std::sync::Arc<std::sync::Mutex<Option<(Duration, std::time::Instant)>>>,
+    eta: SharedEta,
 }
+
+/// An ETA and when it was estimated, shared with the bar's template.
+type SharedEta = std::sync::Arc<std::sync::Mutex<Option<(Duration, std::time::Instant)>>>;
 
 impl Fancy {
     fn new() -> Fancy {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
         let bar = multi.add(ProgressBar::new(0));
-        let eta: std::sync::Arc<std::sync::Mutex<Option<(Duration, std::time::Instant)>>> =
-            Default::default();
+        let eta = SharedEta::default();
         let shown = eta.clone();
         let style = ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg}{eta_left}")
             .map(|s| {
@@ -168,9 +170,7 @@ impl Fancy {
             eta,
         }
     }
-}
 
-impl Fancy {
     /// `2 running` (the ETA follows it, counted down by the bar's template).
     fn status(&self) -> String {
         format!("{} running", self.jobs.len())

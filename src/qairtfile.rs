@@ -780,8 +780,6 @@ impl<'s> Parser<'s> {
     }
 }
 
-/// Byte offset in the Qairtfile of character offset `at` inside a string value, when the
-/// string is written without escapes (so the mapping is exact); else the token's start.
 /// In the text of a TOML basic string as written, where byte `at` of its decoded value
 /// comes from (escapes such as `\"` or `\u00e9` are longer written than decoded).
 fn raw_offset(body: &str, at: usize) -> Option<usize> {
@@ -819,6 +817,9 @@ fn raw_offset(body: &str, at: usize) -> Option<usize> {
     Some(r)
 }
 
+/// Byte offset in the Qairtfile of offset `at` inside a string value: exact when the
+/// string is written without escapes, or is a basic string whose escapes `raw_offset`
+/// walks; else the token's start.
 pub fn offset_in(src: &Source, s: &Str, at: usize) -> usize {
     let raw = src.text.get(s.span.clone()).unwrap_or("");
     for q in ["\"\"\"", "'''", "\"", "'"] {
