@@ -181,6 +181,11 @@ command = \"ls models > models/index.txt\"
 /// path that leads back inside names the same file as a rule's output, so the reader waits.
 #[test]
 fn the_work_folder_named_from_outside_is_refused_and_paths_back_inside_are_its_files() {
+    #[track_caller]
+    fn refused(out: &crate::support::Output, says: &str) {
+        out.assert_code(2);
+        assert!(out.stderr.contains(says), "{out}");
+    }
     let s = Space::new();
     let root = s.path().to_string_lossy().into_owned();
     let name = s.path().file_name().unwrap().to_string_lossy().into_owned();
@@ -212,9 +217,8 @@ fn the_work_folder_named_from_outside_is_refused_and_paths_back_inside_are_its_f
             format!("[rule.a]\n{line}\noutputs = [\"a.txt\"]\ncommand = \"true\"\n"),
         );
         let out = s.run(["--check"]);
-        out.assert_code(2);
-        assert!(out.stderr.contains(says), "{line}\n{out}");
-        assert!(out.stderr.contains("--> Qairtfile:2:"), "{out}");
+        refused(&out, says);
+        assert!(out.stderr.contains("--> Qairtfile:2:"), "{line}\n{out}");
     }
     // The same through a symlink to the work folder, as `-C` (or the shell's `cd`) names it.
     let t = Space::new();
@@ -225,28 +229,14 @@ fn the_work_folder_named_from_outside_is_refused_and_paths_back_inside_are_its_f
         format!("[rule.a]\ninputs = [\"{via}/lnk\"]\noutputs = [\"a.txt\"]\ncommand = \"true\"\n"),
     );
     let out = t.qbuild(["-C", "lnk", "--check"]).env("PWD", &via).run();
-    out.assert_code(2);
-    assert!(
-        out.stderr.contains("holds qbuild's own state folder"),
-        "{out}"
-    );
+    refused(&out, "holds qbuild's own state folder");
     // ...and however qbuild was started: the link itself leads into the work folder.
-    let out = s.run(["--check"]);
-    out.assert_code(2);
-    assert!(
-        out.stderr.contains("holds qbuild's own state folder"),
-        "{out}"
-    );
+    refused(&s.run(["--check"]), "holds qbuild's own state folder");
     s.write(
         "Qairtfile",
         "[rule.l]\nlinks = [{ link = \"l\", to = \".qbuild/snapshot\" }]\n",
     );
-    let out = s.run(["--check"]);
-    out.assert_code(2);
-    assert!(
-        out.stderr.contains("into qbuild's own state folder"),
-        "{out}"
-    );
+    refused(&s.run(["--check"]), "into qbuild's own state folder");
 
     s.write(
         "Qairtfile",
