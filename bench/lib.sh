@@ -16,12 +16,13 @@ need() {
 # Snapshot the qbuild binary into $1/bin, so that a concurrent `cargo build` in the repo
 # cannot swap it in the middle of a measurement. Its label (bin/qbuild.commit) is the repo's
 # HEAD when copied from target/release, or the file QBUILD.commit when QBUILD is set.
-# With REUSE=1 an existing snapshot is kept (the trees it built stay valid for it).
+# With REUSE=1 an existing snapshot is kept (the trees it built stay valid for it), unless
+# QBUILD names a binary: then that one replaces it, so that `-R` can measure a new build.
 snapshot_qbuild() {
     local dst=$1/bin
     local src=${QBUILD:-$REPO/target/release/qbuild}
     mkdir -p "$dst"
-    if [ "${REUSE:-0}" = 1 ] && [ -x "$dst/qbuild" ]; then
+    if [ "${REUSE:-0}" = 1 ] && [ -z "${QBUILD:-}" ] && [ -x "$dst/qbuild" ]; then
         src="$dst/qbuild (kept from the earlier run)"
     else
         [ -x "$src" ] || die "no qbuild binary at $src: run 'cargo build --release' in $REPO (or set QBUILD=/path/to/qbuild)"

@@ -18,7 +18,8 @@
 # times out is re-invoked (it resumes: all three are incremental), at most BUILD_TRIES
 # times (default 3), and the table says how many invocations it took.
 # -R reuses WORKDIR from an earlier -k run: trees already built (marker .bench-built) are
-# not generated or built again, so only the no-op measurements are repeated.
+# not generated or built again, so only the no-op measurements are repeated. The qbuild
+# snapshot in WORKDIR/bin is kept too, unless QBUILD names a binary to measure instead.
 set -euo pipefail
 source "$(dirname -- "$0")/lib.sh"
 
