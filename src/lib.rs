@@ -68,23 +68,53 @@ pub fn run() -> i32 {
     }
     // Before any thread starts: every command inherits the run's token.
     exec::mark_environment();
-    let args = cli::Args::parse();
+    let args = match cli::Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => return refused_arguments(&e),
+    };
     let json = args.json;
     match run_args(args) {
         Ok(code) => code,
         Err(e) => {
             say!("{e}");
             // A script reading --json learns why nothing ran, not only the exit status.
-            json_emitter(json)(serde_json::json!({
-                "event": "error",
-                "error": e.message,
-                "at": e.position(),
-                "hint": e.hint,
-                "exit": EXIT_BAD_INPUT,
-            }));
+            error_event(json, &e.message, &e.position(), e.hint.as_deref());
             EXIT_BAD_INPUT
         }
     }
+}
+
+/// The `--json` event before exit status 2.
+fn error_event(json: bool, error: &str, at: &str, hint: Option<&str>) {
+    json_emitter(json)(serde_json::json!({
+        "event": "error",
+        "error": error,
+        "at": at,
+        "hint": hint,
+        "exit": EXIT_BAD_INPUT,
+    }));
+}
+
+/// Arguments clap did not accept (or `--help` / `--version`): clap's own message, and with
+/// `--json` among the arguments, the same `error` event as any other refusal.
+fn refused_arguments(e: &clap::Error) -> i32 {
+    let _ = e.print();
+    if !e.use_stderr() {
+        return 0; // --help, --version
+    }
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    error_event(
+        json,
+        first.strip_prefix("error: ").unwrap_or(first),
+        "",
+        None,
+    );
+    EXIT_BAD_INPUT
 }
 
 /// qbuild's current folder, read once: it changes only at `-C`, before anything asks.

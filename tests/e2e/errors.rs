@@ -520,6 +520,44 @@ fn jobs_must_be_one_or_more() {
     assert!(s.exists("ran.txt"));
 }
 
+/// Regression: arguments clap refused printed its message but no `--json` event, so a
+/// script reading the events saw nothing at all before exit status 2.
+#[test]
+fn refused_arguments_give_the_json_error_event() {
+    let s = Space::new();
+    s.write("Qairtfile", HARMLESS);
+    for (args, says) in [
+        (
+            &["-j", "0", "all"][..],
+            "invalid value '0' for '--jobs <N>'",
+        ),
+        (
+            &["--no-such-flag"][..],
+            "unexpected argument '--no-such-flag'",
+        ),
+        (&["--check", "--status"][..], "cannot be used with"),
+    ] {
+        let out = s.run(args.iter().copied()); // with --json
+        out.assert_code(2);
+        assert_eq!(out.events.len(), 1, "{out}");
+        let e = &out.events[0];
+        assert_eq!(e["event"], "error", "{out}");
+        assert_eq!(e["exit"], 2, "{out}");
+        assert_eq!(e["at"], "", "{out}");
+        let error = e["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "{out}");
+        assert!(
+            out.stderr.starts_with(&format!("error: {error}\n")),
+            "the event carries stderr's first line\n{out}"
+        );
+        assert!(!s.exists("ran.txt"));
+    }
+    // Without --json, stdout stays empty.
+    let out = s.qbuild(["-j", "0", "all"]).no_json().run();
+    out.assert_code(2);
+    assert!(out.events.is_empty(), "{out}");
+}
+
 /// Expansion that would exhaust memory or the stack ends in a located error instead: a
 /// chain of variables that double each other (2^39 copies), 10,000 variables each naming
 /// the next, 10,000 nested `${env:X:-...}` defaults, and a 4M-item list spliced into one
