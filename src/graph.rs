@@ -471,7 +471,7 @@ impl Graph {
     }
 
     /// Resolve targets to jobs. A target is `all`, an alias, a rule name, or a path
-    /// (relative to the work folder, or to `cwd`); a source path that exists needs no job.
+    /// (relative to `cwd`, else to the work folder); a source path that exists needs no job.
     /// Targets written in the Qairtfile (`default`, aliases) carry their span, so errors
     /// about them point at the Qairtfile.
     pub fn resolve_targets(
@@ -556,12 +556,9 @@ impl Graph {
         Ok(out)
     }
 
-    /// Find a file by a path relative to the work folder, or relative to `cwd`.
+    /// Find a file by a path relative to `cwd`, or else relative to the work folder (so from
+    /// a subfolder, `b` and `./b` are the subfolder's `b` when the graph has one).
     pub fn lookup_path(&self, t: &str, cwd: &Path, workdir: &Path) -> Option<FileId> {
-        let n = crate::expand::normalize(t);
-        if let Some(f) = self.by_path.get(&self.files, &n) {
-            return Some(f);
-        }
         let abs = crate::expand::normalize(&cwd.join(t).to_string_lossy());
         let wd = crate::expand::normalize(&workdir.to_string_lossy());
         if let Some(f) = abs
@@ -573,10 +570,19 @@ impl Graph {
         }
         // The work folder (or the target's folder) spelled through a symlink: compare
         // real paths, folder by folder up from the target (which may not exist yet).
-        let real_wd = workdir.canonicalize().ok()?;
-        let real = crate::clean::real_path(Path::new(&abs))?;
-        let rel = real.strip_prefix(&real_wd).ok()?;
-        self.by_path.get(&self.files, &rel.to_string_lossy())
+        let under_cwd = || {
+            let real_wd = workdir.canonicalize().ok()?;
+            let real = crate::clean::real_path(Path::new(&abs))?;
+            let rel = real.strip_prefix(&real_wd).ok()?;
+            self.by_path.get(&self.files, &rel.to_string_lossy())
+        };
+        under_cwd().or_else(|| {
+            let explicit =
+                Path::new(t).is_absolute() || t.starts_with("./") || t.starts_with("../");
+            (!explicit)
+                .then(|| self.by_path.get(&self.files, &crate::expand::normalize(t)))
+                .flatten()
+        })
     }
 
     /// Every job the given targets need, in dependency order.

@@ -697,6 +697,40 @@ fn a_target_path_relative_to_the_current_folder() {
     assert!(s.exists(".qbuild"));
 }
 
+/// Regression: from a subfolder, `./b` (and `b`) named the work folder's `b` when both
+/// `b` and `sub/b` are outputs, so `--clean ./b` removed the other file. A path is read
+/// from the current folder first, then from the work folder.
+#[test]
+fn a_current_folder_path_wins_over_the_same_path_at_the_top() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.top]\noutputs = [\"b\"]\ncommand = \"echo top > b\"\n\
+         [rule.sub]\noutputs = [\"sub/b\"]\ncommand = \"mkdir -p sub && echo sub > sub/b\"\n\
+         [rule.only_top]\noutputs = [\"c\"]\ncommand = \"echo c > c\"\n",
+    );
+    s.mkdir("sub");
+    let from_sub = |args: &[&str]| {
+        let mut all = vec!["-f", "../Qairtfile"];
+        all.extend_from_slice(args);
+        s.qbuild(all).cwd("sub").run()
+    };
+    for t in ["./b", "b"] {
+        let out = from_sub(&["-n", t]);
+        out.assert_ok();
+        assert_eq!(out.would_run(), ["sub".to_string()].into(), "{t}\n{out}");
+    }
+    // A path only the work folder has is still found from the subfolder; `./c` is not it.
+    from_sub(&["c"])
+        .assert_ok()
+        .assert_ran(&["only_top".to_string()].into());
+    from_sub(&["./c"]).assert_code(2);
+    s.run(["all"]).assert_ok();
+    from_sub(&["--clean", "./b"]).assert_ok();
+    assert!(!s.exists("sub/b"));
+    assert_eq!(s.read_string("b"), "top\n", "the other `b` is kept");
+}
+
 /// `-C DIR` changes the current folder before anything else (as with make and ninja), so
 /// a target path is relative to DIR, as the `-f` path is.
 #[test]
