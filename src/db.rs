@@ -99,6 +99,9 @@ pub struct Db {
     pending_explain: std::sync::Mutex<FxHashMap<Hash, Vec<u8>>>,
     /// Bytes of the snapshot and of the journal, as `load` found them.
     sizes: std::sync::Mutex<(u64, u64)>,
+    /// A run that writes nothing: the explain store is read if it exists, never created,
+    /// folded into or set aside.
+    reader: bool,
 }
 
 fn cfg() -> bincode::config::Configuration {
@@ -238,18 +241,20 @@ impl Db {
             sled: std::sync::OnceLock::new(),
             pending_explain: Default::default(),
             sizes: Default::default(),
+            reader: false,
         }
     }
 
     /// The state in `state_dir` for a run that writes nothing (a dry run beside another
-    /// qbuild's build, or in a folder it cannot write): `load` reads it as usual, but the
-    /// explain store is never opened. Opening it takes sled's lock, which the building run
-    /// needs at its end, and an unreadable one would be moved aside.
+    /// qbuild's build, or in a folder it cannot write): `load` reads it as usual. The
+    /// explain store is opened only if it exists, and one that cannot be read is left as
+    /// it is. (sled locks the store for one process at a time: a build that wants it at
+    /// its end waits for this run, as this run waits for a build folding its journal in.)
     pub fn reader(state_dir: &Path) -> Db {
-        let mut db = Db::new(state_dir);
-        db.sled =
-            std::sync::OnceLock::from(Err("not opened by a run that writes nothing".to_string()));
-        db
+        Db {
+            reader: true,
+            ..Db::new(state_dir)
+        }
     }
 
     fn snapshot_path(&self) -> PathBuf {
@@ -287,8 +292,15 @@ impl Db {
     /// losing it costs explanations of earlier runs and nothing else.
     fn sled(&self) -> Result<&(sled::Db, sled::Tree), DbError> {
         let path = self.sled_path();
-        let opened = self.sled.get_or_init(|| match try_open(&path) {
+        if self.reader && !path.join("db").exists() {
+            return Err(DbError::Io {
+                path,
+                msg: "no explain store yet".into(),
+            });
+        }
+        let opened = self.sled.get_or_init(|| match open_when_free(&path) {
             Ok(t) => Ok(t),
+            Err(OpenError::Io(msg) | OpenError::Corrupt(msg)) if self.reader => Err(msg),
             Err(OpenError::Io(msg)) => Err(msg),
             Err(OpenError::Corrupt(why)) => {
                 let aside = set_aside(&self.dir, &["state.sled"]).map_err(|(_, m)| m)?;
@@ -503,6 +515,27 @@ fn set_aside(state_dir: &Path, parts: &[&str]) -> Result<PathBuf, (PathBuf, Stri
         }
     }
     Ok(aside)
+}
+
+/// `try_open`, waiting up to 5 s while another qbuild has the store open: sled locks it
+/// for one process at a time, and a `--status` or dry run beside another one (or beside a
+/// build folding its journal in) would otherwise lose every explanation, and a build its
+/// fold, to a moment's overlap. Each holds it for one short pass.
+fn open_when_free(path: &Path) -> Result<(sled::Db, sled::Tree), OpenError> {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        match try_open(path) {
+            Err(OpenError::Io(m))
+                if m.contains("could not acquire lock")
+                    && start.elapsed() < std::time::Duration::from_secs(5) =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Open the explain store, checking its format header (written durably on creation).

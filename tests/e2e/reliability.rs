@@ -1958,10 +1958,13 @@ fn lock_a_hard_linked_copy_of_a_work_folder_gets_a_state_of_its_own() {
 /// say so, take no lock and write nothing; the build ends as if they had not run.
 ///
 /// Regression (found by hand): `qbuild --status` in a second terminal waited for the
-/// whole build.
+/// whole build. And the reasons it gave were "no readable record" for every job whose
+/// last record was an earlier run's: it did not open the explain store.
 #[test]
 fn lock_a_dry_run_beside_a_build_answers_at_once_and_disturbs_nothing() {
     let s = Space::new();
+    s.write("Qairtfile", LOCK_QAIRTFILE.replace("sleep 0.5", "true"));
+    s.run(["all"]).assert_ok();
     // Four jobs of a second each, one at a time: the last is still to come meanwhile.
     s.write("Qairtfile", LOCK_QAIRTFILE.replace("sleep 0.5", "sleep 1"));
     let a = Bg::start(s.path(), &["-j", "1", "--json", "all"], &[]);
@@ -1982,6 +1985,13 @@ fn lock_a_dry_run_beside_a_build_answers_at_once_and_disturbs_nothing() {
             "{out}"
         );
         assert!(out.would_run().contains("w i=4"), "{args:?}\n{out}");
+        if args.len() != 2 {
+            assert!(out.stderr.contains("command changed"), "{args:?}\n{out}");
+            assert!(
+                !out.stderr.contains("no readable record"),
+                "{args:?}\n{out}"
+            );
+        }
     }
     let a = a.wait(Duration::from_secs(60));
     assert_eq!(a.code, Some(0), "{a}");
