@@ -197,7 +197,7 @@ struct Work<'a> {
     /// Folders known to lie inside (or outside) the work folder.
     inside: crate::clean::Inside,
     /// Hands jobs to the worker threads.
-    pool: Option<mpsc::Sender<Task>>,
+    pool: Option<Pool>,
 }
 
 /// `(0..n).map(f)`, on rayon's threads when `n` is large enough to pay for them (a small
@@ -987,9 +987,9 @@ impl Work<'_> {
             self.queued.clear();
             return;
         }
-        // Up to `-j` jobs wait in the workers' queue beyond the `-j` running (see start_pool).
+        // Up to `-j` jobs wait in the workers' queue beyond the `-j` running (see `Pool`).
         let mut i = 0;
-        while self.running < 2 * self.opts.jobs.max(1) && i < self.queued.len() {
+        while self.running < self.opts.jobs.max(1).saturating_mul(2) && i < self.queued.len() {
             let j = self.queued[i];
             let pool = self.g.jobs[j.idx()].spec.pool.map(|p| p as usize);
             if let Some(p) = pool {
@@ -1068,6 +1068,22 @@ impl Work<'_> {
             }
             self.made_dirs.insert(dir.to_path_buf());
         }
+        // The workers start with the first job that runs (a no-op starts no thread).
+        let pool = self.pool.get_or_insert_with(|| {
+            let crew = Crew {
+                workdir: self.workdir.clone(),
+                procs: self.procs.clone(),
+                stats: self.stats.clone(),
+                verbose: self.opts.verbose,
+                stop: self.stop.clone(),
+                notify: self.progress.shows_running(),
+                keep_going: self.opts.keep_going,
+            };
+            Pool::new(self.opts.jobs, tx.clone(), Arc::new(crew))
+        });
+        if let Err(why) = pool.grow_to(self.running + 1) {
+            return self.fail_before_start(j, &why);
+        }
         self.state[j.idx()] = State::Running;
         self.running += 1;
         let task = Task {
@@ -1086,20 +1102,9 @@ impl Work<'_> {
                 started_ns: 0,
             },
         };
-        // The workers start with the first job that runs (a no-op starts no thread).
-        let pool = self.pool.get_or_insert_with(|| {
-            let crew = Crew {
-                workdir: self.workdir.clone(),
-                procs: self.procs.clone(),
-                stats: self.stats.clone(),
-                verbose: self.opts.verbose,
-                stop: self.stop.clone(),
-                notify: self.progress.shows_running(),
-                keep_going: self.opts.keep_going,
-            };
-            start_pool(self.opts.jobs, tx.clone(), Arc::new(crew))
-        });
-        let _ = pool.send(task);
+        if let Some(pool) = &self.pool {
+            let _ = pool.tx.send(task);
+        }
     }
 
     /// Before a job (not a `links` one) runs: make its output path `rel` safe to write,
@@ -1417,8 +1422,10 @@ impl Work<'_> {
     /// Time left: the past durations of the jobs still queued or running (kept as a running
     /// sum as jobs are queued and finish), spread over the job slots.
     fn eta(&self) -> Option<Duration> {
-        (self.expected_known > 0)
-            .then(|| Duration::from_millis(self.expected_ms) / self.opts.jobs.max(1) as u32)
+        (self.expected_known > 0).then(|| {
+            Duration::from_millis(self.expected_ms)
+                / self.opts.jobs.clamp(1, u32::MAX as usize) as u32
+        })
     }
 
     /// Progress numbers: jobs run so far (plus `extra` about to settle) of the jobs that need
@@ -1497,18 +1504,66 @@ enum Msg {
     Done(Done),
 }
 
-/// `-j` worker threads, started once per build, each running one job at a time. The
-/// scheduler queues up to `-j` jobs more than run, so a worker that finishes one takes the
-/// next at once instead of idling while the scheduler wakes up; `stop` makes workers hand
-/// queued jobs back unstarted (a failure without `-k`, or a signal).
-fn start_pool(n: usize, done: mpsc::Sender<Msg>, crew: Arc<Crew>) -> mpsc::Sender<Task> {
-    let (tx, rx) = mpsc::channel::<Task>();
-    let rx = Arc::new(std::sync::Mutex::new(rx));
-    for slot in 0..n.max(1) {
-        let rx = rx.clone();
-        let done = done.clone();
-        let crew = crew.clone();
-        std::thread::spawn(move || loop {
+/// Up to `-j` worker threads, each running one job at a time, started as jobs are handed
+/// out (so `-j 100000` on a small build starts only the threads it uses). The scheduler
+/// queues up to `-j` jobs more than run, so a worker that finishes one takes the next at
+/// once instead of idling while the scheduler wakes up; `stop` makes workers hand queued
+/// jobs back unstarted (a failure without `-k`, or a signal).
+struct Pool {
+    tx: mpsc::Sender<Task>,
+    rx: Arc<std::sync::Mutex<mpsc::Receiver<Task>>>,
+    done: mpsc::Sender<Msg>,
+    crew: Arc<Crew>,
+    threads: usize,
+    max: usize,
+}
+
+impl Pool {
+    fn new(max: usize, done: mpsc::Sender<Msg>, crew: Arc<Crew>) -> Pool {
+        let (tx, rx) = mpsc::channel::<Task>();
+        Pool {
+            tx,
+            rx: Arc::new(std::sync::Mutex::new(rx)),
+            done,
+            crew,
+            threads: 0,
+            max: max.max(1),
+        }
+    }
+
+    /// Start workers until there is one for each of `handed_out` jobs (at most `-j`). A
+    /// thread the system refuses is an error only if no worker is left to run the job.
+    fn grow_to(&mut self, handed_out: usize) -> Result<(), String> {
+        while self.threads < handed_out.min(self.max) {
+            if let Err(e) = start_worker(self.threads, &self.rx, &self.done, &self.crew) {
+                if self.threads == 0 {
+                    return Err(format!("cannot start a thread to run it: {e}"));
+                }
+                if std::mem::replace(&mut self.max, self.threads) > self.threads {
+                    say!(
+                        "qbuild: warning: the system refused worker thread {} ({e}); running at most {} jobs at once",
+                        self.threads + 1,
+                        self.threads
+                    );
+                }
+                break;
+            }
+            self.threads += 1;
+        }
+        Ok(())
+    }
+}
+
+/// One worker, taking jobs from `rx` until the channel closes.
+fn start_worker(
+    slot: usize,
+    rx: &Arc<std::sync::Mutex<mpsc::Receiver<Task>>>,
+    done: &mpsc::Sender<Msg>,
+    crew: &Arc<Crew>,
+) -> io::Result<()> {
+    let (rx, done, crew) = (rx.clone(), done.clone(), crew.clone());
+    std::thread::Builder::new()
+        .spawn(move || loop {
             let task = match rx.lock() {
                 Ok(r) => r.recv(),
                 Err(_) => return,
@@ -1554,9 +1609,8 @@ fn start_pool(n: usize, done: mpsc::Sender<Msg>, crew: Arc<Crew>) -> mpsc::Sende
             if done.send(Msg::Done(msg)).is_err() {
                 return;
             }
-        });
-    }
-    tx
+        })
+        .map(drop)
 }
 
 /// Run one job: its command, the post-step checks, then hash its outputs (here, off the

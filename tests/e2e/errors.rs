@@ -520,6 +520,27 @@ fn jobs_must_be_one_or_more() {
     assert!(s.exists("ran.txt"));
 }
 
+/// Regression: `-j 100000` (or `-j` at its largest) started that many threads up front,
+/// and the system's refusal panicked (exit 101) even for a one-job build. Workers now
+/// start as jobs are handed out, at most one per job running or queued.
+#[test]
+fn a_huge_jobs_count_runs_the_build() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.w]\nmatrix = { i = { range = [1, 20] } }\noutputs = [\"w${i}\"]\ncommand = \"echo ${i} > w${i}\"\n",
+    );
+    for j in ["100000", "4294967296", "18446744073709551615"] {
+        let out = s.run(["-j", j, "all"]);
+        out.assert_ok();
+        assert!(!out.stderr.contains("panicked"), "{out}");
+        s.run(["--clean"]).assert_ok();
+    }
+    assert!(!s.exists("w1"));
+    s.run(["-j", "100000", "all"]).assert_ok();
+    assert_eq!(s.read_string("w20"), "20\n");
+}
+
 /// Regression: arguments clap refused printed its message but no `--json` event, so a
 /// script reading the events saw nothing at all before exit status 2.
 #[test]
