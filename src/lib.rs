@@ -182,6 +182,7 @@ impl Session {
                 vec![("all".to_string(), None)]
             };
         let jobs = graph.resolve_targets(&targets, &self.cwd, &self.workdir)?;
+        self.check_trace_path(&graph)?;
         let toolchain = match &graph.model.toolchain {
             Some(tc) => Some(toolchain::verify(tc, &self.workdir, &graph.model.source)?),
             None => None,
@@ -191,6 +192,68 @@ impl Session {
             jobs,
             toolchain,
         })
+    }
+
+    /// `--trace FILE` may not name the Qairtfile, a file or folder of the build (or a path
+    /// inside one), or anything in `.qbuild/`: the trace would overwrite it, even in a dry
+    /// run. Checked before anything runs.
+    fn check_trace_path(&self, graph: &Graph) -> Result<(), Diagnostic> {
+        let Some(t) = &self.args.trace else {
+            return Ok(());
+        };
+        let refuse = |what: String| {
+            Err(
+                Diagnostic::plain(format!("--trace {}: {what}", t.display()))
+                    .with_hint("name a file outside the build's inputs and outputs"),
+            )
+        };
+        let abs = absolute(t);
+        // Where the file is, or would be: through a link at the path itself too.
+        let real = abs
+            .canonicalize()
+            .ok()
+            .or_else(|| clean::real_path(&abs))
+            .unwrap_or_else(|| abs.clone());
+        if real
+            == self
+                .file
+                .canonicalize()
+                .unwrap_or_else(|_| self.file.clone())
+        {
+            return refuse("that is the Qairtfile, which the trace would overwrite".into());
+        }
+        let real_wd = self
+            .workdir
+            .canonicalize()
+            .unwrap_or_else(|_| self.workdir.clone());
+        let Ok(rel) = real.strip_prefix(&real_wd) else {
+            return Ok(());
+        };
+        let rel = rel.to_string_lossy();
+        if rel == ".qbuild" || rel.starts_with(".qbuild/") {
+            return refuse(
+                "that is in qbuild's state folder .qbuild/, which the trace would damage".into(),
+            );
+        }
+        let mut at = rel.as_ref();
+        loop {
+            if graph
+                .lookup_path(at, &self.workdir, &self.workdir)
+                .is_some()
+            {
+                return refuse(if at == rel {
+                    "that is a file of the build, which the trace would overwrite".into()
+                } else {
+                    format!(
+                        "that is inside {at}, a folder of the build, which the trace would change"
+                    )
+                });
+            }
+            match at.rfind('/') {
+                Some(i) => at = &at[..i],
+                None => return Ok(()),
+            }
+        }
     }
 
     pub fn options(&self, toolchain: Option<&toolchain::Verified>) -> work::Options {

@@ -541,6 +541,48 @@ fn a_huge_jobs_count_runs_the_build() {
     assert_eq!(s.read_string("w20"), "20\n");
 }
 
+/// Regression: `--trace FILE` wrote over whatever FILE was: the Qairtfile, an output (even
+/// in a dry run, which "runs and removes nothing"), a source, `.qbuild/lock`. Such a path is
+/// refused before anything runs; a path outside the build is written.
+#[test]
+fn a_trace_may_not_overwrite_a_file_of_the_build() {
+    let s = Space::new();
+    let qairtfile = "[rule.a]\ninputs = [\"src.txt\", \"tv\"]\noutputs = [\"a.txt\"]\ncommand = \"cat src.txt > a.txt\"\n";
+    s.write("Qairtfile", qairtfile);
+    s.write("src.txt", "source\n");
+    s.write("tv/x", "x\n");
+    std::os::unix::fs::symlink("Qairtfile", s.join("link-to-qairtfile")).expect("symlink");
+    s.run(["all"]).assert_ok();
+    let before = s.snapshot();
+    for (path, says) in [
+        ("Qairtfile", "that is the Qairtfile"),
+        ("link-to-qairtfile", "that is the Qairtfile"),
+        ("a.txt", "that is a file of the build"),
+        ("./src.txt", "that is a file of the build"),
+        ("tv/trace.json", "that is inside tv, a folder of the build"),
+        (".qbuild/lock", "that is in qbuild's state folder .qbuild/"),
+    ] {
+        for dry in [true, false] {
+            let mut args = vec!["--trace", path, "all"];
+            if dry {
+                args.push("-n");
+            }
+            let out = s.run(args);
+            out.assert_code(2);
+            assert!(
+                out.stderr
+                    .starts_with(&format!("error: --trace {path}: {says}")),
+                "{out}"
+            );
+        }
+    }
+    assert_eq!(s.snapshot(), before, "nothing was written");
+    assert_eq!(s.read_string("Qairtfile"), qairtfile);
+    s.run(["--trace", "trace.json", "all"])
+        .assert_nothing_ran(1);
+    assert!(s.read_string("trace.json").contains("traceEvents"));
+}
+
 /// Regression: arguments clap refused printed its message but no `--json` event, so a
 /// script reading the events saw nothing at all before exit status 2.
 #[test]
