@@ -176,6 +176,9 @@ struct Work<'a> {
     stopping: bool,
     summary: Summary,
     stat_updates: Vec<(String, StatEntry)>,
+    /// The stat of each file output written by this build, as recorded: a reader that
+    /// finishes later checks the file still has it.
+    written: rustc_hash::FxHashMap<String, StatKey>,
     procs: Running,
     stats: Arc<HashStats>,
     t0: Instant,
@@ -531,6 +534,7 @@ pub fn build(
         stopping: false,
         summary: Summary::default(),
         stat_updates,
+        written: Default::default(),
         procs: Running::persisted(&crate::state_dir(workdir)),
         stats,
         t0: Instant::now(),
@@ -1169,17 +1173,32 @@ impl Work<'_> {
             .map_err(|e| format!("cannot remove the old output {rel} before the run: {e}"))
     }
 
-    /// A source input (a file no job writes) whose stat changed after the build began and
-    /// whose content is no longer what the job's key says: the command may have read either.
-    /// Checked when a job finishes, so an edit saved while the build ran (and perhaps undone
-    /// later) cannot leave a record that claims the old content. One stat per file input;
-    /// a file is read again only if it changed during the build. (Files inside a folder
-    /// input are not looked at.)
-    fn source_changed_during_build(&self, j: JobId, parts: &OwnedKeyParts) -> Option<String> {
+    /// A file input whose content is no longer what the job's key says: the command may
+    /// have read either. For a source (a file no job writes), one whose stat changed after
+    /// the build began; for another job's output, one whose stat is no longer the one
+    /// recorded when it was written (a hand edit while its reader ran). Checked when a job
+    /// finishes, so an edit saved while the build ran (and perhaps undone later) cannot
+    /// leave a record that claims the old content. One stat per file input; a file is read
+    /// again only if it changed. (Files inside a folder input are not looked at.)
+    fn input_changed_during_build(&self, j: JobId, parts: &OwnedKeyParts) -> Option<String> {
         let g = self.g;
+        let arts = || Artifacts::new(&self.workdir, &self.db_state.stat, &self.stats);
         // The key's inputs are the job's, in order (a key is only taken when all are known).
         for (f, (path, hash)) in g.jobs[j.idx()].ins.iter().zip(&parts.inputs) {
             if g.files[f.idx()].producer.is_some() {
+                let was = self
+                    .written
+                    .get(path.as_ref())
+                    .or_else(|| self.db_state.stat.get(path).map(|e| &e.stat));
+                let now = fs::symlink_metadata(self.workdir.join(path.as_ref()));
+                let edited = match (was, now) {
+                    (Some(was), Ok(m)) if m.is_file() => StatKey::from_meta(&m, 0) != *was,
+                    (_, Ok(_)) => false, // a link or a folder: not looked at
+                    (_, Err(_)) => return Some(path.to_string()),
+                };
+                if edited && arts().current(path).ok().flatten().as_ref() != Some(hash) {
+                    return Some(path.to_string());
+                }
                 continue;
             }
             let Ok(m) = fs::metadata(self.workdir.join(path.as_ref())) else {
@@ -1193,8 +1212,7 @@ impl Work<'_> {
             if StatKey::from_meta(&m, 0).changed_by_ns() <= self.began_ns || made() {
                 continue;
             }
-            let arts = Artifacts::new(&self.workdir, &self.db_state.stat, &self.stats);
-            if arts.current(path).ok().flatten().as_ref() != Some(hash) {
+            if arts().current(path).ok().flatten().as_ref() != Some(hash) {
                 return Some(path.to_string());
             }
         }
@@ -1246,7 +1264,7 @@ impl Work<'_> {
         // Record the job (one journal append) before calling it done. A record that cannot
         // be written (a full disk) fails the job: it will run again, never count as built.
         let mut record = None;
-        // A source changed while the build ran: the result stands, but no key says what
+        // An input changed while the build ran: the result stands, but no key says what
         // the command read.
         let mut unrecorded = false;
         if failure.is_none() {
@@ -1260,7 +1278,7 @@ impl Work<'_> {
                 duration_ms: took_ms,
             };
             let id = self.ids[j.idx()];
-            if let Some(path) = self.source_changed_during_build(j, &parts) {
+            if let Some(path) = self.input_changed_during_build(j, &parts) {
                 self.progress.message(&format!(
                     "qbuild: warning: input {path} of {} changed while the build ran; its result is kept but not recorded, so it runs again next time",
                     job.spec.label
@@ -1372,6 +1390,11 @@ impl Work<'_> {
                 self.db_state.jobs.insert(id, rec);
                 self.compact = true;
                 recorded = true;
+            }
+            for (key, e) in &d.stats {
+                if rels.contains(&key.as_str()) {
+                    self.written.insert(key.clone(), e.stat);
+                }
             }
             self.stat_updates.extend(d.stats);
             for (f, a) in job.outs.iter().zip(&hashes) {

@@ -3106,6 +3106,46 @@ command = "cat a w > b"
     s.run(["all"]).assert_nothing_ran(2);
 }
 
+/// The same for another job's output edited while the build runs, after its producer was
+/// recorded (here by a job in between, once, so the timing is fixed; a hand edit does the
+/// same): its reader's result is not recorded. It was: the next run restored `a`, early
+/// cutoff then passed `b` off as up to date, and `b` kept "EDITED" for good.
+#[test]
+fn an_output_edited_during_the_build_does_not_leave_its_reader_trusted() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.a]
+inputs = ["src"]
+outputs = ["a"]
+command = "cat src > a"
+[rule.sneak]
+inputs = ["a"]
+outputs = ["s"]
+command = "if [ ! -e once ]; then touch once; echo EDITED > a; fi; echo s > s"
+[rule.b]
+inputs = ["a", "s"]
+outputs = ["b"]
+command = "cat a > b"
+"#,
+    )
+    .write("src", "good\n");
+    let out = s.run(["all"]);
+    out.assert_ok().assert_ran(&set(["a", "sneak", "b"]));
+    assert!(
+        out.stderr
+            .contains("input a of b changed while the build ran"),
+        "{out}"
+    );
+    assert_eq!(s.read_string("b"), "EDITED\n");
+    s.run(["all"])
+        .assert_ok()
+        .assert_ran(&set(["a", "sneak", "b"]));
+    assert_eq!(s.read_string("b"), "good\n", "as a clean build makes it");
+    s.run(["all"]).assert_nothing_ran(3);
+}
+
 /// A rule's `check` runs with the rule's `env` (it failed without it); reordering `env`
 /// keys changes nothing (a TOML table has no order; it reran the job); `-n` alone names
 /// each job it would run (it printed only the count).
