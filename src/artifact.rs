@@ -1,6 +1,8 @@
 //! The current content hash of an artifact on disk (file, directory tree, or symlink), reusing the stat cache so unchanged files are never re-read.
 
 use crate::hash::StatCache;
+use std::borrow::Cow;
+use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -81,11 +83,11 @@ impl<'a> Artifacts<'a> {
     }
 
     /// The path to open for a key (a key is relative to the work folder, or absolute).
-    pub fn fs_path<'k>(&self, key: &'k str) -> std::borrow::Cow<'k, Path> {
+    pub fn fs_path<'k>(&self, key: &'k str) -> Cow<'k, Path> {
         if self.workdir_is_cwd {
-            std::borrow::Cow::Borrowed(Path::new(key))
+            key_path(key)
         } else {
-            std::borrow::Cow::Owned(self.workdir.join(key))
+            Cow::Owned(self.workdir.join(key_path(key)))
         }
     }
 
@@ -169,33 +171,35 @@ impl<'a> Artifacts<'a> {
             let id = (meta.dev(), meta.ino());
             if walking.contains(&id) {
                 return Err(io::Error::other(format!(
-                    "{key} is a folder that holds itself (a symlink on the way leads back up into it)"
+                    "{} is a folder that holds itself (a symlink on the way leads back up into it)",
+                    shown(key)
                 )));
             }
             walking.push(id);
-            let mut entries: Vec<(Vec<u8>, fs::DirEntry)> = fs::read_dir(path)?
-                .map(|e| e.map(|e| (e.file_name().as_encoded_bytes().to_vec(), e)))
+            let mut entries: Vec<(std::ffi::OsString, fs::DirEntry)> = fs::read_dir(path)?
+                .map(|e| e.map(|e| (e.file_name(), e)))
                 .collect::<io::Result<_>>()?;
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            entries.sort_by(|a, b| a.0.as_encoded_bytes().cmp(b.0.as_encoded_bytes()));
             let mut t = TreeHasher::new();
             for (name, e) in entries {
                 let child_key = match key {
-                    "." => String::from_utf8_lossy(&name).into_owned(),
-                    _ => format!("{key}/{}", String::from_utf8_lossy(&name)),
+                    "." => path_key(&name).into_owned(),
+                    _ => format!("{key}/{}", path_key(&name)),
                 };
+                let name = name.as_encoded_bytes();
                 // The folder's listing says it is a file (no stat): the scan's hash stands.
                 let from_scan = match &self.before {
                     Some(b) if e.file_type()?.is_file() => (b.scanned)(&child_key),
                     _ => None,
                 };
                 if let Some(h) = from_scan {
-                    t.entry(&name, KIND_FILE, &h);
+                    t.entry(name, KIND_FILE, &h);
                     continue;
                 }
                 let p = e.path();
                 // An error of the OS names no file: say which one, once (the innermost).
                 let named = |e: io::Error| match e.raw_os_error() {
-                    Some(_) => io::Error::new(e.kind(), format!("{child_key}: {e}")),
+                    Some(_) => io::Error::new(e.kind(), format!("{}: {e}", shown(&child_key))),
                     None => e,
                 };
                 let m = fs::symlink_metadata(&p).map_err(named)?;
@@ -209,7 +213,7 @@ impl<'a> Artifacts<'a> {
                 let h = self
                     .hash_with_meta(&child_key, &p, &m, walking, None)
                     .map_err(named)?;
-                t.entry(&name, kind, &h);
+                t.entry(name, kind, &h);
             }
             walking.pop();
             let h = t.finish();
@@ -229,7 +233,8 @@ impl<'a> Artifacts<'a> {
                 "a device"
             };
             return Err(io::Error::other(format!(
-                "{key} is {what}; qbuild hashes files, symlinks and folders"
+                "{} is {what}; qbuild hashes files, symlinks and folders",
+                shown(key)
             )));
         }
         let st = StatKey::from_meta(meta, KIND_FILE);
@@ -261,7 +266,8 @@ impl<'a> Artifacts<'a> {
         // one to shared storage outside (model weights, say) does not, and is followed.
         if text.is_absolute() && !key.starts_with('/') && text.starts_with(&self.workdir) {
             return Err(io::Error::other(format!(
-                "{key} is an absolute symlink (-> {}); links inside the work folder must be relative so the folder can move",
+                "{} is an absolute symlink (-> {}); links inside the work folder must be relative so the folder can move",
+                shown(key),
                 text.display()
             )));
         }
@@ -269,7 +275,8 @@ impl<'a> Artifacts<'a> {
         let target_key = crate::expand::normalize(&key_for(&self.workdir, &target));
         if crate::expand::in_state_folder(&target_key) {
             return Err(io::Error::other(format!(
-                "{key} is a symlink into qbuild's own state folder (-> {}), which changes on every run",
+                "{} is a symlink into qbuild's own state folder (-> {}), which changes on every run",
+                shown(key),
                 text.display()
             )));
         }
@@ -282,7 +289,8 @@ impl<'a> Artifacts<'a> {
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(io::Error::other(format!(
-                    "dangling symlink: {key} -> {} (the target does not exist)",
+                    "dangling symlink: {} -> {} (the target does not exist)",
+                    shown(key),
                     text.display()
                 )))
             }
@@ -302,9 +310,59 @@ impl<'a> Artifacts<'a> {
 /// The cache key of a path: relative to the work folder when inside it, else absolute.
 pub fn key_for(workdir: &Path, p: &Path) -> String {
     match p.strip_prefix(workdir) {
-        Ok(r) => r.to_string_lossy().into_owned(),
-        Err(_) => p.to_string_lossy().into_owned(),
+        Ok(r) => path_key(r.as_os_str()).into_owned(),
+        Err(_) => path_key(p.as_os_str()).into_owned(),
     }
+}
+
+/// The key of a name or path: its text when it is UTF-8, as nearly all are; else each byte
+/// that is not part of UTF-8 written as a NUL and two hex digits. Keys name folders walked
+/// once per run and stat-cache entries, so two names must never share one, as they do in
+/// lossy text (`\xfe` and `\xff` both read U+FFFD). No path holds a NUL (a Qairtfile may not
+/// either), so such a key is no UTF-8 name's, and UTF-8 names keep the keys they had.
+pub fn path_key(name: &OsStr) -> Cow<'_, str> {
+    use std::fmt::Write;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = name.as_bytes();
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        return Cow::Borrowed(text);
+    }
+    let mut key = String::with_capacity(bytes.len() + 8);
+    for chunk in bytes.utf8_chunks() {
+        key.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            let _ = write!(key, "\0{b:02x}");
+        }
+    }
+    Cow::Owned(key)
+}
+
+/// The path a key names (`path_key` undone).
+pub fn key_path(key: &str) -> Cow<'_, Path> {
+    use std::os::unix::ffi::OsStrExt;
+    if !key.contains('\0') {
+        return Cow::Borrowed(Path::new(key));
+    }
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let mut bytes = Vec::with_capacity(key.len());
+    let mut rest = key.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if let (0, [h, l, after @ ..]) = (b, tail) {
+            if let (Some(h), Some(l)) = (hex(*h), hex(*l)) {
+                bytes.push((h * 16 + l) as u8);
+                rest = after;
+                continue;
+            }
+        }
+        bytes.push(b);
+        rest = tail;
+    }
+    Cow::Owned(PathBuf::from(OsStr::from_bytes(&bytes)))
+}
+
+/// A key as an error shows it: the path, not its escapes.
+fn shown(key: &str) -> String {
+    key_path(key).display().to_string()
 }
 
 /// Hash a file now and make a stat entry for it. The timestamp is taken before reading, so
@@ -359,7 +417,7 @@ pub fn settle_racy(workdir: &Path, entries: &mut [(String, StatEntry)], stats: &
             continue;
         }
         let (key, entry) = &mut entries[i];
-        let path = workdir.join(&*key);
+        let path = workdir.join(key_path(key));
         let Ok(meta) = fs::symlink_metadata(&path) else {
             continue;
         };
@@ -374,6 +432,36 @@ pub fn settle_racy(workdir: &Path, entries: &mut [(String, StatEntry)], stats: &
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn keys_of_names_that_are_not_utf8_are_distinct_and_lead_back_to_them() {
+        use std::os::unix::ffi::OsStrExt;
+        let names: [&[u8]; 6] = [
+            b"tv/\xfe",
+            b"tv/\xff",
+            "tv/\u{FFFD}".as_bytes(),
+            b"tv/\xff\xfe",
+            b"a\xffb/c\xe2\x82",
+            "tv/caf\u{e9}".as_bytes(),
+        ];
+        let keys: Vec<String> = names
+            .iter()
+            .map(|n| path_key(OsStr::from_bytes(n)).into_owned())
+            .collect();
+        for (n, k) in names.iter().zip(&keys) {
+            assert_eq!(key_path(k).as_os_str().as_bytes(), *n, "{k:?}");
+        }
+        let distinct: std::collections::BTreeSet<&String> = keys.iter().collect();
+        assert_eq!(distinct.len(), names.len(), "{keys:?}");
+        // UTF-8 names are their own keys (the keys existing state holds).
+        assert_eq!(keys[2], "tv/\u{FFFD}");
+        assert_eq!(keys[5], "tv/caf\u{e9}");
+        assert!(matches!(
+            path_key(OsStr::new("tv/a.raw")),
+            Cow::Borrowed("tv/a.raw")
+        ));
+        assert_eq!(shown(&keys[1]), "tv/\u{FFFD}");
+    }
 
     #[test]
     fn before_a_build_a_folder_is_walked_once_and_scanned_files_are_trusted() {
