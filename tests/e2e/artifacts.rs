@@ -887,6 +887,66 @@ command = "cat splits/test_vectors_1/input_0.raw > out/used.txt"
     assert_eq!(s.read_string("gen/vectors/input_0.raw"), "seed 2\n");
 }
 
+/// Regression: names that are not UTF-8 were keyed by their lossy text, so `tv/\xfe` and
+/// `tv/\xff` (and a real `tv/\u{FFFD}`) shared one key: the once-per-run folder cache gave
+/// the second folder the first one's hash, the stat cache gave one file the other's, and
+/// the keys named no file, so every no-op read those files again.
+#[test]
+fn names_that_are_not_utf8_are_told_apart() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let s = space_with(
+        r#"
+[rule.dirs]
+inputs = ["tv"]
+outputs = ["dirs.txt"]
+command = "cat tv/*/f > dirs.txt"
+
+[rule.files]
+inputs = ["tf"]
+outputs = ["files.txt"]
+command = "cat tf/* > files.txt"
+
+[rule.gen]
+inputs = ["seed.txt"]
+outputs = ["gen"]
+command = "mkdir -p gen && cp seed.txt gen/$(printf '\\376') && cp seed.txt gen/$(printf '\\377')"
+"#,
+    );
+    let at = |rel: &[u8]| s.path().join(OsStr::from_bytes(rel));
+    let write = |rel: &[u8], text: &str| {
+        if let Some(d) = at(rel).parent() {
+            fs::create_dir_all(d).expect("mkdir");
+        }
+        fs::write(at(rel), text).expect("write");
+    };
+    write(b"tv/\xfe/f", "A\n");
+    write(b"tv/\xff/f", "B1\n");
+    write("tf/\u{FFFD}".as_bytes(), "C\n");
+    write(b"tf/\xff", "D1\n");
+    s.write("seed.txt", "seed\n");
+    s.run(["all"])
+        .assert_ok()
+        .assert_ran(&set(["dirs", "files", "gen"]));
+    assert_noop(&s, 3, &[]);
+
+    // The second of two non-UTF-8 folders.
+    write(b"tv/\xff/f", "B2\n");
+    s.run(["all"]).assert_ok().assert_ran(&set(["dirs"]));
+    assert_eq!(s.read_string("dirs.txt"), "A\nB2\n");
+    // A non-UTF-8 file beside the one its lossy name spells.
+    write(b"tf/\xff", "D2\n");
+    s.run(["all"]).assert_ok().assert_ran(&set(["files"]));
+    assert_eq!(s.read_string("files.txt"), "C\nD2\n");
+    assert_noop(&s, 3, &[]);
+
+    // A hand edit inside a folder output: its producer rebuilds it.
+    write(b"gen/\xff", "hand edit\n");
+    s.run(["all"]).assert_ok().assert_ran(&set(["gen"]));
+    assert_eq!(fs::read(at(b"gen/\xff")).expect("read"), b"seed\n");
+    assert_noop(&s, 3, &[]);
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. The dependency manager.
 
