@@ -774,6 +774,7 @@ impl Work<'_> {
             // Outputs are as recorded; their content hashes from the scan stand, except a
             // link's, which follows its target (possibly rebuilt this run).
             self.refresh_link(j);
+            self.refresh_made_links(j);
             self.settle(j, State::UpToDate);
         }
     }
@@ -850,6 +851,38 @@ impl Work<'_> {
             content: hash_link(text, target_content.as_ref()),
             ident: link_identity(text),
         });
+    }
+
+    /// For a job found up to date after a job it depends on ran: a symlink its command made
+    /// among its outputs leads to a file of the graph that may have been rewritten since the
+    /// scan hashed the link (the same bytes again: an early cutoff). Its content follows the
+    /// target as it is now, or its readers would be keyed by the bytes the scan saw.
+    fn refresh_made_links(&mut self, j: JobId) {
+        let g = self.g;
+        for &f in &g.jobs[j.idx()].outs {
+            let Now::Have(a) = &self.now[f.idx()] else {
+                continue;
+            };
+            if a.ident == a.content {
+                continue; // a file or a folder
+            }
+            let rel = g.path(f);
+            let Ok(text) = fs::read_link(self.workdir.join(rel)) else {
+                continue;
+            };
+            let beside = Path::new(rel).parent().unwrap_or(Path::new(""));
+            let target = crate::expand::normalize(&beside.join(&text).to_string_lossy());
+            let Some(t) = g.by_path.get(&g.files, &target) else {
+                continue;
+            };
+            if let Now::Have(t) = &self.now[t.idx()] {
+                let content = hash_link(&text, Some(&t.content));
+                self.now[f.idx()] = Now::Have(Art {
+                    content,
+                    ident: a.ident,
+                });
+            }
+        }
     }
 
     fn stale(&mut self, j: JobId, key: Option<(Hash, OwnedKeyParts)>, reasons: Vec<Reason>) {

@@ -3146,6 +3146,40 @@ command = "cat a > b"
     s.run(["all"]).assert_nothing_ran(3);
 }
 
+/// A symlink a command made, read by another job: when the file it leads to is edited by
+/// hand and its job restores the same bytes (an early cutoff for the link's job), the
+/// reader reruns once at most. It ran again on the next build: its key had taken the
+/// link's content as the scan saw it (the edit), not as the restored file gave it.
+#[test]
+fn a_command_made_link_follows_its_target_restored_in_the_same_build() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.gen]
+inputs = ["b.txt"]
+outputs = ["y.txt"]
+command = "cat b.txt b.txt > y.txt"
+[rule.mk]
+inputs = ["y.txt"]
+outputs = ["l.txt"]
+command = "ln -sfn y.txt l.txt"
+[rule.use]
+inputs = ["l.txt"]
+outputs = ["use.txt"]
+command = "cat l.txt > use.txt"
+"#,
+    )
+    .write("b.txt", "abc\n");
+    s.run(["all"])
+        .assert_ok()
+        .assert_ran(&set(["gen", "mk", "use"]));
+    s.write("y.txt", "junk\n");
+    s.run(["all"]).assert_ok().assert_ran(&set(["gen"]));
+    s.run(["all"]).assert_nothing_ran(3);
+    assert_eq!(s.read_string("use.txt"), "abc\nabc\n");
+}
+
 /// A rule's `check` runs with the rule's `env` (it failed without it); reordering `env`
 /// keys changes nothing (a TOML table has no order; it reran the job); `-n` alone names
 /// each job it would run (it printed only the count).
