@@ -1155,7 +1155,8 @@ impl Work<'_> {
     ///   and pass it off as the file).
     ///
     /// A file with other hard links is unlinked later, as the command starts
-    /// (`unlink_shared_outputs`).
+    /// (`unlink_shared_outputs`); one inside a folder output gets a copy of its own then
+    /// (`unshare_folder_outputs`).
     fn clear_output(
         &self,
         rel: &str,
@@ -1690,7 +1691,16 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
         tee: crew.verbose,
     };
     let mut result = unlink_shared_outputs(&outputs, &rels, &mut post.before)
-        .and_then(|()| exec::run(&action, &outputs, workdir, &env, &log, mode, procs));
+        .and_then(|()| unshare_folder_outputs(&outputs, &rels))
+        .and_then(|unshared| {
+            // A file given a copy of its own is no write by the command: stamp the tree again.
+            for i in unshared {
+                if let Some(t @ Some(_)) = post.before_tree.get_mut(i) {
+                    *t = tree_stamp(&outputs[i]);
+                }
+            }
+            exec::run(&action, &outputs, workdir, &env, &log, mode, procs)
+        });
     let mut hashes = Vec::new();
     let mut entries = Vec::new();
     if matches!(result, Ok(Outcome::Success)) {
@@ -1750,6 +1760,174 @@ fn unlink_shared_outputs(
         }
     }
     Ok(())
+}
+
+/// Just before the command starts (as `unlink_shared_outputs` does for file outputs): each
+/// regular file inside a folder output that has hard links elsewhere (a `cp -al` copy of the
+/// work folder, a link made by hand to a source) gets an inode of its own, so that a command
+/// writing it in place cannot change the other names' bytes. A folder output is never
+/// emptied (files kept in it by hand would go, and a command may read its old outputs), so
+/// the file is copied beside itself (bytes, mode, times) and the copy renamed over it; the
+/// other names keep the old inode. Files with one link are not touched, nor are files whose
+/// every link lies in this job's own folder outputs (a tool's own links); those keep sharing
+/// their new inode. The trees are walked without following symlinks; a copy left by a killed
+/// run is removed. Returns the indexes of the outputs whose tree changed here.
+fn unshare_folder_outputs(outputs: &[PathBuf], rels: &[String]) -> io::Result<Vec<usize>> {
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::MetadataExt;
+    let cannot = |i: usize, p: &Path, what: &str, e: io::Error| {
+        let inner = p.strip_prefix(&outputs[i]).unwrap_or(p);
+        let rel = Path::new(&rels[i]).join(inner);
+        io::Error::new(
+            e.kind(),
+            format!("cannot {what} {} before the run: {e}", rel.display()),
+        )
+    };
+    // (device, inode) -> its link count and its names inside the folder outputs.
+    let mut shared = BTreeMap::new();
+    // The outputs whose tree changed here.
+    let mut unshared = Vec::new();
+    for (i, o) in outputs.iter().enumerate() {
+        if !fs::symlink_metadata(o).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        let mut stack = vec![o.clone()];
+        while let Some(dir) = stack.pop() {
+            let entries = fs::read_dir(&dir).map_err(|e| cannot(i, &dir, "read the folder", e))?;
+            for e in entries {
+                let e = e.map_err(|e| cannot(i, &dir, "read the folder", e))?;
+                let p = e.path();
+                // (Not followed: the entry's own type, as `lstat` gives it.)
+                let ft = match e.file_type() {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(cannot(i, &p, "stat", e)),
+                };
+                if ft.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                if !ft.is_file() {
+                    continue;
+                }
+                if stale_unshare_copy(&e.file_name()) {
+                    if fs::remove_file(&p).is_ok() {
+                        unshared.push(i);
+                    }
+                    continue;
+                }
+                let m = match fs::symlink_metadata(&p) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(cannot(i, &p, "stat", e)),
+                };
+                if m.is_file() && m.nlink() > 1 {
+                    let names = shared
+                        .entry((m.dev(), m.ino()))
+                        .or_insert_with(|| (m.nlink(), Vec::new()));
+                    names.1.push((i, p));
+                }
+            }
+        }
+    }
+    for (nlink, names) in shared.into_values() {
+        if names.len() as u64 >= nlink {
+            continue;
+        }
+        let Some(((i, first), rest)) = names.split_first() else {
+            continue;
+        };
+        let what = "give a copy of its own (it has other hard links, which keep their bytes) to";
+        let tmp = copy_beside(first).map_err(|e| cannot(*i, first, what, e))?;
+        // The names in these folders share the copy, as they shared the file.
+        for (k, p) in rest {
+            let linked = beside(p, |t| fs::hard_link(&tmp, t)).and_then(|(t, ())| {
+                fs::rename(&t, p).inspect_err(|_| {
+                    let _ = fs::remove_file(&t);
+                })
+            });
+            if let Err(e) = linked {
+                let _ = fs::remove_file(&tmp);
+                return Err(cannot(*k, p, what, e));
+            }
+            unshared.push(*k);
+        }
+        if let Err(e) = fs::rename(&tmp, first) {
+            let _ = fs::remove_file(&tmp);
+            return Err(cannot(*i, first, what, e));
+        }
+        unshared.push(*i);
+    }
+    unshared.sort_unstable();
+    unshared.dedup();
+    Ok(unshared)
+}
+
+/// The prefix of the copies `unshare_folder_outputs` makes, then `<pid>-<n>`.
+const UNSHARE_PREFIX: &str = ".qbuild-unshare-";
+
+/// A new file beside `p` (in its folder, under a name of `UNSHARE_PREFIX`) made by `make`,
+/// which must fail with `AlreadyExists` if the name is taken.
+fn beside<T>(p: &Path, mut make: impl FnMut(&Path) -> io::Result<T>) -> io::Result<(PathBuf, T)> {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = p.parent().unwrap_or(Path::new("."));
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let t = dir.join(format!("{UNSHARE_PREFIX}{}-{n}", std::process::id()));
+        match make(&t) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            r => return r.map(|v| (t, v)),
+        }
+    }
+}
+
+/// A copy of the file `p` beside it: same bytes, mode and times.
+fn copy_beside(p: &Path) -> io::Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut from = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(p)?;
+    let m = from.metadata()?;
+    let (tmp, mut to) = beside(p, |t| {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(t)
+    })?;
+    let copied = io::copy(&mut from, &mut to)
+        .and_then(|_| to.set_permissions(m.permissions()))
+        .and_then(|()| {
+            let times = fs::FileTimes::new()
+                .set_accessed(m.accessed()?)
+                .set_modified(m.modified()?);
+            to.set_times(times)
+        });
+    match copied {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// A copy `unshare_folder_outputs` left behind when its run was killed (its process is gone).
+fn stale_unshare_copy(name: &std::ffi::OsStr) -> bool {
+    let pid = name
+        .to_str()
+        .and_then(|n| n.strip_prefix(UNSHARE_PREFIX))
+        .and_then(|n| n.split_once('-'))
+        .filter(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|(p, _)| p.parse::<i32>().ok())
+        .filter(|&p| p > 0 && p as u32 != std::process::id());
+    // SAFETY: kill(2) with signal 0 only asks whether the process exists.
+    pid.is_some_and(|p| {
+        let gone = unsafe { libc::kill(p, 0) } != 0;
+        gone && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    })
 }
 
 /// The stats of every entry under the folder `path` (names, kinds, sizes, times, inodes),

@@ -1953,6 +1953,104 @@ fn lock_a_hard_linked_copy_of_a_work_folder_gets_a_state_of_its_own() {
     }
 }
 
+/// Files inside a folder output of a `cp -al` copy keep their bytes when the original
+/// rebuilds: a folder output is never removed (files kept in it by hand would go), so before
+/// the command starts each file in it with other hard links gets a copy of its own (same
+/// bytes and mode), and the command writes that. (Only file outputs were unlinked: the
+/// command wrote `out/x` in place, through the link, into the copy.)
+#[test]
+fn a_hard_linked_copy_keeps_the_files_inside_its_folder_outputs() {
+    use std::os::unix::fs::MetadataExt;
+    const QAIRTFILE: &str = r#"
+[rule.r]
+inputs = ["src.txt"]
+outputs = ["out", "f.txt"]
+command = "mkdir -p out/sub; cat src.txt > out/x; cat src.txt > out/sub/y; cat src.txt > f.txt; cat out/kept.txt >> out/sub/y"
+"#;
+    let a = Space::new();
+    a.write("Qairtfile", QAIRTFILE)
+        .write("src.txt", "v1\n")
+        .write("out/kept.txt", "kept\n");
+    a.run(["all"]).assert_ran(&support::set(["r"]));
+    fs::set_permissions(a.join("out/x"), fs::Permissions::from_mode(0o750)).expect("chmod");
+    let b = Space::new();
+    cp_al(&a, &b);
+    // A new inode: the copy's source stays v1.
+    a.remove("src.txt").write("src.txt", "v2\n");
+    a.run(["all"]).assert_ran(&support::set(["r"]));
+
+    for (rel, bytes) in [
+        ("f.txt", "v1\n"),
+        ("out/x", "v1\n"),
+        ("out/sub/y", "v1\nkept\n"),
+        ("out/kept.txt", "kept\n"),
+    ] {
+        assert_eq!(b.read_string(rel), bytes, "the copy's {rel}");
+    }
+    for (rel, bytes) in [
+        ("f.txt", "v2\n"),
+        ("out/x", "v2\n"),
+        ("out/sub/y", "v2\nkept\n"),
+        ("out/kept.txt", "kept\n"),
+    ] {
+        assert_eq!(a.read_string(rel), bytes, "the original's {rel}");
+    }
+    // The original's copy of a file has its mode; no file of the folder is shared any more.
+    let m = fs::metadata(a.join("out/x")).expect("stat");
+    assert_eq!(m.mode() & 0o7777, 0o750);
+    for rel in ["out/x", "out/sub/y", "out/kept.txt"] {
+        assert_eq!(fs::metadata(a.join(rel)).expect("stat").nlink(), 1, "{rel}");
+    }
+    // Both folders are up to date, and the original equals a clean build.
+    a.run(["all"]).assert_nothing_ran(1);
+    b.run(["all"]).assert_nothing_ran(1);
+    let clean = Space::new();
+    clean
+        .write("Qairtfile", QAIRTFILE)
+        .write("src.txt", "v2\n")
+        .write("out/kept.txt", "kept\n");
+    clean.run(["all"]).assert_ran(&support::set(["r"]));
+    assert_same_files(&a.snapshot(), &clean.snapshot(), "after the rebuild");
+}
+
+/// A file inside a folder output hard-linked by hand to a source: the rerun writes a copy
+/// of its own, never the source. (`tr < src.txt > out/a.txt` truncated the shared inode:
+/// the source became empty, and the next run recorded the empty result as up to date.) A
+/// file of the folder with no other link is left as it is.
+#[test]
+fn a_file_in_a_folder_output_hard_linked_to_a_source_never_changes_the_source() {
+    use std::os::unix::fs::MetadataExt;
+    const QAIRTFILE: &str = r#"
+[rule.up]
+inputs = ["src.txt"]
+outputs = ["out"]
+command = "mkdir -p out; tr a-z A-Z < src.txt > out/a.txt"
+"#;
+    let s = Space::new();
+    s.write("Qairtfile", QAIRTFILE).write("src.txt", "abc\n");
+    s.run(["all"]).assert_ran(&support::set(["up"]));
+    s.write("out/kept.txt", "kept\n");
+    let kept = fs::metadata(s.join("out/kept.txt")).expect("stat").ino();
+    s.remove("out/a.txt");
+    fs::hard_link(s.join("src.txt"), s.join("out/a.txt")).expect("hard link");
+    let out = s.run(["all"]);
+    out.assert_ran(&support::set(["up"]));
+    assert!(!out.stderr.contains("changed while the build ran"), "{out}");
+    assert_eq!(s.read_string("src.txt"), "abc\n");
+    assert_eq!(s.read_string("out/a.txt"), "ABC\n");
+    assert_eq!(fs::metadata(s.join("src.txt")).expect("stat").nlink(), 1);
+    let m = fs::metadata(s.join("out/kept.txt")).expect("stat");
+    assert_eq!((m.ino(), m.nlink()), (kept, 1), "out/kept.txt was replaced");
+    s.run(["all"]).assert_nothing_ran(1);
+    let clean = Space::new();
+    clean
+        .write("Qairtfile", QAIRTFILE)
+        .write("src.txt", "abc\n")
+        .write("out/kept.txt", "kept\n");
+    clean.run(["all"]).assert_ran(&support::set(["up"]));
+    assert_same_files(&s.snapshot(), &clean.snapshot(), "after the rerun");
+}
+
 /// A dry run beside a build in progress does not wait for it (it may take hours): `-n`,
 /// `--status` and `-n --explain` answer at once from what the build has recorded so far,
 /// say so, take no lock and write nothing; the build ends as if they had not run.
