@@ -272,7 +272,7 @@ impl<'a> Artifacts<'a> {
             )));
         }
         let target = path.parent().unwrap_or(Path::new("/")).join(&text);
-        let target_key = crate::expand::normalize(&key_for(&self.workdir, &target));
+        let target_key = self.target_key(&target, &text);
         if crate::expand::in_state_folder(&target_key) {
             return Err(io::Error::other(format!(
                 "{} is a symlink into qbuild's own state folder (-> {}), which changes on every run",
@@ -304,6 +304,36 @@ impl<'a> Artifacts<'a> {
             .lock()
             .map(|mut u| std::mem::take(&mut *u))
             .unwrap_or_default()
+    }
+}
+
+impl Artifacts<'_> {
+    /// The key of the file a link's `text` leads to (`target`: the link's folder joined
+    /// with the text). A `..` is resolved as the kernel does, from where the folders before
+    /// it lead (`sub/../d` with `sub` a link goes up from `sub`'s target), so that a link
+    /// never shares a key, and so a cached hash, with another file, and cannot reach
+    /// `.qbuild/` by leaving the work folder and coming back in.
+    fn target_key(&self, target: &Path, text: &Path) -> String {
+        let textual = || crate::expand::normalize(&key_for(&self.workdir, target));
+        if !text
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
+            return textual();
+        }
+        // The folder the target is in, resolved (the target itself may be a link, which is
+        // hashed as one); a text ending in `..` names a folder: resolved whole.
+        let real = match (target.parent(), target.file_name()) {
+            (Some(folder), Some(name)) => folder.canonicalize().map(|f| f.join(name)),
+            _ => target.canonicalize(),
+        };
+        let (Ok(real), Ok(root)) = (real, self.workdir.canonicalize()) else {
+            return textual();
+        };
+        match real.strip_prefix(&root) {
+            Ok(rel) => path_key(rel.as_os_str()).into_owned(),
+            Err(_) => path_key(real.as_os_str()).into_owned(),
+        }
     }
 }
 
