@@ -272,7 +272,8 @@ impl<'a> Artifacts<'a> {
             )));
         }
         let target = path.parent().unwrap_or(Path::new("/")).join(&text);
-        let target_key = self.target_key(&target, &text);
+        let target_meta = fs::symlink_metadata(&target);
+        let target_key = self.target_key(&target, &text, target_meta.as_ref().ok());
         if crate::expand::in_state_folder(&target_key) {
             return Err(io::Error::other(format!(
                 "{} is a symlink into qbuild's own state folder (-> {}), which changes on every run",
@@ -280,7 +281,7 @@ impl<'a> Artifacts<'a> {
                 text.display()
             )));
         }
-        let th = match fs::symlink_metadata(&target) {
+        let th = match target_meta {
             Ok(tm) => {
                 walking.push((0, 0));
                 let h = self.hash_with_meta(&target_key, &target, &tm, walking, None)?;
@@ -309,17 +310,27 @@ impl<'a> Artifacts<'a> {
 
 impl Artifacts<'_> {
     /// The key of the file a link's `text` leads to (`target`: the link's folder joined
-    /// with the text). A `..` is resolved as the kernel does, from where the folders before
-    /// it lead (`sub/../d` with `sub` a link goes up from `sub`'s target), so that a link
-    /// never shares a key, and so a cached hash, with another file, and cannot reach
-    /// `.qbuild/` by leaving the work folder and coming back in.
-    fn target_key(&self, target: &Path, text: &Path) -> String {
-        let textual = || crate::expand::normalize(&key_for(&self.workdir, target));
+    /// with the text; `meta`: the target's, if it exists). A `..` is resolved as the kernel
+    /// does, from where the folders before it lead (`sub/../d` with `sub` a link goes up
+    /// from `sub`'s target), so that a link never shares a key, and so a cached hash, with
+    /// another file, and cannot reach `.qbuild/` by leaving the work folder and coming back
+    /// in. The key read from the text is kept when it names the target itself (one stat;
+    /// the usual case) and does not climb out of the work folder, else the target's folder
+    /// is resolved.
+    fn target_key(&self, target: &Path, text: &Path, meta: Option<&fs::Metadata>) -> String {
+        use std::os::unix::fs::MetadataExt;
+        let textual = crate::expand::normalize(&key_for(&self.workdir, target));
+        let Some(meta) = meta else {
+            return textual;
+        };
         if !text
             .components()
             .any(|c| c == std::path::Component::ParentDir)
+            || !(textual == ".." || textual.starts_with("../"))
+                && fs::symlink_metadata(self.fs_path(&textual))
+                    .is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()))
         {
-            return textual();
+            return textual;
         }
         // The folder the target is in, resolved (the target itself may be a link, which is
         // hashed as one); a text ending in `..` names a folder: resolved whole.
@@ -328,7 +339,7 @@ impl Artifacts<'_> {
             _ => target.canonicalize(),
         };
         let (Ok(real), Ok(root)) = (real, self.workdir.canonicalize()) else {
-            return textual();
+            return textual;
         };
         match real.strip_prefix(&root) {
             Ok(rel) => path_key(rel.as_os_str()).into_owned(),
