@@ -18,7 +18,8 @@ const KIND_DIR: u8 = 1;
 const KIND_LINK: u8 = 2;
 
 /// An artifact's two hashes: `content` is what readers see (through links), `ident` is what
-/// its producer made (a link's text). They differ only for symlinks.
+/// its producer made (a link's text). They differ only for symlinks, and for folders holding
+/// symlinks (whose `ident` tree takes each link's text where `content` follows it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Art {
     pub content: Hash,
@@ -51,7 +52,7 @@ pub struct Artifacts<'a> {
 struct BeforeBuild<'a> {
     /// Folder hashes by key: a folder that many links point to (the split's test vectors)
     /// is walked once.
-    folders: Mutex<rustc_hash::FxHashMap<String, Hash>>,
+    folders: Mutex<rustc_hash::FxHashMap<String, Art>>,
     /// What the run's opening scan found for a file, by key (`None`: not scanned): trusted
     /// without another stat.
     scanned: &'a Scanned<'a>,
@@ -96,12 +97,13 @@ impl<'a> Artifacts<'a> {
         Ok(self.current_art(rel)?.map(|a| a.content))
     }
 
-    /// Identity of `rel` now (a link's text, else its content hash), or `None` if absent.
+    /// Identity of `rel` now (a link's text, a folder's tree with its links' texts, else its
+    /// content hash), or `None` if absent.
     pub fn identity(&self, rel: &str) -> io::Result<Option<Hash>> {
         let path = self.fs_path(rel);
         match fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_symlink() => Ok(Some(link_identity(&fs::read_link(&path)?))),
-            Ok(_) => self.current(rel),
+            Ok(_) => Ok(self.current_art(rel)?.map(|a| a.ident)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -125,22 +127,11 @@ impl<'a> Artifacts<'a> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        if meta.file_type().is_symlink() {
-            // One read of the link for both, so they describe the same target.
-            let (content, text) = self.hash_symlink(rel, &path, &mut Vec::new())?;
-            let ident = link_identity(&text);
-            return Ok(Some(Art { content, ident }));
-        }
-        let content = self.hash_with_meta(rel, &path, &meta, &mut Vec::new(), hint)?;
-        Ok(Some(Art {
-            content,
-            ident: content,
-        }))
+        self.hash_art(rel, &path, &meta, &mut Vec::new(), hint)
+            .map(Some)
     }
 
-    /// `walking`: the (device, inode) of the folders being hashed above this entry, and one
-    /// entry per link followed, so that a link back into a folder being walked is caught at
-    /// once rather than after 64 levels of hashing everything under it again.
+    /// The content hash of the entry at `path` (see `hash_art`).
     fn hash_with_meta(
         &self,
         key: &str,
@@ -149,6 +140,21 @@ impl<'a> Artifacts<'a> {
         walking: &mut Vec<(u64, u64)>,
         hint: Option<Option<&StatEntry>>,
     ) -> io::Result<Hash> {
+        Ok(self.hash_art(key, path, meta, walking, hint)?.content)
+    }
+
+    /// Both hashes of the entry at `path`, `meta` its `lstat`. `walking`: the (device,
+    /// inode) of the folders being hashed above this entry, and one entry per link followed,
+    /// so that a link back into a folder being walked is caught at once rather than after
+    /// 64 levels of hashing everything under it again.
+    fn hash_art(
+        &self,
+        key: &str,
+        path: &Path,
+        meta: &fs::Metadata,
+        walking: &mut Vec<(u64, u64)>,
+        hint: Option<Option<&StatEntry>>,
+    ) -> io::Result<Art> {
         use std::os::unix::fs::MetadataExt;
         if walking.len() > 64 {
             return Err(io::Error::other(format!(
@@ -158,7 +164,12 @@ impl<'a> Artifacts<'a> {
         }
         let ft = meta.file_type();
         if ft.is_symlink() {
-            return Ok(self.hash_symlink(key, path, walking)?.0);
+            // One read of the link for both, so they describe the same target.
+            let (content, text) = self.hash_symlink(key, path, walking)?;
+            return Ok(Art {
+                content,
+                ident: link_identity(&text),
+            });
         }
         if ft.is_dir() {
             let memo = |k: &str| {
@@ -180,7 +191,8 @@ impl<'a> Artifacts<'a> {
                 .map(|e| e.map(|e| (e.file_name(), e)))
                 .collect::<io::Result<_>>()?;
             entries.sort_by(|a, b| a.0.as_encoded_bytes().cmp(b.0.as_encoded_bytes()));
-            let mut t = TreeHasher::new();
+            // What readers see (links followed) and what was made (links' texts).
+            let (mut t, mut ti) = (TreeHasher::new(), TreeHasher::new());
             for (name, e) in entries {
                 let child_key = match key {
                     "." => path_key(&name).into_owned(),
@@ -194,6 +206,7 @@ impl<'a> Artifacts<'a> {
                 };
                 if let Some(h) = from_scan {
                     t.entry(name, KIND_FILE, &h);
+                    ti.entry(name, KIND_FILE, &h);
                     continue;
                 }
                 let p = e.path();
@@ -210,17 +223,21 @@ impl<'a> Artifacts<'a> {
                 } else {
                     KIND_FILE
                 };
-                let h = self
-                    .hash_with_meta(&child_key, &p, &m, walking, None)
+                let a = self
+                    .hash_art(&child_key, &p, &m, walking, None)
                     .map_err(named)?;
-                t.entry(name, kind, &h);
+                t.entry(name, kind, &a.content);
+                ti.entry(name, kind, &a.ident);
             }
             walking.pop();
-            let h = t.finish();
+            let a = Art {
+                content: t.finish(),
+                ident: ti.finish(),
+            };
             if let Some(Ok(mut folders)) = self.before.as_ref().map(|b| b.folders.lock()) {
-                folders.insert(key.to_string(), h);
+                folders.insert(key.to_string(), a);
             }
-            return Ok(h);
+            return Ok(a);
         }
         if !ft.is_file() {
             // Opening a FIFO would wait for a writer forever (and SIGINT would not end it).
@@ -242,16 +259,20 @@ impl<'a> Artifacts<'a> {
             Some(known) => known,
             None => self.cache.get(key),
         };
+        let file = |h: Hash| Art {
+            content: h,
+            ident: h,
+        };
         if let Some(e) = cached {
             if e.trusted(&st) {
-                return Ok(e.hash);
+                return Ok(file(e.hash));
             }
         }
         let entry = hash_fresh(path, st, self.stats)?;
         if let Ok(mut u) = self.updates.lock() {
             u.push((key.to_string(), entry));
         }
-        Ok(entry.hash)
+        Ok(file(entry.hash))
     }
 
     /// The hash of the link at `path` (its text and what it leads to) and its text.
