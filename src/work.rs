@@ -222,6 +222,22 @@ fn scan_one(arts: &Artifacts, path: &str, hint: Option<Option<&StatEntry>>) -> N
     }
 }
 
+/// What the opening scan makes of a file the stat cache knows: its cached hash if its stat
+/// says it is unchanged, else `Unknown`. A changed file is hashed later, and only if a job
+/// the targets need reads or writes it (another variant's files sharing the state, a
+/// dropped input, an artifact outside the targets: never read for nothing).
+fn scan_stat(arts: &Artifacts, path: &str, entry: &StatEntry) -> Now {
+    match fs::symlink_metadata(arts.fs_path(path)) {
+        Ok(m) if m.is_file() && entry.trusted(&StatKey::from_meta(&m, 0)) => Now::Have(Art {
+            content: entry.hash,
+            ident: entry.hash,
+        }),
+        Ok(_) => Now::Unknown,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Now::Missing,
+        Err(e) => Now::Error(e.to_string()),
+    }
+}
+
 /// The state and a scan of every file it knows, read before the graph is needed (a no-op
 /// runs this on a second thread while the Qairtfile is expanded).
 pub struct Preloaded {
@@ -256,7 +272,7 @@ pub fn preload(workdir: &Path, db: &Db, scan: bool) -> Preloaded {
         // other core; once it is done, they have both.
         let entries = st.stat.entries();
         found = map_range(entries.len(), |i| {
-            scan_one(&arts, &entries[i].0, Some(Some(&entries[i].1)))
+            scan_stat(&arts, &entries[i].0, &entries[i].1)
         });
         updates = arts.take_updates();
         phase("preload state and scan", t);
@@ -450,8 +466,8 @@ pub fn build(
         // hashing which entry to trust.
         let at = state_db.stat.position(path);
         match at.and_then(|k| scan.get(k)) {
-            Some(s) => s.clone(),
-            None => scan_one(&arts, path, Some(at.map(|k| &state_db.stat.entries()[k].1))),
+            Some(s) if !matches!(s, Now::Unknown) => s.clone(),
+            _ => scan_one(&arts, path, Some(at.map(|k| &state_db.stat.entries()[k].1))),
         }
     });
     // A source that is a symlink (a link's identity is not its content) to what a job

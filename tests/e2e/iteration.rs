@@ -3180,6 +3180,50 @@ command = "cat l.txt > use.txt"
     assert_eq!(s.read_string("use.txt"), "abc\nabc\n");
 }
 
+/// Regression: the opening scan hashed every changed file the state knew, whatever the
+/// targets: building `a.txt` read the 1 MB `big.bin` only `b` needs, and an input dropped
+/// from the Qairtfile was read again by every run after each change to it.
+#[test]
+fn only_files_the_targets_need_are_read_again() {
+    let s = Space::new();
+    let big = "x".repeat(1 << 20);
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.a]
+inputs = ["small.txt"]
+outputs = ["a.txt"]
+command = "cat small.txt > a.txt"
+[rule.b]
+inputs = ["big.bin", "old.txt"]
+outputs = ["b.txt"]
+command = "wc -c big.bin > b.txt"
+"#,
+    )
+    .write("small.txt", "s\n")
+    .write("big.bin", &big)
+    .write("old.txt", &big);
+    s.run(["all"]).assert_ok().assert_ran(&set(["a", "b"]));
+    s.write("big.bin", format!("{big}y"));
+    for _ in 0..2 {
+        let out = s.run(["a.txt"]);
+        out.assert_nothing_ran(1);
+        assert_eq!(out.count("hashed_bytes"), 0, "{out}");
+    }
+    let out = s.run(["all"]);
+    out.assert_ok().assert_ran(&set(["b"]));
+    assert!(out.count("hashed_bytes") > 1 << 20, "{out}");
+    // old.txt dropped from b's inputs, then changed: not read again, run after run.
+    s.replace("Qairtfile", r#"["big.bin", "old.txt"]"#, r#"["big.bin"]"#);
+    s.run(["all"]).assert_ok().assert_ran(&set(["b"]));
+    s.write("old.txt", format!("{big}z"));
+    for _ in 0..2 {
+        let out = s.run(["all"]);
+        out.assert_nothing_ran(2);
+        assert_eq!(out.count("hashed_bytes"), 0, "{out}");
+    }
+}
+
 /// A rule's `check` runs with the rule's `env` (it failed without it); reordering `env`
 /// keys changes nothing (a TOML table has no order; it reran the job); `-n` alone names
 /// each job it would run (it printed only the count).
