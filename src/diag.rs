@@ -149,17 +149,24 @@ impl std::error::Error for Diagnostic {}
 
 /// Suggest the closest of `candidates` to `word` (edit distance ≤ 2), for "did you mean" hints.
 pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let max = 2.max(word.len() / 4);
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
-        let d = edit_distance(word, c);
-        if d <= 2.max(word.len() / 4) && best.is_none_or(|(bd, _)| d < bd) {
+        // Within `max`, and closer than the best so far (a long list of paths is cheap:
+        // most are given up after a few rows).
+        let within = best.map_or(max, |(bd, _)| bd.saturating_sub(1));
+        if let Some(d) = edit_distance_within(word, c, within) {
             best = Some((d, c));
         }
     }
     best.map(|(_, c)| c)
 }
 
-fn edit_distance(a: &str, b: &str) -> usize {
+/// The edit distance of `a` and `b` if it is at most `max`.
+fn edit_distance_within(a: &str, b: &str, max: usize) -> Option<usize> {
+    if a.len().abs_diff(b.len()) > max * 4 {
+        return None; // (bytes: a char is at most 4)
+    }
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {
@@ -168,9 +175,13 @@ fn edit_distance(a: &str, b: &str) -> usize {
             let sub = prev[j] + usize::from(ca != *cb);
             cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
         }
+        // A row's least value never drops in the rows below.
+        if cur.iter().min().is_some_and(|&m| m > max) {
+            return None;
+        }
         prev = cur;
     }
-    prev[b.len()]
+    Some(prev[b.len()]).filter(|&d| d <= max)
 }
 
 #[cfg(test)]
@@ -196,5 +207,10 @@ mod tests {
     fn suggests_close_names() {
         assert_eq!(closest("comand", ["command", "inputs"]), Some("command"));
         assert_eq!(closest("zzzzzz", ["command", "inputs"]), None);
+        // The closest wins, wherever it is in the list; ties go to the first.
+        let paths = ["out/split_2.bin", "out/split_1.bin", "out/split_1.bim"];
+        assert_eq!(closest("out/split_1.bim", paths), Some("out/split_1.bim"));
+        assert_eq!(closest("out/split_1.bix", paths), Some("out/split_1.bin"));
+        assert_eq!(closest("models/llama.onnx", paths), None);
     }
 }

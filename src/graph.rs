@@ -542,6 +542,9 @@ impl Graph {
             let mut names: Vec<&str> = vec!["all"];
             names.extend(self.model.rules.iter().map(|r| r.name.as_str()));
             names.extend(self.model.aliases.iter().map(|(a, _)| a.text.as_str()));
+            // A mistyped output path (`split_1.bim`): the paths jobs write.
+            let outputs = self.files.iter().filter(|f| f.producer.is_some());
+            names.extend(outputs.map(|f| f.path.as_str()));
             let d = err(
                 &span,
                 format!("unknown target `{t}`: not a rule, an alias, or a path any rule writes"),

@@ -480,6 +480,11 @@ fn an_unknown_target_is_refused_with_a_hint() {
     out.assert_code(2);
     assert!(out.stderr.contains("unknown target `okk`"), "{out}");
     assert!(out.stderr.contains("did you mean `ok`?"), "{out}");
+    // A mistyped output path is matched against the paths jobs write (it was only
+    // matched against rule and alias names).
+    let out = s.run(["ran.tx"]);
+    out.assert_code(2);
+    assert!(out.stderr.contains("did you mean `ran.txt`?"), "{out}");
     assert!(!s.exists("ran.txt"));
 }
 
