@@ -598,6 +598,17 @@ fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
     }
     let cwd = std::env::current_dir()
         .map_err(|e| Diagnostic::plain(format!("cannot read the current folder: {e}")))?;
+    // Paths are text in the graph, the state and every command line: a folder whose name
+    // is not UTF-8 would be read under another name (a "no such file" about a file that
+    // is there).
+    let joined = cwd.join(&args.file);
+    if joined.to_str().is_none() {
+        return Err(Diagnostic::plain(format!(
+            "the path of the Qairtfile, {}, is not valid UTF-8",
+            joined.display()
+        ))
+        .with_hint("qbuild needs UTF-8 paths for the work folder; rename the folder"));
+    }
     let file = absolute(&args.file);
     let workdir = file
         .parent()

@@ -588,6 +588,28 @@ fn a_trace_may_not_overwrite_a_file_of_the_build() {
     assert!(s.read_string("trace.json").contains("traceEvents"));
 }
 
+/// Regression: a work folder whose name is not UTF-8 was looked for under its lossy name,
+/// so a Qairtfile that is there was "No such file or directory". Now it is said plainly.
+#[test]
+fn a_work_folder_path_that_is_not_utf8_is_named_as_such() {
+    use std::os::unix::ffi::OsStrExt;
+    let s = Space::new();
+    let odd = s.path().join(std::ffi::OsStr::from_bytes(b"w\xffx"));
+    std::fs::create_dir(&odd).expect("mkdir");
+    std::fs::write(odd.join("Qairtfile"), HARMLESS).expect("write");
+    for args in [&["--check"][..], &["all"][..]] {
+        let out =
+            crate::support::command(crate::support::QBUILD, &odd, args, &[] as &[(&str, &str)])
+                .output()
+                .expect("run qbuild");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("is not valid UTF-8"), "{stderr}");
+        assert!(!stderr.contains("No such file"), "{stderr}");
+    }
+    assert!(!odd.join("ran.txt").exists());
+}
+
 /// Regression: arguments clap refused printed its message but no `--json` event, so a
 /// script reading the events saw nothing at all before exit status 2.
 #[test]
