@@ -931,7 +931,10 @@ fn print_list(g: &Graph, want: &[bool]) {
 }
 
 /// `--list --json`: one `target` event per job, in the Qairtfile's order, with the fields
-/// `would_run` uses (`rule`, `job`, `outputs`) plus its `inputs`.
+/// `would_run` uses (`rule`, `job`, `outputs`) plus its `inputs`. A link's inputs are the
+/// file it points at: it is not part of the link's key (`order`), but the link waits for
+/// it, and a tool that rebuilds the graph from this list needs that edge as `--graph`
+/// draws it.
 fn list_json(g: &Graph, want: &[bool]) {
     let mut emit = json_emitter(true);
     for (j, _) in g.jobs.iter().zip(want).filter(|(_, w)| **w) {
@@ -940,7 +943,7 @@ fn list_json(g: &Graph, want: &[bool]) {
             "rule": g.model.rules[j.spec.rule as usize].name,
             "job": j.spec.label,
             "outputs": j.outs.iter().map(|f| g.path(*f)).collect::<Vec<_>>(),
-            "inputs": j.ins.iter().map(|f| g.path(*f)).collect::<Vec<_>>(),
+            "inputs": j.ins.iter().chain(&j.order).map(|f| g.path(*f)).collect::<Vec<_>>(),
         }));
     }
 }

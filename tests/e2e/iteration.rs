@@ -2712,6 +2712,54 @@ fn list_with_a_target_lists_what_building_it_involves() {
     assert!(!text.stdout.contains("context binary split=1\n"), "{text}");
 }
 
+/// Regression: `--list --json` gave a `links` job `"inputs": []`, though it waits for the
+/// file it points at (`--graph` draws `export ar=128 -> link ...`): a tool rebuilding the
+/// graph from the list missed those edges. Every `--graph` edge now follows from the
+/// list: the later job reads an output of the earlier one, a file inside it, or a folder
+/// holding it.
+#[test]
+fn list_json_inputs_give_every_graph_edge_links_included() {
+    let s = Space::demo();
+    let list = s.run(["--list", "all"]);
+    list.assert_ok();
+    let paths = |e: &serde_json::Value, field: &str| -> Vec<String> {
+        e[field]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {field} in {e}"))
+            .iter()
+            .map(|p| p.as_str().expect("path").to_string())
+            .collect()
+    };
+    let jobs: BTreeMap<String, (Vec<String>, Vec<String>)> = list
+        .events
+        .iter()
+        .filter(|e| e["event"] == "target")
+        .map(|e| {
+            (
+                e["job"].as_str().expect("job").to_string(),
+                (paths(e, "inputs"), paths(e, "outputs")),
+            )
+        })
+        .collect();
+    let link = "link models_ar_n/ar128-cl4096/splits/test_vectors_1 (split ar=128)";
+    let (ins, _) = &jobs[link];
+    assert_eq!(ins.len(), 1, "a link's input is its target\n{list}");
+    let within = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
+    let dot = parse_dot(&s.qbuild(["--graph", "all"]).no_json().run().stdout);
+    let mut links = 0;
+    for (a, b) in &dot.edges {
+        let (_, outs) = &jobs[a];
+        let (ins, _) = &jobs[b];
+        assert!(
+            ins.iter()
+                .any(|i| outs.iter().any(|o| within(i, o) || within(o, i))),
+            "--graph has {a} -> {b}, but --list --json gives {b} no input from {a}: {ins:?}\n{list}"
+        );
+        links += usize::from(b.starts_with("link "));
+    }
+    assert!(links > 0, "the demo has edges into links");
+}
+
 /// A target path that names the work folder through a symlink (or the real folder when
 /// the Qairtfile was given through one) is the same target.
 #[test]
