@@ -81,7 +81,7 @@ pub struct Summary {
     pub interrupted_jobs: usize,
     pub skipped: usize,
     /// Wanted jobs never started because the build stopped early (a failure without
-    /// `-k`, or a signal).
+    /// `-k`, or a signal), none downstream of a failure: those are `skipped`.
     pub stopped: usize,
     pub would_run: usize,
     pub hashed_bytes: u64,
@@ -608,6 +608,7 @@ impl Work<'_> {
                 }
             }
         }
+        self.skip_what_failures_block();
         // Jobs never started (stopped early) stay unsettled; nothing is recorded for them.
         let s = &self.summary;
         let settled =
@@ -625,6 +626,37 @@ impl Work<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A build that stopped early (a failure without `-k`, or a signal) leaves jobs that
+    /// never became ready. Those downstream of a failure would not have run whatever else
+    /// they waited for, so they count as skipped, as `-k` counts them: "not started" is
+    /// then only what the stop itself prevented, and the split does not depend on whether
+    /// an unrelated input was still pending when the failure came.
+    fn skip_what_failures_block(&mut self) {
+        let g = self.g;
+        let mut seen = vec![false; g.jobs.len()];
+        let mut stack: Vec<JobId> = (0..g.jobs.len())
+            .filter(|&i| self.state[i] == State::Failed)
+            .map(|i| JobId(i as u32))
+            .collect();
+        while let Some(j) = stack.pop() {
+            for &d in &g.dependents[j.idx()] {
+                if std::mem::replace(&mut seen[d.idx()], true) {
+                    continue;
+                }
+                match self.state[d.idx()] {
+                    // (Ready: checked, but left waiting for a job the signal stopped.)
+                    State::Waiting | State::Ready => {
+                        self.state[d.idx()] = State::Skipped;
+                        self.summary.skipped += 1;
+                        stack.push(d);
+                    }
+                    State::Skipped => stack.push(d),
+                    _ => {}
+                }
+            }
+        }
     }
 
     /// The end of a run that writes: what the last clock tick made racy is hashed again,

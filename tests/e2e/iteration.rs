@@ -2662,6 +2662,55 @@ command = "cp b d"
     assert_eq!(out.count("ran") + ran, 5, "{out}");
 }
 
+/// Regression: without `-k`, a job downstream of a failure that also waited for an
+/// unrelated job the stop prevented was counted "not started"; with `-k` it was "skipped".
+/// Whatever else it waits for, it would never run: it counts as skipped both ways, and
+/// "not started" is only the unrelated job.
+#[test]
+fn a_job_downstream_of_a_failure_is_skipped_whatever_else_it_waits_for() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.bad]
+outputs = ["bad"]
+command = "exit 1"
+[rule.dep]
+inputs = ["bad"]
+outputs = ["dep"]
+command = "cp bad dep"
+[rule.other]
+outputs = ["other"]
+command = "echo x > other"
+[rule.fin]
+inputs = ["dep", "other"]
+outputs = ["fin"]
+command = "cat dep other > fin"
+"#,
+    );
+    let out = s.run(["-j1", "all"]);
+    out.assert_code(1);
+    let counts = |out: &Output| {
+        (
+            out.count("ran"),
+            out.count("failed"),
+            out.count("skipped"),
+            out.count("not_started"),
+        )
+    };
+    // bad fails; dep and fin are skipped; other, queued behind bad, is not started.
+    assert_eq!(counts(&out), (0, 1, 2, 1), "{out}");
+    assert!(
+        out.stderr.contains(
+            "1 failed, 2 not run (a dependency failed), 1 not started (the build stopped)"
+        ),
+        "{out}"
+    );
+    // With -k the same jobs are skipped, and other runs.
+    let out = s.run(["-j1", "-k", "all"]);
+    assert_eq!(counts(&out), (1, 1, 2, 0), "{out}");
+}
+
 /// A job is keyed by its output list, so adding an output makes it a job without a record:
 /// the explanation says its outputs changed (it said "never built").
 #[test]
