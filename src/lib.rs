@@ -154,11 +154,23 @@ pub struct Session {
 pub struct Loaded {
     pub graph: Graph,
     pub jobs: Vec<graph::JobId>,
+    /// `None` without a `[toolchain]`, and in a mode that needs none (`needs_toolchain`).
     pub toolchain: Option<toolchain::Verified>,
 }
 
 impl Session {
-    /// Parse, expand and check the Qairtfile; resolve the targets; verify the toolchain.
+    /// Whether this run needs the `[toolchain]` verified: a build, `-n`, `--status`,
+    /// `--watch` and `--check` do (its version is part of the keys that decide what is
+    /// stale). `--list`, `--graph`, `--clean` and `--clean-dead` run no tool and compare no
+    /// key (clean goes by job ids, which hash only output paths, and by the recorded
+    /// output hashes), so a user who removed an SDK can still list and clean.
+    pub fn needs_toolchain(&self) -> bool {
+        let a = &self.args;
+        a.check || !(a.list || a.graph || a.clean || a.clean_dead)
+    }
+
+    /// Parse, expand and check the Qairtfile; resolve the targets; verify the toolchain
+    /// if this mode needs it.
     pub fn load(&self) -> Result<Loaded, Diagnostic> {
         let t = std::time::Instant::now();
         let graph = load_graph(&self.file, &self.args.file)?;
@@ -184,8 +196,10 @@ impl Session {
         let jobs = graph.resolve_targets(&targets, &self.cwd, &self.workdir)?;
         self.check_trace_path(&graph)?;
         let toolchain = match &graph.model.toolchain {
-            Some(tc) => Some(toolchain::verify(tc, &self.workdir, &graph.model.source)?),
-            None => None,
+            Some(tc) if self.needs_toolchain() => {
+                Some(toolchain::verify(tc, &self.workdir, &graph.model.source)?)
+            }
+            _ => None,
         };
         Ok(Loaded {
             graph,

@@ -20,7 +20,7 @@ use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use support::{assert_set, set, Output, Space, REPO};
+use support::{assert_same_files, assert_set, set, Output, Space, REPO};
 
 const ARS: [u32; 2] = [128, 1];
 const SPLITS: [u32; 4] = [1, 2, 3, 4];
@@ -161,7 +161,7 @@ fn assert_refused(out: &Output, s: &Space, before: &support::Snapshot, had_state
     out.assert_code(2);
     out.assert_error_event();
     assert!(!out.stderr.contains("panicked"), "{out}");
-    support::assert_same_files(&s.snapshot(), before, "a refused run writes nothing");
+    assert_same_files(&s.snapshot(), before, "a refused run writes nothing");
     if !had_state {
         assert!(!s.exists(".qbuild"), "no state for a refused run\n{out}");
     }
@@ -1047,6 +1047,50 @@ fn toolchain_errors_stop_the_build_before_anything_runs() {
         out.assert_ok();
         assert_eq!(out.count("would_run"), n, "{version}\n{out}");
     }
+}
+
+/// Regression: `--clean`, `--clean-dead`, `--list` and `--graph` verified the toolchain
+/// and exited 2 once the SDK was gone, so a user could not clean or list after removing
+/// it. They run no tool and compare no key: they work without it, and `--clean` still
+/// removes exactly what qbuild made. A build, `-n`, `--status` and `--check` still refuse.
+#[test]
+fn a_missing_sdk_still_lets_list_graph_and_clean_work() {
+    let s = Space::demo();
+    let sources = s.snapshot();
+    build(&s, &[]);
+    let list = s.run(["--list", "all"]);
+    let graph = s.qbuild(["--graph", "all"]).no_json().run();
+    let gone = Space::new();
+    let nowhere = gone.join("no-sdk").to_string_lossy().into_owned();
+    let env = [("QNN_SDK_ROOT", nowhere.as_str())];
+    let message = format!("error: toolchain `qairt`: root {nowhere} does not exist");
+    for args in [&["all"][..], &["-n", "all"], &["--status"], &["--check"]] {
+        let before = s.snapshot();
+        let out = run_with(&s, args, &env);
+        assert_refused(&out, &s, &before, true);
+        assert_eq!(out.stderr.lines().next(), Some(message.as_str()), "{out}");
+    }
+    let out = run_with(&s, &["--list", "all"], &env);
+    out.assert_ok();
+    assert_eq!(out.stdout, list.stdout, "{out}");
+    let out = s
+        .qbuild(["--graph", "all"])
+        .no_json()
+        .env("QNN_SDK_ROOT", &nowhere)
+        .run();
+    out.assert_ok();
+    assert_eq!(out.stdout, graph.stdout, "{out}");
+    let built = s.snapshot();
+    let out = run_with(&s, &["--clean", "-n"], &env);
+    out.assert_ok();
+    assert!(out.stderr.contains("qbuild: would remove "), "{out}");
+    assert_same_files(&s.snapshot(), &built, "--clean -n removes nothing");
+    run_with(&s, &["--clean-dead"], &env).assert_ok();
+    assert_same_files(&s.snapshot(), &built, "--clean-dead: no dead jobs");
+    let out = run_with(&s, &["--clean"], &env);
+    out.assert_ok();
+    assert!(!out.stderr.contains("kept"), "{out}");
+    assert_same_files(&s.snapshot(), &sources, "--clean leaves the sources");
 }
 
 #[test]
