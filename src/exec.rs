@@ -107,6 +107,23 @@ impl Running {
         }
     }
 
+    /// After a signal stopped the build, with no job left running: stop what its commands
+    /// left behind outside their process groups (a `setsid` child, which the signal sent
+    /// to each group never reached), found by this run's token as the next run would find
+    /// them after a `kill -9`. Without this, such a process outlived the build and, with
+    /// `.qbuild/running` gone, nothing would ever stop it. Returns how many process groups
+    /// were stopped; none if no command was started.
+    pub fn stop_strays(&self) -> usize {
+        let started = self
+            .file
+            .as_ref()
+            .is_some_and(|f| f.1.lock().map(|w| *w).unwrap_or(true));
+        if !started {
+            return 0;
+        }
+        stop_carriers(&[run_token().to_string()])
+    }
+
     /// How many commands are running now.
     pub fn count(&self) -> usize {
         self.groups.lock().map(|s| s.len()).unwrap_or(0)
@@ -176,8 +193,16 @@ pub fn reap_orphans(state_dir: &Path) -> usize {
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty())
         .collect();
+    let stopped = stop_carriers(&tokens);
+    let _ = fs::remove_file(&path);
+    stopped
+}
+
+/// Kill every live process (but this one) carrying `QBUILD_RUN=` one of `tokens`, and the
+/// whole group of each such process that leads one. Returns how many process groups were
+/// stopped.
+fn stop_carriers(tokens: &[String]) -> usize {
     if tokens.is_empty() {
-        let _ = fs::remove_file(&path);
         return 0;
     }
     let me = std::process::id() as i32;
@@ -186,13 +211,13 @@ pub fn reap_orphans(state_dir: &Path) -> usize {
     for _ in 0..200 {
         let marked: Vec<(i32, i32)> = live_processes()
             .into_iter()
-            .filter(|&(pid, _)| pid != me && carries_token(pid, &tokens))
+            .filter(|&(pid, _)| pid != me && carries_token(pid, tokens))
             .collect();
         if marked.is_empty() {
             break;
         }
         for (pid, g) in marked {
-            // SAFETY: kill(2) of a process carrying a killed run's token, and of the group
+            // SAFETY: kill(2) of a process carrying a stopped run's token, and of the group
             // it leads; no memory involved.
             unsafe {
                 if g == pid {
@@ -204,7 +229,6 @@ pub fn reap_orphans(state_dir: &Path) -> usize {
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let _ = fs::remove_file(&path);
     stopped.len()
 }
 

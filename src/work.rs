@@ -618,13 +618,22 @@ impl Work<'_> {
             self.save()?;
         }
         self.summary.hashed_bytes = self.stats.bytes();
-        self.procs.finish();
         if self.summary.interrupted.is_none() {
             let sig = INTERRUPT.load(Ordering::SeqCst);
             if sig != 0 {
                 self.summary.interrupted = Some(sig);
             }
         }
+        // Before `.qbuild/running` goes: it is what lets a later run find them otherwise.
+        if self.summary.interrupted.is_some() {
+            let n = self.procs.stop_strays();
+            if n > 0 {
+                self.progress.message(&format!(
+                    "qbuild: stopped {n} command(s) left running by the interrupted jobs"
+                ));
+            }
+        }
+        self.procs.finish();
         Ok(())
     }
 

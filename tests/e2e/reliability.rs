@@ -1661,6 +1661,55 @@ fn signals_leftovers_of_a_killed_qbuild_are_stopped_by_the_next_run() {
     s.run(["all"]).assert_nothing_ran(1);
 }
 
+/// Regression: a job's `setsid` child left the job's process group, so the SIGTERM sent
+/// to the group missed it; qbuild then removed `.qbuild/running`, and nothing would ever
+/// stop the child, which wrote into the output later. Before that file goes, the signal
+/// path now stops every process carrying the run's token, as the next run does after a
+/// `kill -9`.
+#[test]
+fn signals_a_setsid_child_of_an_interrupted_job_is_stopped_too() {
+    adopt_leftovers();
+    let tok = token("setsid");
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        format!(
+            r#"
+[rule.a]
+outputs = ["a.txt"]
+env = {{ REL_MARK = "{tok}" }}
+command = "setsid sh -c 'sleep 3; echo late >> a.txt' & echo a > a.txt; sleep 30"
+"#
+        ),
+    );
+    let bg = Bg::start(s.path(), &["-j", "2", "--json", "all"], &[]);
+    // The job's shell and its sleep, the setsid'd shell and its sleep.
+    let up = wait_until(Duration::from_secs(20), || {
+        s.exists("a.txt") && marked_processes(&tok).len() >= 4
+    });
+    assert!(up, "the job never got going: {:?}", marked_processes(&tok));
+    let started = Instant::now();
+    bg.signal(libc::SIGTERM);
+    let ended = bg.wait(Duration::from_secs(30));
+    assert_eq!(ended.code, Some(143), "{ended}");
+    assert_no_panic(&ended.stderr, "setsid");
+    assert!(
+        ended
+            .stderr
+            .contains("qbuild: stopped 1 command(s) left running by the interrupted jobs"),
+        "{ended}"
+    );
+    assert!(!s.exists(".qbuild/running"), "{ended}");
+    assert!(
+        wait_until(Duration::from_secs(1), || marked_processes(&tok).is_empty()),
+        "a process of the interrupted job outlived qbuild: {:?}",
+        marked_processes(&tok)
+    );
+    // Past the moment the setsid'd child would have written: it did not.
+    std::thread::sleep(Duration::from_millis(3500).saturating_sub(started.elapsed()));
+    assert!(!s.exists("a.txt"), "{ended}");
+}
+
 /// A SIGBUS (what reading a memory-mapped file raises when the file shrinks under it: a
 /// model rewritten while qbuild hashes it) ends qbuild with a message and exit 1, not a
 /// bare "Bus error"; the next run stops what was left running and builds as usual.
