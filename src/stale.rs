@@ -84,6 +84,13 @@ pub enum Reason {
     OutputMissing(String),
     /// The output is a link that is still there, but leads nowhere (its target is gone).
     OutputDangling(String),
+    /// The output is there but cannot be taken as built, and `why` says what is wrong
+    /// with it: an absolute link put in place of the relative one qbuild made, a FIFO.
+    /// ("Missing" or "dangling" would send the user looking for the wrong problem.)
+    OutputUnusable {
+        path: String,
+        why: String,
+    },
     OutputChanged {
         path: String,
         was: Hash,
@@ -132,6 +139,11 @@ impl fmt::Display for Reason {
             Reason::OutputDangling(p) => {
                 write!(f, "output {p} is a link whose target is missing")
             }
+            // (The scan's message usually starts with the path: said once.)
+            Reason::OutputUnusable { path, why } => match why.strip_prefix(path.as_str()) {
+                Some(rest) if rest.starts_with(' ') => write!(f, "output {path}{rest}"),
+                _ => write!(f, "output {path} cannot be used as it is: {why}"),
+            },
             Reason::OutputChanged { path, was, now } => {
                 write!(
                     f,

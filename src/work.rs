@@ -949,13 +949,30 @@ impl Work<'_> {
             Some(Reason::NeverBuilt) if shown => self.why_new(j, reasons),
             _ => reasons,
         };
-        // "Missing" for a link that is there but leads nowhere would send the user looking
-        // for the wrong file.
+        // "Missing" for an output that is there would send the user looking for the wrong
+        // file: a link that leads nowhere says so, and an output that could not be taken
+        // as built (an absolute link to an existing target, put where qbuild made a
+        // relative one) says why, as the scan found it.
         for r in reasons.iter_mut().filter(|_| shown) {
             if let Reason::OutputMissing(p) = r {
                 let path = self.workdir.join(&*p);
-                if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+                let Ok(meta) = fs::symlink_metadata(&path) else {
+                    continue;
+                };
+                let target_gone =
+                    || fs::metadata(&path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
+                let scanned = self
+                    .g
+                    .by_path
+                    .get(&self.g.files, p)
+                    .map(|f| &self.now[f.idx()]);
+                if meta.file_type().is_symlink() && target_gone() {
                     *r = Reason::OutputDangling(std::mem::take(p));
+                } else if let Some(Now::Error(why)) = scanned {
+                    *r = Reason::OutputUnusable {
+                        path: std::mem::take(p),
+                        why: why.clone(),
+                    };
                 }
             }
         }

@@ -405,6 +405,48 @@ command = "cat l/a.txt > out/r.txt"
     assert_noop(&d, n, &[]);
 }
 
+/// Regression: a `links` output replaced by hand with an absolute link to the same,
+/// existing target was explained as "a link whose target is missing" (by `-n --explain`,
+/// `--status` and a build's `--explain`). The reason now says what is wrong with it; the
+/// build makes the relative link again.
+#[test]
+fn a_link_replaced_by_an_absolute_one_is_explained_truly() {
+    let (d, n) = built_demo();
+    let link = enc_link(128, 1);
+    let job = link_job(&link, 128);
+    let root = d.path().canonicalize().expect("canonicalize");
+    let target = root.join("models_ar_n/ar128-cl4096/onnx/llama3.encodings");
+    assert_eq!(fs::canonicalize(d.join(&link)).ok(), Some(target.clone()));
+    fs::remove_file(d.join(&link)).expect("rm link");
+    symlink(&target, d.join(&link)).expect("symlink");
+    let want = format!(
+        "output {link} is an absolute symlink (-> {}); links inside the work folder must be relative so the folder can move",
+        target.display()
+    );
+    let dry = d.run(["-n", "--explain", "all"]);
+    dry.assert_ok();
+    let reasons = dry
+        .would_run_events()
+        .into_iter()
+        .find(|e| e["job"] == job.as_str())
+        .map(|e| e["reasons"].clone())
+        .unwrap_or_else(|| panic!("{job} would not run\n{dry}"));
+    assert_eq!(reasons, serde_json::json!([want]), "{dry}");
+    let status = d.qbuild(["--status"]).no_json().run();
+    assert!(status.stderr.contains(&want), "{status}");
+    assert!(!status.stderr.contains("target is missing"), "{status}");
+    let out = d.run(["--explain", "all"]);
+    out.assert_ok();
+    assert!(out.ran().contains(&job), "{out}");
+    assert!(out.stderr.contains(&want), "{out}");
+    assert_eq!(
+        read_link(&d, &link),
+        PathBuf::from("../onnx/llama3.encodings"),
+        "the relative link is made again"
+    );
+    assert_noop(&d, n, &[]);
+}
+
 #[test]
 fn links_pointing_outside_the_work_folder_are_refused_at_load() {
     let cases: [(&str, &str, &str); 5] = [
