@@ -780,12 +780,33 @@ impl<'s> Parser<'s> {
     }
 }
 
+/// Past the line-ending backslash at `r`, and the blanks and line ends after it, if there
+/// is one (such a backslash and what it trims decode to nothing).
+fn skip_continuation(b: &[u8], mut r: usize) -> Option<usize> {
+    if b.get(r) != Some(&b'\\') || !matches!(b.get(r + 1), Some(b' ' | b'\t' | b'\r' | b'\n')) {
+        return None;
+    }
+    r += 1;
+    while matches!(b.get(r), Some(b' ' | b'\t' | b'\r' | b'\n')) {
+        r += 1;
+    }
+    Some(r)
+}
+
 /// In the text of a TOML basic string as written, where byte `at` of its decoded value
 /// comes from (escapes such as `\"` or `\u00e9` are longer written than decoded).
 fn raw_offset(body: &str, at: usize) -> Option<usize> {
     let b = body.as_bytes();
     let (mut r, mut d) = (0, 0);
-    while d < at {
+    loop {
+        // A continuation decodes to nothing, so the decoded byte `at` comes after it: stop
+        // on the first byte it did not trim, not on its backslash.
+        while let Some(next) = skip_continuation(b, r) {
+            r = next;
+        }
+        if d >= at {
+            break;
+        }
         let c = *b.get(r)?;
         if c != b'\\' {
             let n = body[r..].chars().next()?.len_utf8();
@@ -800,13 +821,6 @@ fn raw_offset(body: &str, at: usize) -> Option<usize> {
                 let ch = char::from_u32(u32::from_str_radix(hex, 16).ok()?)?;
                 r += 2 + len;
                 d += ch.len_utf8();
-            }
-            b' ' | b'\t' | b'\r' | b'\n' => {
-                // A line-ending backslash: it and the blanks after it decode to nothing.
-                r += 1;
-                while matches!(b.get(r), Some(b' ' | b'\t' | b'\r' | b'\n')) {
-                    r += 1;
-                }
             }
             _ => {
                 r += 2;
@@ -900,5 +914,31 @@ pool = "quantize"
             span: 4..11,
         };
         assert_eq!(offset_in(&src, &s, 1), 6);
+    }
+
+    /// A `${` right after a line continuation is where the next line's text starts, not
+    /// on the backslash (which with the blanks it trims decodes to nothing).
+    #[test]
+    fn offsets_skip_line_continuations() {
+        for (text, value) in [
+            ("a = \"\"\"echo a \\\n      ${y}\"\"\"", "echo a ${y}"),
+            ("a = \"\"\"\\\n  \\\n\n\t${y}\"\"\"", "${y}"),
+            ("a = \"\"\"\necho \\  \r\n ${y}\"\"\"", "echo ${y}"),
+        ] {
+            let doc = DeTable::parse(text).expect("valid TOML");
+            let decoded = doc.get_ref().get("a").and_then(|v| v.get_ref().as_str());
+            assert_eq!(decoded, Some(value), "{text:?}");
+            let src = Source::new(Path::new("Q"), text.to_string());
+            let s = Str {
+                text: value.into(),
+                span: 4..text.len(),
+            };
+            let at = value.find("${").unwrap_or_default();
+            assert_eq!(
+                offset_in(&src, &s, at),
+                text.find("${").unwrap_or_default(),
+                "{text:?}"
+            );
+        }
     }
 }

@@ -808,6 +808,25 @@ fn escapes_a_bom_empty_matrices_and_env_defaults_are_checked() {
     assert_eq!(s.read_string("a.out"), "x\n");
 }
 
+/// After a `\` line continuation in a `"""` string, a `${` first on the next line was
+/// reported on the backslash (3:21), not where it is written.
+#[test]
+fn a_reference_after_a_line_continuation_is_placed_where_it_is_written() {
+    let q = format!(
+        "{HARMLESS}[rule.a]\noutputs = [\"x\"]\ncommand = \"\"\"echo a \\\n      ${{nope}}\"\"\"\n"
+    );
+    let err = refuse_at(&q, "unknown variable `nope`", "Qairtfile:7:7");
+    assert!(
+        err.contains("\n7 |       ${nope}\"\"\"\n  |       ^^^^^^^\n"),
+        "the caret under `${{nope}}`\n{err}"
+    );
+    // Two continuations in a row, the second on a line of its own.
+    let q = format!(
+        "{HARMLESS}[rule.a]\noutputs = [\"x\"]\ncommand = \"\"\"echo a \\\n  \\\n\n\t${{nope}}\"\"\"\n"
+    );
+    refuse_at(&q, "unknown variable `nope`", "Qairtfile:9:2");
+}
+
 /// `min_version` compares leading numbers: `2.x` is 2, older than 2.28 (it passed as newer
 /// than anything), and a version or `min_version` with no number is an error; a list variable in a `tools` path
 /// stands for one tool per item (it was joined into one path with a space).
