@@ -6,7 +6,7 @@ use std::path::Path;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use crate::diag::{closest, Diagnostic, Source};
+use crate::diag::{closest, Diagnostic, Location, Source};
 
 pub type Span = Range<usize>;
 
@@ -181,20 +181,59 @@ pub fn load(path: &Path, shown: &Path) -> Result<Qairtfile, Diagnostic> {
     }
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,
-        Err(e) => {
-            // Point at the first byte that is not UTF-8.
-            let at = e.utf8_error().valid_up_to();
-            let good = String::from_utf8_lossy(&e.as_bytes()[..at]).into_owned();
-            let line = good.matches('\n').count() + 1;
-            let column = good.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            return Err(Diagnostic::plain(format!(
-                "{}:{line}:{column}: the Qairtfile is not valid UTF-8 here",
-                shown.display()
-            ))
-            .with_hint("save it as UTF-8 text"));
-        }
+        Err(e) => return Err(not_utf8(shown, e.as_bytes(), e.utf8_error())),
     };
     parse(Source::new(shown, text))
+}
+
+/// The error for a Qairtfile that is not UTF-8, at its first bad byte and shown like every
+/// other (`-->`, the line, a caret), so `--json` has its place too. The line cannot be
+/// shown as text: its bytes that are not UTF-8 are written `\xFF`, and the caret
+/// underlines the first of them.
+fn not_utf8(shown: &Path, bytes: &[u8], e: std::str::Utf8Error) -> Diagnostic {
+    let at = e.valid_up_to();
+    let line_start = bytes[..at]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let line_end = bytes[at..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(bytes.len(), |i| at + i);
+    // A byte-order mark opens the first line but takes no column (as in `Source::locate`).
+    let bom = if line_start == 0 && bytes.starts_with("\u{feff}".as_bytes()) {
+        3
+    } else {
+        0
+    };
+    let shown_start = (line_start + bom).min(at);
+    let mut line_text = String::new();
+    for chunk in bytes[shown_start..line_end].utf8_chunks() {
+        line_text.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            line_text.push_str(&format!("\\x{b:02X}"));
+        }
+    }
+    if line_text.ends_with('\r') {
+        line_text.pop();
+    }
+    // Before `at` every byte is UTF-8, so the escaped line and the file agree up to there.
+    let column = String::from_utf8_lossy(&bytes[shown_start..at])
+        .chars()
+        .count()
+        + 1;
+    let bad = e.error_len().unwrap_or(bytes.len() - at).max(1);
+    Diagnostic {
+        message: "the Qairtfile is not valid UTF-8 here".into(),
+        location: Some(Location {
+            file: shown.to_path_buf(),
+            line: bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1,
+            column,
+            line_text,
+            width: 4 * bad,
+        }),
+        hint: Some("save it as UTF-8 text".into()),
+    }
 }
 
 /// Parse Qairtfile text; every error names file, line and column.

@@ -827,6 +827,42 @@ fn a_reference_after_a_line_continuation_is_placed_where_it_is_written() {
     refuse_at(&q, "unknown variable `nope`", "Qairtfile:9:2");
 }
 
+/// A Qairtfile that is not UTF-8 had its place only inside the message (no `-->`, no
+/// line, `"at":""` in `--json`); it is now shown like every other error, its bad bytes
+/// escaped rather than written raw to the terminal.
+#[test]
+fn a_qairtfile_that_is_not_utf8_is_located_like_any_error() {
+    let s = Space::new();
+    s.write("Qairtfile", b"a = \"\xff\"\n");
+    let out = s.run(["all"]);
+    out.assert_code(2).assert_error_event();
+    assert_eq!(out.events[0]["at"], "Qairtfile:1:6", "{out}");
+    assert_eq!(
+        out.stderr,
+        "error: the Qairtfile is not valid UTF-8 here
+ --> Qairtfile:1:6
+  |
+1 | a = \"\\xFF\"
+  |      ^^^^
+  = hint: save it as UTF-8 text
+"
+    );
+    // Further down, after a byte-order mark and text that is UTF-8: a lead byte that `(`
+    // cannot continue, and another bad byte after it.
+    s.write(
+        "Qairtfile",
+        b"\xef\xbb\xbf[vars]\nb = \"\xc3\xa9\xe2\x28 \xfe\"\r\n",
+    );
+    let out = s.run(["--check"]);
+    out.assert_code(2).assert_error_event();
+    assert!(
+        out.stderr
+            .contains(" --> Qairtfile:2:7\n  |\n2 | b = \"\u{e9}\\xE2( \\xFE\"\n  |       ^^^^\n"),
+        "{out}"
+    );
+    assert!(!out.stderr.contains('\u{fffd}'), "{out}");
+}
+
 /// `min_version` compares leading numbers: `2.x` is 2, older than 2.28 (it passed as newer
 /// than anything), and a version or `min_version` with no number is an error; a list variable in a `tools` path
 /// stands for one tool per item (it was joined into one path with a space).
