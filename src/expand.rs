@@ -591,7 +591,9 @@ impl<'a, 'g, 's> Eval<'a, 'g, 's> {
                     src.error(off..off + 6 + name.len(), msg)
                 };
                 match std::env::var(name) {
-                    Ok(v) => {
+                    // As in the shell, `:-` takes the default when the variable is set but
+                    // empty too (below): `QNN_SDK_ROOT=` must not make the SDK root "".
+                    Ok(v) if !v.is_empty() || default.is_none() => {
                         // The variables the default names must exist (and count as used)
                         // whatever the environment, so `--check` does not depend on it; the
                         // default itself is not needed (it may name an unset variable).
@@ -606,7 +608,7 @@ impl<'a, 'g, 's> Eval<'a, 'g, 's> {
                         ))
                         .with_hint("a Qairtfile's strings are UTF-8: set it to a UTF-8 value"));
                     }
-                    Err(std::env::VarError::NotPresent) => match default {
+                    Ok(_) | Err(std::env::VarError::NotPresent) => match default {
                         Some(d) => Val::scalar(&self.render(d, Mode::Scalar { quote: false })?),
                         None => {
                             return Err(here(format!("environment variable `{name}` is not set"))

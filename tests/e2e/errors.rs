@@ -965,6 +965,24 @@ fn rules_that_cannot_mean_what_they_say_are_refused() {
     assert_eq!(s.read_string("e"), "");
 }
 
+/// `${env:X:-default}` takes the default when X is set but empty, as the shell's `:-`
+/// does (`QNN_SDK_ROOT=` gave an SDK root of ""); `${env:X}` alone gives the empty value.
+#[test]
+fn an_empty_environment_variable_takes_its_default() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.o]\noutputs = [\"o\"]\ncommand = \"echo [${env:QBUILD_TEST_EMPTY:-sim-sdk}] [${env:QBUILD_TEST_EMPTY}] > o\"\n",
+    );
+    for (value, expected) in [("", "[sim-sdk] []\n"), ("sdk", "[sdk] [sdk]\n")] {
+        s.qbuild(["all"])
+            .env("QBUILD_TEST_EMPTY", value)
+            .run()
+            .assert_ok();
+        assert_eq!(s.read_string("o"), expected, "QBUILD_TEST_EMPTY={value:?}");
+    }
+}
+
 /// An environment variable set to bytes that are not UTF-8 is said to be so, not "not set"
 /// (and its default is not taken in silence).
 #[test]
