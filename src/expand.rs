@@ -1087,8 +1087,22 @@ fn instance_label(rule: &RuleDef, assignment: &[(Rc<str>, Rc<str>)]) -> String {
 /// Check and normalise a path qbuild will write: inside the work folder, not in `.qbuild/`.
 fn output_path(src: &Source, s: &Str, p: &str, what: &str) -> Result<String, Diagnostic> {
     let n = normalize(p);
-    if p.is_empty() || n == "." {
-        return Err(src.error(s.span.clone(), format!("an {what} path is empty")));
+    if p.is_empty() {
+        let a = if what.starts_with(['a', 'e', 'i', 'o', 'u']) {
+            "an"
+        } else {
+            "a"
+        };
+        return Err(src.error(s.span.clone(), format!("{a} {what} path is empty")));
+    }
+    // `.` (or `a/..`) is not empty: it names the work folder, which no job may write.
+    if n == "." {
+        return Err(src
+            .error(
+                s.span.clone(),
+                format!("{what} `{p}` is the work folder itself"),
+            )
+            .with_hint("name a file or folder inside the work folder"));
     }
     if n.starts_with('/') || n == ".." || n.starts_with("../") {
         return Err(src

@@ -1025,6 +1025,42 @@ command = "echo ${tag} > ${outputs}"
     assert_eq!(s.read_string("s17"), "other\n");
 }
 
+/// An empty link path was "an link path is empty", and `.` (not empty: the work folder)
+/// was called empty too, for outputs as for links.
+#[test]
+fn an_output_or_link_that_is_empty_or_the_work_folder_is_named_so() {
+    for (q, message, position) in [
+        (
+            "[rule.r]\nlinks = [{ link = \"\", to = \"a\" }]\n",
+            "a link path is empty",
+            "Qairtfile:5:19",
+        ),
+        (
+            "[rule.r]\nlinks = [{ link = \".\", to = \"a\" }]\n",
+            "link `.` is the work folder itself",
+            "Qairtfile:5:19",
+        ),
+        (
+            "[rule.r]\noutputs = [\"\"]\ncommand = \"true\"\n",
+            "an output path is empty",
+            "Qairtfile:5:12",
+        ),
+        (
+            "[rule.r]\noutputs = [\"sub/..\"]\ncommand = \"true\"\n",
+            "output `sub/..` is the work folder itself",
+            "Qairtfile:5:12",
+        ),
+    ] {
+        let err = refuse_at(&format!("{HARMLESS}{q}"), message, position);
+        if message.contains("itself") {
+            assert!(
+                err.ends_with("= hint: name a file or folder inside the work folder\n"),
+                "{err}"
+            );
+        }
+    }
+}
+
 /// An environment variable set to bytes that are not UTF-8 is said to be so, not "not set"
 /// (and its default is not taken in silence).
 #[test]
