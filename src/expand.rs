@@ -1294,6 +1294,43 @@ fn matches(
     Ok(true)
 }
 
+/// Refuse `rule` at `span` when its `adding` jobs (None: more than a usize counts; `links`:
+/// counted with its link jobs) take the Qairtfile past `MAX_JOBS`, `before` of them made by
+/// the rules above it. The cap is on
+/// all rules together, as the memory is: when the rule alone is under it, the message says
+/// so, rather than blame the rule for a count it does not have.
+fn job_cap(
+    src: &Source,
+    rule: &RuleDef,
+    span: std::ops::Range<usize>,
+    before: usize,
+    adding: Option<usize>,
+    links: bool,
+) -> Result<(), Diagnostic> {
+    let name = &rule.name.text;
+    let note = if links { " (each link is one)" } else { "" };
+    match adding {
+        Some(n) if before.saturating_add(n) <= MAX_JOBS => Ok(()),
+        Some(n) if n <= MAX_JOBS => Err(src
+            .error(
+                span,
+                format!("rule `{name}` takes the Qairtfile past {MAX_JOBS} jobs{note}"),
+            )
+            .with_hint(format!(
+                "the rules above it make {before} jobs, and {}: the limit is on all rules together",
+                if links {
+                    format!("with its links it makes {n}")
+                } else {
+                    format!("its matrix has {n} instances")
+                }
+            ))),
+        _ => Err(src.error(
+            span,
+            format!("rule `{name}` expands to more than {MAX_JOBS} jobs{note}"),
+        )),
+    }
+}
+
 // Boxed specs (see `Model::jobs`): the graph takes them over one by one, never holding a
 // second buffer of every spec.
 #[allow(clippy::vec_box)]
@@ -1330,15 +1367,9 @@ fn expand_rule<'a>(
     let total = axes
         .iter()
         .try_fold(1usize, |acc, (_, v)| acc.checked_mul(v.len()));
-    if total.is_none_or(|t| t.saturating_add(jobs.len()) > MAX_JOBS) {
-        return Err(src.error(
-            rule.name.span.clone(),
-            format!(
-                "rule `{}` expands to more than {MAX_JOBS} jobs",
-                rule.name.text
-            ),
-        ));
-    }
+    // Before any instance is made: the jobs of the rules above and this rule's count.
+    let jobs_before = jobs.len();
+    job_cap(src, rule, rule.name.span.clone(), jobs_before, total, false)?;
     let pool = match &rule.pool {
         None => None,
         Some(p) => match pools.iter().position(|x| x.name == p.text) {
@@ -1399,7 +1430,6 @@ fn expand_rule<'a>(
         .map(|d| parse_template(src, d))
         .transpose()?;
 
-    let jobs_before = jobs.len();
     let mut idx = vec![0usize; axes.len()];
     let total = total.unwrap_or(0);
     // Exactly: a doubled buffer would be idle memory for the whole run.
@@ -1491,15 +1521,14 @@ fn expand_rule<'a>(
                         ),
                     ));
                 }
-                if jobs.len().saturating_add(links.len()) > MAX_JOBS {
-                    return Err(src.error(
-                        lt.str.span.clone(),
-                        format!(
-                            "rule `{}` expands to more than {MAX_JOBS} jobs (each link is one)",
-                            rule.name.text
-                        ),
-                    ));
-                }
+                job_cap(
+                    src,
+                    rule,
+                    lt.str.span.clone(),
+                    jobs_before,
+                    Some((jobs.len() - jobs_before).saturating_add(links.len())),
+                    true,
+                )?;
                 for (k, l) in links.iter().enumerate() {
                     let link = output_path(src, &lt.str, l, "link")?;
                     let to_raw = &tos[if tos.len() == 1 { 0 } else { k }];
@@ -1763,7 +1792,58 @@ fn names_exist(
 
 #[cfg(test)]
 mod tests {
-    use super::integer;
+    use super::{integer, job_cap, MAX_JOBS};
+    use crate::diag::Source;
+    use crate::qairtfile::parse;
+
+    /// Six rules of 2200 × 2200 instances (the fuzzer's case) are each under the cap, and
+    /// together far over it: the second is refused, at its name, before it is expanded
+    /// (the counts are the matrix sizes, so this test makes no jobs), and the message says
+    /// it is the total, not that rule, that is too many. A rule over the cap alone keeps
+    /// the message it had.
+    #[test]
+    fn the_job_cap_is_on_all_rules_together() {
+        let mut text = String::from("[vars]\ns = { range = [1, 2200] }\n");
+        for i in 1..=6 {
+            text.push_str(&format!(
+                "[rule.r{i}]\nmatrix = {{ a = \"${{s}}\", b = \"${{s}}\" }}\noutputs = [\"o{i}/${{a}}/${{b}}\"]\ncommand = \"true\"\n"
+            ));
+        }
+        let q = parse(Source::new(std::path::Path::new("Qairtfile"), text)).expect("parses");
+        let each = 2200 * 2200;
+        assert!(each < MAX_JOBS && 2 * each > MAX_JOBS);
+        let r = &q.rules;
+        let cap = |i: usize, before, adding, links| {
+            job_cap(
+                &q.source,
+                &r[i],
+                r[i].name.span.clone(),
+                before,
+                adding,
+                links,
+            )
+        };
+        assert!(cap(0, 0, Some(each), false).is_ok());
+        let e = cap(1, each, Some(each), false).expect_err("the total is over the cap");
+        assert_eq!(e.message, "rule `r2` takes the Qairtfile past 5000000 jobs");
+        assert_eq!(e.position(), "Qairtfile:7:7");
+        assert_eq!(
+            e.hint.as_deref(),
+            Some("the rules above it make 4840000 jobs, and its matrix has 4840000 instances: the limit is on all rules together")
+        );
+        // Exactly at the cap is fine; one more is not.
+        assert!(cap(1, MAX_JOBS - each, Some(each), false).is_ok());
+        assert!(cap(1, MAX_JOBS - each + 1, Some(each), false).is_err());
+        let e = cap(1, each, Some(each), true).expect_err("over, with links");
+        assert_eq!(
+            e.message,
+            "rule `r2` takes the Qairtfile past 5000000 jobs (each link is one)"
+        );
+        for adding in [Some(MAX_JOBS + 1), None] {
+            let e = cap(0, 0, adding, false).expect_err("one rule over the cap");
+            assert_eq!(e.message, "rule `r1` expands to more than 5000000 jobs");
+        }
+    }
 
     #[test]
     fn integers_are_read_as_toml_writes_them() {
