@@ -782,7 +782,7 @@ impl<'a, 'g, 's> Eval<'a, 'g, 's> {
 
     fn value(&mut self, raw: &RawValue) -> Result<Val, Diagnostic> {
         match raw {
-            RawValue::Scalar(s) | RawValue::Int(s, _) => {
+            RawValue::Scalar(s) => {
                 let tpl = self.g.template(s)?;
                 // A string that is exactly one reference takes that variable's value, list or not.
                 if let [Seg::Ref {
@@ -817,9 +817,6 @@ impl<'a, 'g, 's> Eval<'a, 'g, 's> {
             }
             RawValue::Range(from, to, span) => {
                 let bound = |e: &mut Self, v: &RawValue| -> Result<i64, Diagnostic> {
-                    if let RawValue::Int(_, n) = v {
-                        return Ok(*n);
-                    }
                     // One value (a one-item list too, as `"${n}"` with `n = [4]` gives).
                     let items = e.value(v)?.items();
                     let [s] = items.as_slice() else {
@@ -828,7 +825,7 @@ impl<'a, 'g, 's> Eval<'a, 'g, 's> {
                             .src
                             .error(v.span(), "a range bound must be one integer, not a list"));
                     };
-                    integer(s).ok_or_else(|| {
+                    s.trim().parse::<i64>().map_err(|_| {
                         e.g.src
                             .error(v.span(), format!("range bound `{s}` is not an integer"))
                     })
@@ -1211,58 +1208,6 @@ pub fn relative_link(link: &str, to: &str) -> String {
     parts.join("/")
 }
 
-/// The value of an integer written as TOML writes one (`0x10`, `0o755`, `0b11`, `1_000`,
-/// `+5`) or as plain decimal text: what a range bound or a condition sees of a number,
-/// now that a number is used in strings as written.
-fn integer(s: &str) -> Option<i64> {
-    let s = s.trim();
-    if let Ok(n) = s.parse::<i64>() {
-        return Some(n);
-    }
-    let (neg, body) = match s.strip_prefix('-') {
-        Some(b) => (true, b),
-        None => (false, s.strip_prefix('+').unwrap_or(s)),
-    };
-    let (radix, digits) = match body.get(..2) {
-        Some("0x") => (16, &body[2..]),
-        Some("0o") => (8, &body[2..]),
-        Some("0b") => (2, &body[2..]),
-        _ => (10, body),
-    };
-    // `_` only between digits, as in TOML; no second sign.
-    if digits.is_empty()
-        || digits.starts_with(['_', '+', '-'])
-        || digits.ends_with('_')
-        || digits.contains("__")
-    {
-        return None;
-    }
-    let n = i64::from_str_radix(&digits.replace('_', ""), radix).ok()?;
-    if neg {
-        n.checked_neg()
-    } else {
-        Some(n)
-    }
-}
-
-/// Whether the matrix value `cur` is `v` (or one of its items). An integer matches by value
-/// too: `{ split = 0x2 }` or `{ n = 1_000 }` must still match the `2` or `1000` a range
-/// gives, as when integers were used as decimals.
-fn condition_holds(e: &mut Eval<'_, '_, '_>, v: &RawValue, cur: &str) -> Result<bool, Diagnostic> {
-    match v {
-        RawValue::Int(s, n) => Ok(s.text == cur || integer(cur) == Some(*n)),
-        RawValue::List(items, _) => {
-            // Every item, even past a match, as before: a typo in the last is still found.
-            let mut hit = false;
-            for i in items {
-                hit |= condition_holds(e, i, cur)?;
-            }
-            Ok(hit)
-        }
-        _ => Ok(e.value(v)?.items().iter().any(|x| x == cur)),
-    }
-}
-
 fn matches(
     e: &mut Eval<'_, '_, '_>,
     cond: &Condition,
@@ -1287,7 +1232,7 @@ fn matches(
                 )),
             });
         };
-        if !condition_holds(e, v, cur)? {
+        if !e.value(v)?.items().iter().any(|x| **x == **cur) {
             return Ok(false);
         }
     }
@@ -1741,7 +1686,7 @@ fn value_templates(
     out: &mut Vec<Rc<Template>>,
 ) -> Result<(), Diagnostic> {
     match v {
-        RawValue::Scalar(s) | RawValue::Int(s, _) => out.push(g.template(s)?),
+        RawValue::Scalar(s) => out.push(g.template(s)?),
         RawValue::List(items, _) => {
             for i in items {
                 value_templates(g, i, out)?;
@@ -1792,7 +1737,7 @@ fn names_exist(
 
 #[cfg(test)]
 mod tests {
-    use super::{integer, job_cap, MAX_JOBS};
+    use super::{job_cap, MAX_JOBS};
     use crate::diag::Source;
     use crate::qairtfile::parse;
 
@@ -1845,30 +1790,4 @@ mod tests {
         }
     }
 
-    #[test]
-    fn integers_are_read_as_toml_writes_them() {
-        for (text, value) in [
-            ("16", Some(16)),
-            (" -3 ", Some(-3)),
-            ("+5", Some(5)),
-            ("0x10", Some(16)),
-            ("0o755", Some(493)),
-            ("0b11", Some(3)),
-            ("1_000", Some(1000)),
-            ("0xdead_BEEF", Some(0xdead_beef)),
-            ("-9223372036854775808", Some(i64::MIN)),
-            ("1__0", None),
-            ("_1", None),
-            ("1_", None),
-            ("0x", None),
-            ("0x+1", None),
-            ("+-1", None),
-            ("0o8", None),
-            ("1.5", None),
-            ("", None),
-            ("9223372036854775808", None),
-        ] {
-            assert_eq!(integer(text), value, "{text:?}");
-        }
-    }
 }

@@ -21,9 +21,6 @@ pub struct Str {
 #[derive(Debug, Clone)]
 pub enum RawValue {
     Scalar(Str),
-    /// An integer: its text as written (`0o755`, `1_000`), which is what a string it is
-    /// used in gets, and its value, for what counts (range bounds, `exclude` and `when`).
-    Int(Str, i64),
     List(Vec<RawValue>, Span),
     Range(Box<RawValue>, Box<RawValue>, Span),
 }
@@ -31,7 +28,7 @@ pub enum RawValue {
 impl RawValue {
     pub fn span(&self) -> Span {
         match self {
-            RawValue::Scalar(s) | RawValue::Int(s, _) => s.span.clone(),
+            RawValue::Scalar(s) => s.span.clone(),
             RawValue::List(_, sp) | RawValue::Range(_, _, sp) => sp.clone(),
         }
     }
@@ -483,7 +480,7 @@ impl<'s> Parser<'s> {
     /// A string, or a number/float written bare (`min_version = 2.28`), as text.
     fn scalar_text(&self, v: &V<'_>, what: &str) -> Result<Str, Diagnostic> {
         match self.value(v)? {
-            RawValue::Scalar(s) | RawValue::Int(s, _) => Ok(s),
+            RawValue::Scalar(s) => Ok(s),
             _ => Err(self.err(&v.span(), format!("{what} must be a string"))),
         }
     }
@@ -516,8 +513,6 @@ impl<'s> Parser<'s> {
                 span: v.span(),
             }))
         };
-        // A number is used as its text: the token as written, not a reformatting of it.
-        let written = || self.src.text.get(v.span()).map(str::to_string);
         match v.get_ref() {
             DeValue::String(s) => {
                 self.no_nul(v, s)?;
@@ -525,17 +520,11 @@ impl<'s> Parser<'s> {
             }
             DeValue::Integer(i) => {
                 match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
-                    Ok(n) => Ok(RawValue::Int(
-                        Str {
-                            text: written().unwrap_or_else(|| n.to_string()),
-                            span: v.span(),
-                        },
-                        n,
-                    )),
+                    Ok(n) => scalar(n.to_string()),
                     Err(_) => Err(self.err(&v.span(), "integer out of range")),
                 }
             }
-            DeValue::Float(f) => scalar(written().unwrap_or_else(|| f.as_str().to_string())),
+            DeValue::Float(f) => scalar(f.as_str().to_string()),
             DeValue::Boolean(b) => scalar(b.to_string()),
             DeValue::Datetime(d) => scalar(d.to_string()),
             DeValue::Array(a) => {

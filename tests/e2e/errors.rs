@@ -983,48 +983,6 @@ fn an_empty_environment_variable_takes_its_default() {
     }
 }
 
-/// A number is used as its text, as written: `mode = 0o755` gave `493` in a command,
-/// `0x10` gave `16` and `1_000` gave `1000`. Where the value counts it is still the value:
-/// range bounds (written, or through a variable), and `exclude`/`when`, where `0x2`
-/// matches the `2` of a range and `16` matches a matrix value written `0x10`.
-#[test]
-fn numbers_are_used_as_written() {
-    let s = Space::new();
-    s.write(
-        "Qairtfile",
-        r#"[vars]
-mode = 0o755
-hex = 0x10
-big = 1_000
-plus = +5
-bin = 0b11
-f = 1_0.5e1
-lo = 0x1
-[rule.r]
-matrix = { n = { range = ["${lo}", 0b11] } }
-exclude = [{ n = 0x2 }]
-outputs = ["o${n}"]
-command = "echo ${mode} ${hex} ${big} ${plus} ${bin} ${f} ${n} > ${outputs}"
-[rule.s]
-matrix = { v = [0x10, 17] }
-case = [{ when = { v = [1_6, 99] }, let = { tag = "sixteen" } }]
-let = { tag = "other" }
-outputs = ["s${v}"]
-command = "echo ${tag} > ${outputs}"
-"#,
-    );
-    s.run(["all"]).assert_ok();
-    assert_eq!(
-        s.files(),
-        ["Qairtfile", "o1", "o3", "s0x10", "s17"],
-        "n = 2 excluded by `n = 0x2`"
-    );
-    assert_eq!(s.read_string("o1"), "0o755 0x10 1_000 +5 0b11 1_0.5e1 1\n");
-    assert_eq!(s.read_string("o3"), "0o755 0x10 1_000 +5 0b11 1_0.5e1 3\n");
-    assert_eq!(s.read_string("s0x10"), "sixteen\n");
-    assert_eq!(s.read_string("s17"), "other\n");
-}
-
 /// An empty link path was "an link path is empty", and `.` (not empty: the work folder)
 /// was called empty too, for outputs as for links.
 #[test]
