@@ -1789,5 +1789,4 @@ mod tests {
             assert_eq!(e.message, "rule `r1` expands to more than 5000000 jobs");
         }
     }
-
 }

@@ -519,10 +519,25 @@ impl<'s> Parser<'s> {
                 scalar(s.to_string())
             }
             DeValue::Integer(i) => {
-                match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
-                    Ok(n) => scalar(n.to_string()),
-                    Err(_) => Err(self.err(&v.span(), "integer out of range")),
+                let n = i64::from_str_radix(&i.as_str().replace('_', ""), i.radix())
+                    .map_err(|_| self.err(&v.span(), "integer out of range"))?;
+                // A string gets a number's decimal value; for `0o755` that is `493`, which a
+                // `chmod ${mode}` would take in silence, and `0o755` as text is no number
+                // to most tools either. Neither is what was meant: refused.
+                if i.radix() != 10 {
+                    let written = self.src.text.get(v.span()).unwrap_or_default();
+                    return Err(self
+                        .err(
+                            &v.span(),
+                            format!(
+                                "`{written}` is not a decimal integer: a string would get its value, {n}"
+                            ),
+                        )
+                        .with_hint(format!(
+                            "write `{n}` for the value, or the string \"{written}\" for the text"
+                        )));
                 }
+                scalar(n.to_string())
             }
             DeValue::Float(f) => scalar(f.as_str().to_string()),
             DeValue::Boolean(b) => scalar(b.to_string()),

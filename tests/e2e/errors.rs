@@ -983,6 +983,33 @@ fn an_empty_environment_variable_takes_its_default() {
     }
 }
 
+/// An integer written in hex, octal or binary is refused: a string got its decimal value,
+/// so `chmod ${mode}` with `mode = 0o755` ran `chmod 493` in silence. Decimal integers,
+/// with `_` or `+`, still give their value.
+#[test]
+fn a_number_not_written_in_decimal_is_refused() {
+    for (written, value, column) in [("0o755", 493, 8), ("0x10", 16, 8), ("0b11", 3, 8)] {
+        let err = refuse_at(
+            &format!("{HARMLESS}[vars]\nmode = {written}\n[rule.r]\noutputs = [\"o\"]\ncommand = \"chmod ${{mode}} o\"\n"),
+            &format!("`{written}` is not a decimal integer: a string would get its value, {value}"),
+            &format!("Qairtfile:5:{column}"),
+        );
+        assert!(
+            err.contains(&format!(
+                "hint: write `{value}` for the value, or the string \"{written}\" for the text"
+            )),
+            "{err}"
+        );
+    }
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[vars]\nbig = 1_000\nplus = +5\n[rule.r]\noutputs = [\"o\"]\ncommand = \"echo ${big} ${plus} > o\"\n",
+    );
+    s.run(["all"]).assert_ok();
+    assert_eq!(s.read_string("o"), "1000 5\n");
+}
+
 /// An empty link path was "an link path is empty", and `.` (not empty: the work folder)
 /// was called empty too, for outputs as for links.
 #[test]
