@@ -25,9 +25,9 @@ pub struct Args {
         default_value = "Qairtfile"
     )]
     pub file: PathBuf,
-    /// Change to DIR before doing anything.
-    #[arg(short = 'C', value_name = "DIR")]
-    pub dir: Option<PathBuf>,
+    /// Change to DIR before doing anything (each -C relative to the one before, as in make).
+    #[arg(short = 'C', value_name = "DIR", action = clap::ArgAction::Append)]
+    pub dir: Vec<PathBuf>,
     /// Run N jobs at once, N >= 1 (default: the number of CPUs).
     #[arg(short = 'j', long = "jobs", value_name = "N", value_parser = jobs)]
     pub jobs: Option<std::num::NonZeroUsize>,

@@ -550,8 +550,16 @@ pub(crate) fn open_state_unless_busy(
     wait: bool,
 ) -> Result<Result<(lock::Lock, db::Db), String>, Diagnostic> {
     let state_dir = state_dir(workdir);
-    std::fs::create_dir_all(&state_dir)
-        .map_err(|e| Diagnostic::plain(format!("cannot create {}: {e}", state_dir.display())))?;
+    std::fs::create_dir_all(&state_dir).map_err(|e| {
+        match std::fs::symlink_metadata(&state_dir) {
+            Ok(m) if !m.is_dir() => Diagnostic::plain(format!(
+                "{} is not a folder, so qbuild cannot keep its state there",
+                state_dir.display()
+            ))
+            .with_hint("move that file away (qbuild makes the folder itself)"),
+            _ => Diagnostic::plain(format!("cannot create {}: {e}", state_dir.display())),
+        }
+    })?;
     let lock = match lock::acquire(&state_dir, wait) {
         Ok(l) => l,
         Err(lock::LockError::Busy(who)) => return Ok(Err(who)),
@@ -600,7 +608,7 @@ fn logical_dir(d: &Path) -> Option<String> {
 
 fn run_args(args: cli::Args) -> Result<i32, Diagnostic> {
     // -C first: like make and ninja, every other path is then relative to DIR.
-    if let Some(d) = &args.dir {
+    for d in &args.dir {
         let logical = logical_dir(d);
         std::env::set_current_dir(d)
             .map_err(|e| Diagnostic::plain(format!("-C {}: {e}", d.display())))?;

@@ -757,6 +757,22 @@ fn a_target_path_relative_to_the_dash_c_folder() {
     out.assert_ok().assert_ran(&cat.needs_of_bin(3));
 }
 
+/// Regression: `-C a -C b` went to `b` from the starting folder (the last -C won, as for
+/// other repeated options); make and ninja apply each relative to the one before.
+#[test]
+fn repeated_dash_c_folders_are_taken_one_after_another() {
+    let s = Space::new();
+    s.write(
+        "t1/a/Qairtfile",
+        "[rule.a]\noutputs = [\"o\"]\ncommand = \"echo > o\"\n",
+    );
+    s.run(["-C", "t1", "-C", "a"])
+        .assert_ok()
+        .assert_ran(&["a".to_string()].into());
+    assert!(s.exists("t1/a/o"));
+    assert!(s.exists("t1/a/.qbuild"));
+}
+
 #[test]
 fn a_rule_name_target_runs_its_instances_and_their_upstream() {
     let cat = Catalog::of_demo();

@@ -610,6 +610,24 @@ fn a_work_folder_path_that_is_not_utf8_is_named_as_such() {
     assert!(!odd.join("ran.txt").exists());
 }
 
+/// Regression: a file named `.qbuild` in the work folder gave "cannot create .../.qbuild:
+/// File exists", which names no cause a user can act on.
+#[test]
+fn a_file_where_the_state_folder_goes_is_named() {
+    let s = Space::new();
+    s.write("Qairtfile", HARMLESS).write(".qbuild", "mine\n");
+    let out = s.run(["all"]);
+    out.assert_code(2);
+    out.assert_error_event();
+    assert!(
+        out.stderr
+            .contains("/.qbuild is not a folder, so qbuild cannot keep its state there"),
+        "{out}"
+    );
+    assert_eq!(s.read_string(".qbuild"), "mine\n");
+    assert!(!s.exists("ran.txt"));
+}
+
 /// Regression: arguments clap refused printed its message but no `--json` event, so a
 /// script reading the events saw nothing at all before exit status 2.
 #[test]
