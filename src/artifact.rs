@@ -131,18 +131,6 @@ impl<'a> Artifacts<'a> {
             .map(Some)
     }
 
-    /// The content hash of the entry at `path` (see `hash_art`).
-    fn hash_with_meta(
-        &self,
-        key: &str,
-        path: &Path,
-        meta: &fs::Metadata,
-        walking: &mut Vec<(u64, u64)>,
-        hint: Option<Option<&StatEntry>>,
-    ) -> io::Result<Hash> {
-        Ok(self.hash_art(key, path, meta, walking, hint)?.content)
-    }
-
     /// Both hashes of the entry at `path`, `meta` its `lstat`. `walking`: the (device,
     /// inode) of the folders being hashed above this entry, and one entry per link followed,
     /// so that a link back into a folder being walked is caught at once rather than after
@@ -305,7 +293,9 @@ impl<'a> Artifacts<'a> {
         let th = match target_meta {
             Ok(tm) => {
                 walking.push((0, 0));
-                let h = self.hash_with_meta(&target_key, &target, &tm, walking, None)?;
+                let h = self
+                    .hash_art(&target_key, &target, &tm, walking, None)?
+                    .content;
                 walking.pop();
                 Some(h)
             }
