@@ -523,7 +523,20 @@ impl Graph {
                 }
                 continue;
             }
-            if let Some(f) = self.lookup_path(&t, cwd, workdir) {
+            // A path written in the Qairtfile (`default`, an alias) is the work folder's,
+            // wherever qbuild runs from.
+            let base = if span.is_some() { workdir } else { cwd };
+            let found = self.lookup_path(&t, base, workdir);
+            // A file inside a folder a job writes (named as another job's input, or not in
+            // the graph at all): that job makes it.
+            if let Some(j) = found
+                .and_then(|f| self.files[f.idx()].producer)
+                .or_else(|| self.folder_producer(&t, base, workdir))
+            {
+                out.push(j);
+                continue;
+            }
+            if let Some(f) = found {
                 match self.files[f.idx()].producer {
                     Some(j) => out.push(j),
                     None => {
@@ -585,6 +598,33 @@ impl Graph {
             (!explicit)
                 .then(|| self.by_path.get(&self.files, &crate::expand::normalize(t)))
                 .flatten()
+        })
+    }
+
+    /// The job whose folder output holds the target path `t` (relative to `cwd`, else to
+    /// the work folder), if one does.
+    fn folder_producer(&self, t: &str, cwd: &Path, workdir: &Path) -> Option<JobId> {
+        let wd = crate::expand::normalize(&workdir.to_string_lossy());
+        let abs = crate::expand::normalize(&cwd.join(t).to_string_lossy());
+        let from_cwd = abs
+            .strip_prefix(&wd)
+            .and_then(|r| r.strip_prefix('/'))
+            .map(str::to_string);
+        let explicit = Path::new(t).is_absolute() || t.starts_with("./") || t.starts_with("../");
+        let from_top = (!explicit).then(|| crate::expand::normalize(t));
+        [from_cwd, from_top].into_iter().flatten().find_map(|rel| {
+            let mut at = rel.as_str();
+            while let Some(i) = at.rfind('/') {
+                at = &at[..i];
+                if let Some(j) = self
+                    .by_path
+                    .get(&self.files, at)
+                    .and_then(|f| self.files[f.idx()].producer)
+                {
+                    return Some(j);
+                }
+            }
+            None
         })
     }
 

@@ -731,6 +731,56 @@ fn a_current_folder_path_wins_over_the_same_path_at_the_top() {
     assert_eq!(s.read_string("b"), "top\n", "the other `b` is kept");
 }
 
+/// A file inside a folder output, as a target: the folder's job makes it. It was "a source
+/// that does not exist" when another job named it as an input, and once built, "nothing to
+/// do" however stale; not named anywhere, an unknown target.
+#[test]
+fn a_target_inside_a_folder_output_builds_the_folders_job() {
+    let s = Space::new();
+    let qairtfile = "[rule.mk]\noutputs = [\"d\"]\ncommand = \"mkdir -p d && echo x > d/plain && echo x > d/other\"\n\
+         [rule.rd]\ninputs = [\"d/plain\"]\noutputs = [\"r.txt\"]\ncommand = \"cat d/plain > r.txt\"\n";
+    s.write("Qairtfile", qairtfile);
+    let mk = ["mk".to_string()].into();
+    s.run(["d/plain"]).assert_ok().assert_ran(&mk);
+    s.write("Qairtfile", qairtfile.replace("echo x", "echo y"));
+    s.run(["d/other"]).assert_ok().assert_ran(&mk);
+    assert_eq!(s.read_string("d/plain"), "y\n");
+    s.run(["d/plain"]).assert_nothing_ran(1);
+    s.write("Qairtfile", qairtfile);
+    s.mkdir("sub");
+    let out = s
+        .qbuild(["-f", "../Qairtfile", "../d/plain"])
+        .cwd("sub")
+        .run();
+    out.assert_ok().assert_ran(&mk);
+}
+
+/// Targets written in the Qairtfile (`default`, aliases) name the work folder's paths, run
+/// from anywhere; only command-line paths are read from the current folder first.
+#[test]
+fn targets_written_in_the_qairtfile_are_the_work_folders() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "default = [\"b\"]\n[alias]\nal = [\"./b\"]\n\
+         [rule.rtop]\noutputs = [\"b\"]\ncommand = \"echo top > b\"\n\
+         [rule.rsub]\noutputs = [\"sub/b\"]\ncommand = \"echo sub > sub/b\"\n",
+    );
+    s.mkdir("sub");
+    let from_sub = |args: &[&str]| {
+        let mut all = vec!["-f", "../Qairtfile"];
+        all.extend_from_slice(args);
+        s.qbuild(all).cwd("sub").run()
+    };
+    from_sub(&[])
+        .assert_ok()
+        .assert_ran(&["rtop".to_string()].into());
+    assert!(!s.exists("sub/b"));
+    from_sub(&["al"]).assert_nothing_ran(1);
+    from_sub(&["--clean", "al"]).assert_ok();
+    assert!(!s.exists("b"));
+}
+
 /// `-C DIR` changes the current folder before anything else (as with make and ninja), so
 /// a target path is relative to DIR, as the `-f` path is.
 #[test]
