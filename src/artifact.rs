@@ -320,6 +320,15 @@ impl<'a> Artifacts<'a> {
 }
 
 impl Artifacts<'_> {
+    /// The key of the file the link at key `rel`, whose text is `text`, leads to (see
+    /// `target_key`).
+    pub fn link_target_key(&self, rel: &str, text: &Path) -> String {
+        let path = self.fs_path(rel);
+        let target = path.parent().unwrap_or(Path::new("/")).join(text);
+        let meta = fs::symlink_metadata(&target).ok();
+        self.target_key(&target, text, meta.as_ref())
+    }
+
     /// The key of the file a link's `text` leads to (`target`: the link's folder joined
     /// with the text; `meta`: the target's, if it exists). A `..` is resolved as the kernel
     /// does, from where the folders before it lead (`sub/../d` with `sub` a link goes up

@@ -927,8 +927,9 @@ impl Work<'_> {
             let Ok(text) = fs::read_link(self.workdir.join(rel)) else {
                 continue;
             };
-            let beside = Path::new(rel).parent().unwrap_or(Path::new(""));
-            let target = crate::expand::normalize(&beside.join(&text).to_string_lossy());
+            // Where the kernel leads it (a `..` after a linked folder is not textual).
+            let arts = Artifacts::new(&self.workdir, &self.db_state.stat, &self.stats);
+            let target = arts.link_target_key(rel, &text);
             let Some(t) = g.by_path.get(&g.files, &target) else {
                 continue;
             };

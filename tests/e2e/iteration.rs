@@ -3321,6 +3321,48 @@ command = "wc -c big.bin > b.txt"
     }
 }
 
+/// The same, for a link whose text goes up after a linked folder (`d/../real.txt`, with
+/// `d` a link to `t/sub`): its content follows the file the kernel leads it to (`t/real.txt`),
+/// not the work folder's `real.txt` its text reads as. The reader stayed stale one build.
+#[test]
+fn a_command_made_link_with_dot_dot_follows_the_file_the_kernel_finds() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.t]
+inputs = ["src.txt"]
+outputs = ["t/real.txt"]
+command = "cat src.txt > t/real.txt"
+[rule.l]
+inputs = ["t/real.txt"]
+outputs = ["lnk.txt"]
+command = "ln -sfn d/../real.txt lnk.txt"
+[rule.rd]
+inputs = ["lnk.txt"]
+outputs = ["rd.txt"]
+command = "cat lnk.txt > rd.txt"
+[rule.y]
+inputs = ["real.txt"]
+outputs = ["y.txt"]
+command = "cat real.txt > y.txt"
+"#,
+    )
+    .write("src.txt", "A\n")
+    .write("real.txt", "B\n");
+    s.mkdir("t/sub");
+    std::os::unix::fs::symlink("t/sub", s.join("d")).expect("symlink");
+    s.run(["all"]).assert_ok();
+    s.write("src.txt", "C\n");
+    s.run(["lnk.txt"]).assert_ok().assert_ran(&set(["t", "l"]));
+    s.write("real.txt", "A\n").write("t/real.txt", "junk\n");
+    s.run(["all"])
+        .assert_ok()
+        .assert_ran(&set(["t", "y", "rd"]));
+    assert_eq!(s.read_string("rd.txt"), "C\n", "as a clean build makes it");
+    s.run(["all"]).assert_nothing_ran(4);
+}
+
 /// A rule's `check` runs with the rule's `env` (it failed without it); reordering `env`
 /// keys changes nothing (a TOML table has no order; it reran the job); `-n` alone names
 /// each job it would run (it printed only the count).
