@@ -143,6 +143,8 @@ struct Done {
     /// Each output's stat before the job ran, for cleaning up after a failure.
     before: Vec<Option<StatKey>>,
     started: Instant,
+    /// The coarse clock as the command started (0: never started).
+    started_ns: i64,
     took: Duration,
 }
 
@@ -1288,8 +1290,15 @@ impl Work<'_> {
     /// recorded when it was written (a hand edit while its reader ran). Checked when a job
     /// finishes, so an edit saved while the build ran (and perhaps undone later) cannot
     /// leave a record that claims the old content. One stat per file input; a file is read
-    /// again only if it changed. (Files inside a folder input are not looked at.)
-    fn input_changed_during_build(&self, j: JobId, parts: &OwnedKeyParts) -> Option<String> {
+    /// again only if it changed. A file changed while the command ran (since `started_ns`)
+    /// counts whatever it holds now: the command may have read an edit undone since.
+    /// (Files inside a folder input are not looked at.)
+    fn input_changed_during_build(
+        &self,
+        j: JobId,
+        parts: &OwnedKeyParts,
+        started_ns: i64,
+    ) -> Option<String> {
         let g = self.g;
         let arts = || Artifacts::new(&self.workdir, &self.db_state.stat, &self.stats);
         // The key's inputs are the job's, in order (a key is only taken when all are known).
@@ -1300,12 +1309,17 @@ impl Work<'_> {
                     .get(path.as_ref())
                     .or_else(|| self.db_state.stat.get(path).map(|e| &e.stat));
                 let now = fs::symlink_metadata(self.workdir.join(path.as_ref()));
-                let edited = match (was, now) {
-                    (Some(was), Ok(m)) if m.is_file() => StatKey::from_meta(&m, 0) != *was,
-                    (_, Ok(_)) => false, // a link or a folder: not looked at
+                let now = match (was, now) {
+                    (Some(was), Ok(m)) if m.is_file() => {
+                        Some(StatKey::from_meta(&m, 0)).filter(|now| now != was)
+                    }
+                    (_, Ok(_)) => None, // unchanged, or a link or a folder: not looked at
                     (_, Err(_)) => return Some(path.to_string()),
                 };
-                if edited && arts().current(path).ok().flatten().as_ref() != Some(hash) {
+                if now.is_some_and(|now| {
+                    now.changed_by_ns() >= started_ns
+                        || arts().current(path).ok().flatten().as_ref() != Some(hash)
+                }) {
                     return Some(path.to_string());
                 }
                 continue;
@@ -1318,8 +1332,12 @@ impl Work<'_> {
             }
             // (Rarely past here: then, is it a file this build writes into a folder?)
             let made = || g.holders.values().any(|v| v.contains(f));
-            if StatKey::from_meta(&m, 0).changed_by_ns() <= self.began_ns || made() {
+            let changed_by = StatKey::from_meta(&m, 0).changed_by_ns();
+            if changed_by <= self.began_ns || made() {
                 continue;
+            }
+            if changed_by >= started_ns {
+                return Some(path.to_string());
             }
             if arts().current(path).ok().flatten().as_ref() != Some(hash) {
                 return Some(path.to_string());
@@ -1387,7 +1405,7 @@ impl Work<'_> {
                 duration_ms: took_ms,
             };
             let id = self.ids[j.idx()];
-            if let Some(path) = self.input_changed_during_build(j, &parts) {
+            if let Some(path) = self.input_changed_during_build(j, &parts, d.started_ns) {
                 self.progress.message(&format!(
                     "qbuild: warning: input {path} of {} changed while the build ran; its result is kept but not recorded, so it runs again next time",
                     job.spec.label
@@ -1715,6 +1733,7 @@ fn start_worker(
                     stats: Vec::new(),
                     before: Vec::new(),
                     started: Instant::now(),
+                    started_ns: 0,
                     took: Duration::ZERO,
                 }
             } else {
@@ -1807,6 +1826,7 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
         stats: entries,
         before: post.before,
         started: t0,
+        started_ns: post.started_ns,
         took: t0.elapsed(),
     }
 }

@@ -3203,6 +3203,36 @@ command = "cat a w > b"
     s.run(["all"]).assert_nothing_ran(2);
 }
 
+/// A source edited while the job reading it runs and put back before it ends (an editor's
+/// undo, `git checkout` there and back): the job may have read the edit, so its result is
+/// not recorded, though the bytes at its end are the key's. Here the command itself makes
+/// the edit, once, so the timing is fixed. It was recorded: `mid` kept "BBB" for good.
+#[test]
+fn a_source_edited_and_put_back_while_its_job_runs_is_not_trusted() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.a]
+inputs = ["v"]
+outputs = ["mid"]
+command = "if [ ! -e once ]; then touch once; echo BBB > v; cat v > mid; echo QQQ > v; else cat v > mid; fi"
+"#,
+    )
+    .write("v", "QQQ\n");
+    let out = s.run(["all"]);
+    out.assert_ok().assert_ran(&set(["a"]));
+    assert!(
+        out.stderr
+            .contains("input v of a changed while the build ran"),
+        "{out}"
+    );
+    assert_eq!(s.read_string("mid"), "BBB\n");
+    s.run(["all"]).assert_ok().assert_ran(&set(["a"]));
+    assert_eq!(s.read_string("mid"), "QQQ\n", "as a clean build makes it");
+    s.run(["all"]).assert_nothing_ran(1);
+}
+
 /// The same for another job's output edited while the build runs, after its producer was
 /// recorded (here by a job in between, once, so the timing is fixed; a hand edit does the
 /// same): its reader's result is not recorded. It was: the next run restored `a`, early
