@@ -143,7 +143,8 @@ struct Done {
     /// Each output's stat before the job ran, for cleaning up after a failure.
     before: Vec<Option<StatKey>>,
     started: Instant,
-    /// The coarse clock as the command started (0: never started).
+    /// The wall clock (the fine one: a timestamp may run ahead of the coarse clock by a
+    /// tick) as the command started; 0 if it never started.
     started_ns: i64,
     took: Duration,
 }
@@ -1317,7 +1318,7 @@ impl Work<'_> {
                     (_, Err(_)) => return Some(path.to_string()),
                 };
                 if now.is_some_and(|now| {
-                    now.changed_by_ns() >= started_ns
+                    now.ctime_ns > started_ns
                         || arts().current(path).ok().flatten().as_ref() != Some(hash)
                 }) {
                     return Some(path.to_string());
@@ -1332,11 +1333,13 @@ impl Work<'_> {
             }
             // (Rarely past here: then, is it a file this build writes into a folder?)
             let made = || g.holders.values().any(|v| v.contains(f));
-            let changed_by = StatKey::from_meta(&m, 0).changed_by_ns();
-            if changed_by <= self.began_ns || made() {
+            let stamp = StatKey::from_meta(&m, 0);
+            if stamp.changed_by_ns() <= self.began_ns || made() {
                 continue;
             }
-            if changed_by >= started_ns {
+            // Changed while the command ran (its own ctime, not the whole-second margin:
+            // a file saved just before would count too).
+            if stamp.ctime_ns > started_ns {
                 return Some(path.to_string());
             }
             if arts().current(path).ok().flatten().as_ref() != Some(hash) {
@@ -1779,6 +1782,9 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
     let (workdir, procs) = (&crew.workdir, &crew.procs);
     let mut post = post;
     post.started_ns = crate::hash::coarse_now_ns();
+    // Taken as the command starts, after qbuild's own changes to the files around it (an
+    // unshared hard link changes its other name's ctime too).
+    let mut fine_start = 0;
     let t0 = Instant::now();
     let mode = exec::LogMode {
         append: false,
@@ -1793,6 +1799,9 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
                     *t = tree_stamp(&outputs[i]);
                 }
             }
+            fine_start = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
             exec::run(&action, &outputs, workdir, &env, &log, mode, procs)
         });
     let mut hashes = Vec::new();
@@ -1826,7 +1835,7 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
         stats: entries,
         before: post.before,
         started: t0,
-        started_ns: post.started_ns,
+        started_ns: fine_start,
         took: t0.elapsed(),
     }
 }
