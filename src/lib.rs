@@ -221,8 +221,18 @@ impl Session {
                     .with_hint("name a file outside the build's inputs and outputs"),
             )
         };
-        let abs = absolute(t);
-        // Where the file is, or would be: through a link at the path itself too.
+        let mut abs = absolute(t);
+        // A link at the path (perhaps to a file not made yet) is written through: follow it.
+        for _ in 0..40 {
+            match std::fs::read_link(&abs) {
+                Ok(text) => {
+                    let next = abs.parent().unwrap_or(Path::new("/")).join(text);
+                    abs = absolute(&next);
+                }
+                Err(_) => break,
+            }
+        }
+        // Where the file is, or would be: through links on its folders too.
         let real = abs
             .canonicalize()
             .ok()

@@ -558,11 +558,15 @@ fn a_trace_may_not_overwrite_a_file_of_the_build() {
     s.write("tv/x", "x\n");
     std::os::unix::fs::symlink("Qairtfile", s.join("link-to-qairtfile")).expect("symlink");
     s.run(["all"]).assert_ok();
+    // A link to an output not made yet (it created the output, holding the trace).
+    s.remove("a.txt");
+    std::os::unix::fs::symlink("a.txt", s.join("link-to-output")).expect("symlink");
     let before = s.snapshot();
     for (path, says) in [
         ("Qairtfile", "that is the Qairtfile"),
         ("link-to-qairtfile", "that is the Qairtfile"),
         ("a.txt", "that is a file of the build"),
+        ("link-to-output", "that is a file of the build"),
         ("./src.txt", "that is a file of the build"),
         ("tv/trace.json", "that is inside tv, a folder of the build"),
         (".qbuild/lock", "that is in qbuild's state folder .qbuild/"),
@@ -583,6 +587,8 @@ fn a_trace_may_not_overwrite_a_file_of_the_build() {
     }
     assert_eq!(s.snapshot(), before, "nothing was written");
     assert_eq!(s.read_string("Qairtfile"), qairtfile);
+    assert!(!s.exists("a.txt"));
+    s.run(["all"]).assert_ok();
     s.run(["--trace", "trace.json", "all"])
         .assert_nothing_ran(1);
     assert!(s.read_string("trace.json").contains("traceEvents"));
