@@ -697,6 +697,13 @@ fn a_target_path_relative_to_the_current_folder() {
     assert!(s.exists(".qbuild"));
 }
 
+/// qbuild run from `sub/` with `-f ../Qairtfile` and `args`.
+fn from_sub(s: &Space, args: &[&str]) -> crate::support::Output {
+    let mut all = vec!["-f", "../Qairtfile"];
+    all.extend_from_slice(args);
+    s.qbuild(all).cwd("sub").run()
+}
+
 /// Regression: from a subfolder, `./b` (and `b`) named the work folder's `b` when both
 /// `b` and `sub/b` are outputs, so `--clean ./b` removed the other file. A path is read
 /// from the current folder first, then from the work folder.
@@ -710,11 +717,7 @@ fn a_current_folder_path_wins_over_the_same_path_at_the_top() {
          [rule.only_top]\noutputs = [\"c\"]\ncommand = \"echo c > c\"\n",
     );
     s.mkdir("sub");
-    let from_sub = |args: &[&str]| {
-        let mut all = vec!["-f", "../Qairtfile"];
-        all.extend_from_slice(args);
-        s.qbuild(all).cwd("sub").run()
-    };
+    let from_sub = |args: &[&str]| from_sub(&s, args);
     for t in ["./b", "b"] {
         let out = from_sub(&["-n", t]);
         out.assert_ok();
@@ -767,11 +770,7 @@ fn targets_written_in_the_qairtfile_are_the_work_folders() {
          [rule.rsub]\noutputs = [\"sub/b\"]\ncommand = \"echo sub > sub/b\"\n",
     );
     s.mkdir("sub");
-    let from_sub = |args: &[&str]| {
-        let mut all = vec!["-f", "../Qairtfile"];
-        all.extend_from_slice(args);
-        s.qbuild(all).cwd("sub").run()
-    };
+    let from_sub = |args: &[&str]| from_sub(&s, args);
     from_sub(&[])
         .assert_ok()
         .assert_ran(&["rtop".to_string()].into());
