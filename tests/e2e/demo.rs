@@ -717,19 +717,18 @@ fn a_current_folder_path_wins_over_the_same_path_at_the_top() {
          [rule.only_top]\noutputs = [\"c\"]\ncommand = \"echo c > c\"\n",
     );
     s.mkdir("sub");
-    let from_sub = |args: &[&str]| from_sub(&s, args);
     for t in ["./b", "b"] {
-        let out = from_sub(&["-n", t]);
+        let out = from_sub(&s, &["-n", t]);
         out.assert_ok();
         assert_eq!(out.would_run(), ["sub".to_string()].into(), "{t}\n{out}");
     }
     // A path only the work folder has is still found from the subfolder; `./c` is not it.
-    from_sub(&["c"])
+    from_sub(&s, &["c"])
         .assert_ok()
         .assert_ran(&["only_top".to_string()].into());
-    from_sub(&["./c"]).assert_code(2);
+    from_sub(&s, &["./c"]).assert_code(2);
     s.run(["all"]).assert_ok();
-    from_sub(&["--clean", "./b"]).assert_ok();
+    from_sub(&s, &["--clean", "./b"]).assert_ok();
     assert!(!s.exists("sub/b"));
     assert_eq!(s.read_string("b"), "top\n", "the other `b` is kept");
 }
@@ -770,13 +769,12 @@ fn targets_written_in_the_qairtfile_are_the_work_folders() {
          [rule.rsub]\noutputs = [\"sub/b\"]\ncommand = \"echo sub > sub/b\"\n",
     );
     s.mkdir("sub");
-    let from_sub = |args: &[&str]| from_sub(&s, args);
-    from_sub(&[])
+    from_sub(&s, &[])
         .assert_ok()
         .assert_ran(&["rtop".to_string()].into());
     assert!(!s.exists("sub/b"));
-    from_sub(&["al"]).assert_nothing_ran(1);
-    from_sub(&["--clean", "al"]).assert_ok();
+    from_sub(&s, &["al"]).assert_nothing_ran(1);
+    from_sub(&s, &["--clean", "al"]).assert_ok();
     assert!(!s.exists("b"));
 }
 
