@@ -1291,8 +1291,9 @@ impl Work<'_> {
     /// recorded when it was written (a hand edit while its reader ran). Checked when a job
     /// finishes, so an edit saved while the build ran (and perhaps undone later) cannot
     /// leave a record that claims the old content. One stat per file input; a file is read
-    /// again only if it changed. A file changed while the command ran (since `started_ns`)
-    /// counts whatever it holds now: the command may have read an edit undone since.
+    /// again only if it changed. A file written while the command ran (its mtime after
+    /// `started_ns`) counts whatever it holds now: the command may have read an edit undone
+    /// since.
     /// (Files inside a folder input are not looked at.)
     fn input_changed_during_build(
         &self,
@@ -1318,14 +1319,21 @@ impl Work<'_> {
                     (_, Err(_)) => return Some(path.to_string()),
                 };
                 if now.is_some_and(|now| {
-                    now.ctime_ns > started_ns
+                    now.mtime_ns > started_ns
                         || arts().current(path).ok().flatten().as_ref() != Some(hash)
                 }) {
                     return Some(path.to_string());
                 }
                 continue;
             }
-            let Ok(m) = fs::metadata(self.workdir.join(path.as_ref())) else {
+            let at = self.workdir.join(path.as_ref());
+            // A source link re-pointed while the command ran (and perhaps back since).
+            if fs::symlink_metadata(&at).is_ok_and(|l| {
+                l.file_type().is_symlink() && StatKey::from_meta(&l, 0).mtime_ns > started_ns
+            }) {
+                return Some(path.to_string());
+            }
+            let Ok(m) = fs::metadata(&at) else {
                 return Some(path.to_string());
             };
             if m.is_dir() {
@@ -1337,9 +1345,10 @@ impl Work<'_> {
             if stamp.changed_by_ns() <= self.began_ns || made() {
                 continue;
             }
-            // Changed while the command ran (its own ctime, not the whole-second margin:
-            // a file saved just before would count too).
-            if stamp.ctime_ns > started_ns {
+            // Written while the command ran: its mtime (a `chmod`, a new hard link or a
+            // `cp -al` changes only the ctime), not the whole-second margin (a file saved
+            // just before would count too).
+            if stamp.mtime_ns > started_ns {
                 return Some(path.to_string());
             }
             if arts().current(path).ok().flatten().as_ref() != Some(hash) {
