@@ -310,6 +310,10 @@ fn check_round(model: &mut Model, s: &Space, round: &str) {
 
     // Nothing is stale afterwards.
     let again = s.run(["all"]);
+    assert!(
+        again.count("ran") == 0 && again.count("failed") == 0,
+        "{round}: the run after it ran something\n{again}\nafter:\n{out}"
+    );
     again.assert_nothing_ran(model.dag.rules.len() as u64);
 }
 
