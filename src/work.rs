@@ -1303,6 +1303,15 @@ impl Work<'_> {
     ) -> Option<String> {
         let g = self.g;
         let arts = || Artifacts::new(&self.workdir, &self.db_state.stat, &self.stats);
+        // Written while the command ran: a time between its start and now. (A time ahead of
+        // now is a clock's skew, a file from another machine or a `touch -d` to come: no
+        // proof of a write during the job; its bytes still are compared.)
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(i64::MAX, |d| {
+                i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+            });
+        let during = |t: i64| t > started_ns && t <= now_ns;
         // The key's inputs are the job's, in order (a key is only taken when all are known).
         for (f, (path, hash)) in g.jobs[j.idx()].ins.iter().zip(&parts.inputs) {
             if g.files[f.idx()].producer.is_some() {
@@ -1319,7 +1328,7 @@ impl Work<'_> {
                     (_, Err(_)) => return Some(path.to_string()),
                 };
                 if now.is_some_and(|now| {
-                    now.mtime_ns > started_ns
+                    during(now.mtime_ns)
                         || arts().current(path).ok().flatten().as_ref() != Some(hash)
                 }) {
                     return Some(path.to_string());
@@ -1329,7 +1338,7 @@ impl Work<'_> {
             let at = self.workdir.join(path.as_ref());
             // A source link re-pointed while the command ran (and perhaps back since).
             if fs::symlink_metadata(&at).is_ok_and(|l| {
-                l.file_type().is_symlink() && StatKey::from_meta(&l, 0).mtime_ns > started_ns
+                l.file_type().is_symlink() && during(StatKey::from_meta(&l, 0).mtime_ns)
             }) {
                 return Some(path.to_string());
             }
@@ -1348,7 +1357,7 @@ impl Work<'_> {
             // Written while the command ran: its mtime (a `chmod`, a new hard link or a
             // `cp -al` changes only the ctime), not the whole-second margin (a file saved
             // just before would count too).
-            if stamp.mtime_ns > started_ns {
+            if during(stamp.mtime_ns) {
                 return Some(path.to_string());
             }
             if arts().current(path).ok().flatten().as_ref() != Some(hash) {
