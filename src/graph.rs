@@ -575,57 +575,40 @@ impl Graph {
     /// Find a file by a path relative to `cwd`, or else relative to the work folder (so from
     /// a subfolder, `b` and `./b` are the subfolder's `b` when the graph has one).
     pub fn lookup_path(&self, t: &str, cwd: &Path, workdir: &Path) -> Option<FileId> {
-        let abs = crate::expand::normalize(&cwd.join(t).to_string_lossy());
-        let wd = crate::expand::normalize(&workdir.to_string_lossy());
-        if let Some(f) = abs
-            .strip_prefix(&wd)
-            .and_then(|r| r.strip_prefix('/'))
-            .and_then(|rel| self.by_path.get(&self.files, rel))
-        {
+        let (from_cwd, from_top) = target_rels(t, cwd, workdir);
+        if let Some(f) = from_cwd.and_then(|rel| self.by_path.get(&self.files, &rel)) {
             return Some(f);
         }
         // The work folder (or the target's folder) spelled through a symlink: compare
         // real paths, folder by folder up from the target (which may not exist yet).
         let under_cwd = || {
+            let abs = crate::expand::normalize(&cwd.join(t).to_string_lossy());
             let real_wd = workdir.canonicalize().ok()?;
             let real = crate::clean::real_path(Path::new(&abs))?;
             let rel = real.strip_prefix(&real_wd).ok()?;
             self.by_path.get(&self.files, &rel.to_string_lossy())
         };
-        under_cwd().or_else(|| {
-            let explicit =
-                Path::new(t).is_absolute() || t.starts_with("./") || t.starts_with("../");
-            (!explicit)
-                .then(|| self.by_path.get(&self.files, &crate::expand::normalize(t)))
-                .flatten()
-        })
+        under_cwd().or_else(|| from_top.and_then(|rel| self.by_path.get(&self.files, &rel)))
     }
 
     /// The job whose folder output holds the target path `t` (relative to `cwd`, else to
     /// the work folder), if one does.
     fn folder_producer(&self, t: &str, cwd: &Path, workdir: &Path) -> Option<JobId> {
-        let wd = crate::expand::normalize(&workdir.to_string_lossy());
-        let abs = crate::expand::normalize(&cwd.join(t).to_string_lossy());
-        let from_cwd = abs
-            .strip_prefix(&wd)
-            .and_then(|r| r.strip_prefix('/'))
-            .map(str::to_string);
-        let explicit = Path::new(t).is_absolute() || t.starts_with("./") || t.starts_with("../");
-        let from_top = (!explicit).then(|| crate::expand::normalize(t));
+        let (from_cwd, from_top) = target_rels(t, cwd, workdir);
         [from_cwd, from_top].into_iter().flatten().find_map(|rel| {
-            let mut at = rel.as_str();
-            while let Some(i) = at.rfind('/') {
-                at = &at[..i];
-                if let Some(j) = self
-                    .by_path
-                    .get(&self.files, at)
-                    .and_then(|f| self.files[f.idx()].producer)
-                {
-                    return Some(j);
-                }
-            }
-            None
+            self.files_at_and_above(&rel)
+                .find_map(|(_, f)| self.files[f.idx()].producer)
         })
+    }
+
+    /// The files of the graph at the work-folder path `rel` and at each folder above it,
+    /// nearest first, with their paths.
+    pub fn files_at_and_above<'p>(
+        &'p self,
+        rel: &'p str,
+    ) -> impl Iterator<Item = (&'p str, FileId)> + 'p {
+        std::iter::successors(Some(rel), |p| p.rfind('/').map(|i| &p[..i]))
+            .filter_map(|p| self.by_path.get(&self.files, p).map(|f| (p, f)))
     }
 
     /// Every job the given targets need, in dependency order.
@@ -657,6 +640,21 @@ fn output_span(model: &Model, spec: &JobSpec, oi: usize) -> std::ops::Range<usiz
             .get(t.unwrap_or(0) as usize)
             .map_or(rule.name_span.clone(), |s| s.span.clone()),
     }
+}
+
+/// A target path `t` as work-folder paths: read from `cwd` (if that lies in the work
+/// folder), and from the work folder itself unless `t` is explicitly relative or absolute
+/// (`./b`, `../b`, `/b`).
+fn target_rels(t: &str, cwd: &Path, workdir: &Path) -> (Option<String>, Option<String>) {
+    let abs = crate::expand::normalize(&cwd.join(t).to_string_lossy());
+    let wd = crate::expand::normalize(&workdir.to_string_lossy());
+    let from_cwd = abs
+        .strip_prefix(&wd)
+        .and_then(|r| r.strip_prefix('/'))
+        .map(str::to_string);
+    let explicit = Path::new(t).is_absolute() || t.starts_with("./") || t.starts_with("../");
+    let from_top = (!explicit).then(|| crate::expand::normalize(t));
+    (from_cwd, from_top)
 }
 
 /// Folder (a file of the graph without a producer) -> each output inside it, with its job.

@@ -254,29 +254,20 @@ impl Session {
             return Ok(());
         };
         let rel = rel.to_string_lossy();
-        if rel == ".qbuild" || rel.starts_with(".qbuild/") {
+        if expand::in_state_folder(&rel) {
             return refuse(
                 "that is in qbuild's state folder .qbuild/, which the trace would damage".into(),
             );
         }
-        let mut at = rel.as_ref();
-        loop {
-            if graph
-                .lookup_path(at, &self.workdir, &self.workdir)
-                .is_some()
-            {
-                return refuse(if at == rel {
-                    "that is a file of the build, which the trace would overwrite".into()
-                } else {
-                    format!(
-                        "that is inside {at}, a folder of the build, which the trace would change"
-                    )
-                });
+        let hit = graph.files_at_and_above(&rel).next();
+        match hit {
+            Some((at, _)) if at == rel => {
+                refuse("that is a file of the build, which the trace would overwrite".into())
             }
-            match at.rfind('/') {
-                Some(i) => at = &at[..i],
-                None => return Ok(()),
-            }
+            Some((at, _)) => refuse(format!(
+                "that is inside {at}, a folder of the build, which the trace would change"
+            )),
+            None => Ok(()),
         }
     }
 
