@@ -179,6 +179,14 @@ impl StatEntry {
     }
 }
 
+/// The wall clock in nanoseconds (the fine one: a file's timestamp may run ahead of the
+/// coarse clock by a tick, never ahead of this one).
+pub fn wall_now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
 /// The kernel's coarse clock, the one file timestamps are taken from.
 pub fn coarse_now_ns() -> i64 {
     let mut ts = libc::timespec {

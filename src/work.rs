@@ -924,9 +924,10 @@ impl Work<'_> {
                 continue;
             };
             if a.ident == a.content {
-                continue; // a file or a folder
+                continue; // a file, or a folder with no link in it
             }
             let rel = g.path(f);
+            // (A folder holding links has no text to read.)
             let Ok(text) = fs::read_link(self.workdir.join(rel)) else {
                 continue;
             };
@@ -1306,11 +1307,7 @@ impl Work<'_> {
         // Written while the command ran: a time between its start and now. (A time ahead of
         // now is a clock's skew, a file from another machine or a `touch -d` to come: no
         // proof of a write during the job; its bytes still are compared.)
-        let now_ns = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(i64::MAX, |d| {
-                i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
-            });
+        let now_ns = crate::hash::wall_now_ns();
         let during = |t: i64| t > started_ns && t <= now_ns;
         // The key's inputs are the job's, in order (a key is only taken when all are known).
         for (f, (path, hash)) in g.jobs[j.idx()].ins.iter().zip(&parts.inputs) {
@@ -1817,9 +1814,7 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
                     *t = tree_stamp(&outputs[i]);
                 }
             }
-            fine_start = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+            fine_start = crate::hash::wall_now_ns();
             exec::run(&action, &outputs, workdir, &env, &log, mode, procs)
         });
     let mut hashes = Vec::new();
