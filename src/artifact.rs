@@ -103,7 +103,9 @@ impl<'a> Artifacts<'a> {
         let path = self.fs_path(rel);
         match fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_symlink() => Ok(Some(link_identity(&fs::read_link(&path)?))),
-            Ok(_) => Ok(self.current_art(rel)?.map(|a| a.ident)),
+            Ok(m) => Ok(Some(
+                self.hash_art(rel, &path, &m, &mut Vec::new(), None)?.ident,
+            )),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -317,9 +319,7 @@ impl<'a> Artifacts<'a> {
             .map(|mut u| std::mem::take(&mut *u))
             .unwrap_or_default()
     }
-}
 
-impl Artifacts<'_> {
     /// The key of the file the link at key `rel`, whose text is `text`, leads to (see
     /// `target_key`).
     pub fn link_target_key(&self, rel: &str, text: &Path) -> String {
