@@ -292,24 +292,25 @@ impl Db {
     /// losing it costs explanations of earlier runs and nothing else.
     fn sled(&self) -> Result<&(sled::Db, sled::Tree), DbError> {
         let path = self.sled_path();
-        if self.reader && !path.join("db").exists() {
-            return Err(DbError::Io {
-                path,
-                msg: "no explain store yet".into(),
-            });
-        }
-        let opened = self.sled.get_or_init(|| match open_when_free(&path) {
-            Ok(t) => Ok(t),
-            Err(OpenError::Io(msg) | OpenError::Corrupt(msg)) if self.reader => Err(msg),
-            Err(OpenError::Io(msg)) => Err(msg),
-            Err(OpenError::Corrupt(why)) => {
-                let aside = set_aside(&self.dir, &["state.sled"]).map_err(|(_, m)| m)?;
-                say!(
-                    "qbuild: warning: the explain store {} is unreadable ({why}); moved it to {}: earlier runs cannot be explained",
-                    path.display(),
-                    aside.display()
-                );
-                try_open(&path).map_err(|(OpenError::Io(m) | OpenError::Corrupt(m))| m)
+        let opened = self.sled.get_or_init(|| {
+            // A reader looks once, before opening would create a store (the answer is
+            // kept, as an open store is).
+            if self.reader && !path.join("db").exists() {
+                return Err("no explain store yet".to_string());
+            }
+            match open_when_free(&path) {
+                Ok(t) => Ok(t),
+                Err(OpenError::Io(msg) | OpenError::Corrupt(msg)) if self.reader => Err(msg),
+                Err(OpenError::Io(msg)) => Err(msg),
+                Err(OpenError::Corrupt(why)) => {
+                    let aside = set_aside(&self.dir, &["state.sled"]).map_err(|(_, m)| m)?;
+                    say!(
+                        "qbuild: warning: the explain store {} is unreadable ({why}); moved it to {}: earlier runs cannot be explained",
+                        path.display(),
+                        aside.display()
+                    );
+                    try_open(&path).map_err(|(OpenError::Io(m) | OpenError::Corrupt(m))| m)
+                }
             }
         });
         opened.as_ref().map_err(|msg| DbError::Io {
