@@ -113,7 +113,7 @@ fn bench_noop(bencher: divan::Bencher, dir: &Path, file: &Path) {
     let db = Db::new(&state);
     let jobs: Vec<JobId> = (0..g.jobs.len()).map(|i| JobId(i as u32)).collect();
     let opts = Options {
-        jobs: 2,
+        jobs: Some(2),
         keep_going: false,
         dry_run: false,
         read_only: false,

@@ -274,10 +274,7 @@ impl Session {
     pub fn options(&self, toolchain: Option<&toolchain::Verified>) -> work::Options {
         let a = &self.args;
         work::Options {
-            jobs: a
-                .jobs
-                .or_else(|| std::thread::available_parallelism().ok())
-                .map_or(1, |n| n.get()),
+            jobs: a.jobs.map(|n| n.get()),
             keep_going: a.keep_going,
             dry_run: a.dry_run || a.status,
             read_only: self.writes_nothing(),

@@ -46,7 +46,9 @@ pub static INTERRUPT: AtomicI32 = AtomicI32::new(0);
 
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub jobs: usize,
+    /// `-j`; `None`: one per CPU, which is asked only once a job runs (reading the cgroup
+    /// quota costs a dozen syscalls, a no-op's largest single item after the stats).
+    pub jobs: Option<usize>,
     pub keep_going: bool,
     pub dry_run: bool,
     /// A dry run without the lock (beside another build, or in a work folder qbuild cannot
@@ -57,6 +59,16 @@ pub struct Options {
     /// Keep a span per job for `--trace` (not kept otherwise: ~100 B a job).
     pub trace: bool,
     pub toolchain: Vec<(String, String)>,
+}
+
+impl Options {
+    /// How many jobs may run at once.
+    pub fn jobs(&self) -> usize {
+        static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        self.jobs.unwrap_or_else(|| {
+            *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        })
+    }
 }
 
 /// One finished job for `--trace`: when (µs since the build started), how long, which slot.
@@ -1105,7 +1117,7 @@ impl Work<'_> {
         }
         // Up to `-j` jobs wait in the workers' queue beyond the `-j` running (see `Pool`).
         let mut i = 0;
-        while self.running < self.opts.jobs.max(1).saturating_mul(2) && i < self.queued.len() {
+        while i < self.queued.len() && self.running < self.opts.jobs().max(1).saturating_mul(2) {
             let j = self.queued[i];
             let pool = self.g.jobs[j.idx()].spec.pool.map(|p| p as usize);
             if let Some(p) = pool {
@@ -1195,7 +1207,7 @@ impl Work<'_> {
                 notify: self.progress.shows_running(),
                 keep_going: self.opts.keep_going,
             };
-            Pool::new(self.opts.jobs, tx.clone(), Arc::new(crew))
+            Pool::new(self.opts.jobs(), tx.clone(), Arc::new(crew))
         });
         if let Err(why) = pool.grow_to(self.running + 1) {
             return self.fail_before_start(j, &why);
@@ -1592,7 +1604,7 @@ impl Work<'_> {
     fn eta(&self) -> Option<Duration> {
         (self.expected_known > 0).then(|| {
             Duration::from_millis(self.expected_ms)
-                / self.opts.jobs.clamp(1, u32::MAX as usize) as u32
+                / self.opts.jobs().clamp(1, u32::MAX as usize) as u32
         })
     }
 
