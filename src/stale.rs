@@ -49,6 +49,30 @@ impl KeyParts<'_> {
     }
 
     pub fn key(&self) -> Hash {
+        // The inputs are a set (the command names its files itself; `${inputs}` in it is
+        // part of the action): listed in another order, or one twice, the key is the same.
+        // Hashed as sorted, so a job whose inputs are listed sorted keeps its key.
+        if !self.inputs.windows(2).all(|w| w[0].0 < w[1].0) {
+            let mut inputs: Vec<(Cow<'_, str>, Hash)> = self
+                .inputs
+                .iter()
+                .map(|(p, h)| (Cow::Borrowed(p.as_ref()), *h))
+                .collect();
+            inputs.sort_by(|a, b| a.0.cmp(&b.0));
+            inputs.dedup_by(|a, b| a.0 == b.0);
+            return KeyParts {
+                action: Cow::Borrowed(self.action.as_ref()),
+                env: Cow::Borrowed(self.env.as_ref()),
+                toolchain: Cow::Borrowed(self.toolchain.as_ref()),
+                inputs,
+                outputs: self
+                    .outputs
+                    .iter()
+                    .map(|o| Cow::Borrowed(o.as_ref()))
+                    .collect(),
+            }
+            .key();
+        }
         // Encoded into a buffer kept per thread: every job of every run computes its key,
         // and a fresh vector grew through ~7 reallocations for each.
         thread_local! {

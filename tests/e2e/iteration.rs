@@ -3458,3 +3458,49 @@ check = "test \"$E\" = val"
     dry.assert_ok();
     assert!(dry.stderr.contains("would run: a\n"), "{dry}");
 }
+
+/// A job's inputs are a set: listing them in another order, or one of them twice, changes
+/// nothing the command sees (it names its files itself), so nothing reruns. It reran, and
+/// `--explain` could only say "its key changed (no readable record to compare)".
+#[test]
+fn reordered_or_repeated_inputs_are_no_change() {
+    let s = Space::new();
+    s.write("a.txt", "a\n").write("b.txt", "b\n");
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.cat]
+inputs = ["b.txt", "a.txt"]
+outputs = ["out.txt"]
+command = "cat a.txt b.txt > out.txt"
+"#,
+    );
+    s.run(["all"]).assert_ok().assert_ran(&set(["cat"]));
+    s.replace(
+        "Qairtfile",
+        r#"["b.txt", "a.txt"]"#,
+        r#"["a.txt", "b.txt"]"#,
+    );
+    s.run(["all"]).assert_nothing_ran(1);
+    s.replace(
+        "Qairtfile",
+        r#"["a.txt", "b.txt"]"#,
+        r#"["a.txt", "b.txt", "a.txt"]"#,
+    );
+    s.run(["all"]).assert_nothing_ran(1);
+    let status = s.qbuild(["--status"]).no_json().run();
+    status.assert_ok();
+    assert!(status.stderr.contains("stale: 0, 1 up to date"), "{status}");
+    // A real change still reruns it, and is named as such.
+    s.write("a.txt", "A\n");
+    s.replace(
+        "Qairtfile",
+        r#"["a.txt", "b.txt", "a.txt"]"#,
+        r#"["b.txt", "a.txt"]"#,
+    );
+    let out = s.run(["--explain", "all"]);
+    out.assert_ok().assert_ran(&set(["cat"]));
+    assert!(out.stderr.contains("  - input a.txt changed ("), "{out}");
+    assert!(!out.stderr.contains("key changed"), "{out}");
+    assert_eq!(s.read_string("out.txt"), "A\nb\n");
+}
