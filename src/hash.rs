@@ -251,16 +251,18 @@ pub fn hash_file(path: &Path, size: u64, stats: &HashStats) -> io::Result<Hash> 
     Ok(*h.finalize().as_bytes())
 }
 
-/// Hash a symlink as its link text plus the hash of what it points to.
+/// What a reader of a symlink sees: what it leads to. Its text is what its maker made
+/// (`link_identity`), not what its readers read, so a link re-pointed at the same bytes (a
+/// model moved to other storage) reruns none of them, as with make, ninja or Bazel, which
+/// all follow links. A dangling link is its text.
 pub fn hash_link(text: &Path, target_hash: Option<&Hash>) -> Hash {
+    if let Some(t) = target_hash {
+        return *t;
+    }
     let mut h = blake3::Hasher::new();
     h.update(b"qbuild-link\0");
     h.update(text.as_os_str().as_encoded_bytes());
-    h.update(b"\0");
-    match target_hash {
-        Some(t) => h.update(t),
-        None => h.update(b"dangling"),
-    };
+    h.update(b"\0dangling");
     *h.finalize().as_bytes()
 }
 
