@@ -749,6 +749,7 @@ impl Work<'_> {
 
     /// Prereq: `j` is Ready. Decides it: up to date, stale (queued / would run), or skipped.
     fn check(&mut self, j: JobId) {
+        self.rescan_dangling_link(j);
         let job = &self.g.jobs[j.idx()];
         // After an interrupt, what waited for a stopped job is "not started" (unsettled).
         if job
@@ -900,7 +901,29 @@ impl Work<'_> {
         self.stat_updates.extend(arts.take_updates());
     }
 
-    /// For a link job: its output's content is its text plus what its target holds now.
+    /// For a link qbuild makes: the opening scan found it dangling, perhaps because its
+    /// target was removed and its job was about to make it again. The target has settled by
+    /// now (the link job waits for it): look at the link again, or a target rebuilt with the
+    /// same bytes would remake a link that is as it was (and `--explain` would call it
+    /// dangling).
+    fn rescan_dangling_link(&mut self, j: JobId) {
+        let g = self.g;
+        let job = &g.jobs[j.idx()];
+        if !matches!(job.spec.action, Action::Link(_)) {
+            return;
+        }
+        let Some(&out) = job.outs.first() else {
+            return;
+        };
+        if !matches!(self.now[out.idx()], Now::Error(_)) {
+            return;
+        }
+        let arts = Artifacts::new(&self.workdir, &self.db_state.stat, &self.stats);
+        self.now[out.idx()] = scan_one(&arts, g.path(out), None);
+        self.stat_updates.extend(arts.take_updates());
+    }
+
+    /// For a link job: its output's content is what its target holds now.
     fn refresh_link(&mut self, j: JobId) {
         let job = &self.g.jobs[j.idx()];
         let Action::Link(text) = &job.spec.action else {

@@ -313,6 +313,38 @@ command = "cat out/c.bin out/c.bin > out/p.bin"
     assert!(out.stderr.contains("dangling symlink"), "{out}");
 }
 
+/// A `links` job whose target was removed and is rebuilt with the same bytes is up to date
+/// once the target is back: its link was judged dangling by the opening scan, and the job
+/// reran (and `--explain` named the dangling link after the target had been rebuilt).
+#[test]
+fn a_link_to_a_rebuilt_target_is_judged_when_the_target_is_back() {
+    let s = Space::new();
+    s.write("s.txt", "data\n").write(
+        "Qairtfile",
+        r#"
+[rule.p]
+inputs = ["s.txt"]
+outputs = ["c.txt"]
+command = "cat s.txt > c.txt"
+[rule.l]
+links = [{ link = "a", to = "b" }, { link = "b", to = "c.txt" }]
+[rule.r]
+inputs = ["a"]
+outputs = ["r.txt"]
+command = "cat a > r.txt"
+"#,
+    );
+    s.run(["all"])
+        .assert_ok()
+        .assert_ran(&set(["p", "link a (l)", "link b (l)", "r"]));
+    fs::remove_file(s.join("c.txt")).expect("rm");
+    let out = s.run(["--explain", "all"]);
+    out.assert_ok().assert_ran(&set(["p"]));
+    assert!(!out.stderr.contains("dangling"), "{out}");
+    assert_eq!(s.read_string("r.txt"), "data\n");
+    assert_noop(&s, 4, &[]);
+}
+
 /// A link, its target's producer, a reader through the link, and a reader of the source.
 const LINKED: &str = r#"
 [rule.gen]
