@@ -1148,10 +1148,14 @@ impl Work<'_> {
                     i += 1;
                     continue;
                 }
-                self.pool_used[p] += 1;
             }
             self.queued.remove(i);
             self.start(j, tx.clone());
+            // A job that failed before it started (a link at its output, say) takes no
+            // place in its pool: with -k, the pool's other jobs still run.
+            if let (Some(p), State::Running) = (pool, self.state[j.idx()]) {
+                self.pool_used[p] += 1;
+            }
         }
     }
 

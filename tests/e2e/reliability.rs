@@ -3330,6 +3330,26 @@ fn failure_keeps_an_untouched_previous_output_but_never_calls_it_up_to_date() {
     assert_eq!(s.read_string("out.txt"), "good 2\n");
 }
 
+/// Regression: a job of a `[pool]` that failed before its command started (here, a link
+/// qbuild did not make at its output) kept its place in the pool, so with `-k` the pool's
+/// other jobs never started ("2 not started") although nothing blocked them.
+#[test]
+fn failure_before_start_frees_its_pool_place_so_keep_going_runs_the_rest() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[pool]\np = 1\n\n[rule.a]\npool = \"p\"\noutputs = [\"a.out\"]\ncommand = \"echo a > a.out\"\n\n[rule.b]\npool = \"p\"\noutputs = [\"b.out\"]\ncommand = \"echo b > b.out\"\n\n[rule.c]\npool = \"p\"\noutputs = [\"c.out\"]\ncommand = \"echo c > c.out\"\n",
+    );
+    s.write("target.txt", "user data\n");
+    std::os::unix::fs::symlink("target.txt", s.join("a.out")).expect("symlink");
+    let out = s.run(["-k", "all"]);
+    out.assert_code(1);
+    assert_eq!(out.failed(), support::set(["a"]), "{out}");
+    out.assert_ran(&support::set(["b", "c"]));
+    assert_eq!(out.count("not_started"), 0, "{out}");
+    assert_eq!(s.read_string("target.txt"), "user data\n", "{out}");
+}
+
 // ============================================================================ 6. I/O errors
 
 const IO_QAIRTFILE: &str = r#"
