@@ -1576,6 +1576,52 @@ command = "trap 'echo caught > t.txt; exit 0' TERM; echo started > started.flag;
     assert_eq!(dry.would_run(), support::set(["t"]), "{dry}");
 }
 
+/// Regression: Ctrl-C while qbuild hashed the output of a job whose command had already
+/// ended (a multi-GB artifact, after perhaps an hour of quantizing) threw the finished
+/// output away as "it was running when the build was stopped", though no command was
+/// running ("stopping 0 running job(s)"). Only a command (or check) still running when
+/// the signal came is stopped by it; a finished one is recorded and its output kept.
+#[test]
+fn signals_a_job_whose_command_had_ended_is_kept_when_the_signal_comes_while_hashing() {
+    let tok = token("hashing");
+    let s = Space::new();
+    // A sparse file costs no disk, but hashing its 8 GiB still takes seconds.
+    s.write(
+        "Qairtfile",
+        format!(
+            "[rule.big]\noutputs = [\"big.bin\"]\nenv = {{ REL_MARK = \"{tok}\" }}\ncommand = \"truncate -s 8G big.bin && echo end >> big.bin && touch ended.flag\"\n"
+        ),
+    );
+    let mut bg = Bg::start(s.path(), &["--json", "all"], &[]);
+    let ended = wait_until(Duration::from_secs(20), || {
+        s.exists("ended.flag") && marked_processes(&tok).is_empty()
+    });
+    assert!(ended, "the command never ended");
+    if !bg.running() {
+        let e = bg.wait(Duration::from_secs(30));
+        assert_eq!(e.code, Some(0), "{e}");
+        return skip(
+            "signals_a_job_whose_command_had_ended_is_kept_when_the_signal_comes_while_hashing",
+            "the output was hashed before the signal could be sent",
+        );
+    }
+    bg.signal(libc::SIGINT);
+    let e = bg.wait(Duration::from_secs(120));
+    assert_no_panic(&e.stderr, "interrupt while hashing");
+    assert!(
+        e.code == Some(130) || e.code == Some(0),
+        "interrupted, or done first\n{e}"
+    );
+    assert!(
+        e.ok_jobs().contains("big"),
+        "the finished job is recorded\n{e}"
+    );
+    assert!(s.exists("big.bin"), "its output is kept\n{e}");
+    let dry = s.run(["-n", "all"]);
+    dry.assert_ok();
+    assert!(dry.would_run().is_empty(), "{dry}");
+}
+
 /// A work folder whose one job, `slow`, writes "partial" to `out/slow.txt`, runs `wait`
 /// (its processes carry `tok`) while `slow.flag` exists, then appends "done"; qbuild
 /// started on it in the background, returned once `procs` marked processes are up.
