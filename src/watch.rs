@@ -206,6 +206,88 @@ fn inode(p: &Path) -> FolderId {
         .map(|m| (m.ino(), m.created().ok()))
 }
 
+/// What the watched paths are now: each file's and each tree entry's name and stat (not
+/// the build's own outputs inside a tree), hashed; `None` when a stat is too recent to be
+/// told from a later write in the same clock tick, or a tree is too big to walk. Equal
+/// before a build and after the changes that follow it, nothing a build reads has changed:
+/// a command's temporary file in a source folder, made and removed, is no change (and a
+/// failing job, which reruns each round, made a new one each round, for ever).
+fn fingerprint(i: &Interest) -> Option<blake3::Hash> {
+    use std::os::unix::fs::MetadataExt;
+    let now = crate::hash::wall_now_ns();
+    let mut h = blake3::Hasher::new();
+    let mut racy = false;
+    // Hash one path and its stat; its metadata, if it exists.
+    let mut note = |h: &mut blake3::Hasher, p: &Path| {
+        h.update(p.as_os_str().as_encoded_bytes());
+        let Ok(m) = std::fs::symlink_metadata(p) else {
+            h.update(b"\0-");
+            return None;
+        };
+        for v in [m.dev(), m.ino(), u64::from(m.mode())] {
+            h.update(&v.to_le_bytes());
+        }
+        // A folder is its entries (walked as a tree), not its times: a file made and
+        // removed in it changes those.
+        if m.is_dir() {
+            return Some(m);
+        }
+        h.update(&m.size().to_le_bytes());
+        let nanos = [m.mtime_nsec(), m.ctime_nsec()];
+        for v in [m.mtime(), m.ctime()].into_iter().chain(nanos) {
+            h.update(&v.to_le_bytes());
+        }
+        // Changed within a tick of the coarse clock file times come from (at most 10 ms;
+        // on a filesystem keeping whole seconds, two seconds) of now: a write later in
+        // that tick could leave the same stat. (A round starts QUIET after the last
+        // change it saw, so the sources of a round are seldom that recent.)
+        let tick = if nanos == [0, 0] {
+            2_000_000_000
+        } else {
+            20_000_000
+        };
+        let ctime = m
+            .ctime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(m.ctime_nsec());
+        racy |= ctime >= now.saturating_sub(tick);
+        Some(m)
+    };
+    let mut files: Vec<&PathBuf> = i.files.iter().collect();
+    files.sort();
+    for f in files {
+        note(&mut h, f);
+    }
+    let mut trees: Vec<&PathBuf> = i.trees.iter().collect();
+    trees.sort();
+    let mut seen = 0usize;
+    for t in trees {
+        h.update(b"\0tree");
+        let mut todo = vec![t.clone()];
+        while let Some(dir) = todo.pop() {
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                note(&mut h, &dir);
+                continue;
+            };
+            let mut names: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+            names.sort();
+            for p in names {
+                seen += 1;
+                if seen > 100_000 {
+                    return None;
+                }
+                if i.outputs.iter().any(|o| p.starts_with(o)) {
+                    continue;
+                }
+                if note(&mut h, &p).is_some_and(|m| m.is_dir()) {
+                    todo.push(p);
+                }
+            }
+        }
+    }
+    (!racy).then(|| h.finalize())
+}
+
 /// After Ctrl-C (or SIGTERM): says so, and gives the exit status.
 fn stopped() -> Option<i32> {
     let sig = crate::work::INTERRUPT.load(Ordering::SeqCst);
@@ -234,6 +316,9 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
         // a restore), the process's folder would still be the old one, and relative paths
         // (sources, commands) would read it.
         let _ = std::env::set_current_dir(&s.workdir);
+        // Taken before anything is read (the Qairtfile, the SDK, the sources), over what the
+        // last round needed (when that changes, the two never match: a build follows).
+        let mut before = fingerprint(&last);
         let loaded = match s.load() {
             Ok(l) => {
                 last = interest(s, &l);
@@ -307,6 +392,8 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
                     drop(lock);
                 }
                 Ok(Err(who)) => {
+                    // Not built: any change brings the next build.
+                    before = None;
                     say!("qbuild: another qbuild{who} is building here; this change is not built (--no-wait)");
                     emit(serde_json::json!({ "event": "skipped", "reason": "busy" }));
                 }
@@ -325,35 +412,41 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
         emit(
             serde_json::json!({ "event": "watching", "files": want.files.len(), "folders": want.trees.len() }),
         );
-        // Wait for a change that matters; then let the burst settle.
+        // Wait for a change that matters; then let the burst settle. A burst after which
+        // every watched path is as it was before the build is no change.
         loop {
-            if let Some(code) = stopped() {
-                return Ok(code);
-            }
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(Ok(ev)) if relevant(&ev, &want, &s.workdir) => break,
-                Ok(Ok(_)) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Ok(Err(e)) => say!("qbuild: warning: watch error: {e}"),
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(Diagnostic::plain("the file watcher stopped"));
+            loop {
+                if let Some(code) = stopped() {
+                    return Ok(code);
                 }
-            }
-        }
-        // Only changes that matter extend the quiet time (a log written beside the sources,
-        // or a file read over and over, would otherwise hold the rebuild back forever),
-        // and a burst settles for at most SETTLE_MAX.
-        let t0 = std::time::Instant::now();
-        let mut last = t0;
-        while let Some(left) = QUIET.checked_sub(last.elapsed()) {
-            match rx.recv_timeout(left) {
-                Ok(Ok(ev)) if relevant(&ev, &want, &s.workdir) => {
-                    last = std::time::Instant::now();
-                    if t0.elapsed() > SETTLE_MAX {
-                        break;
+                match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(Ok(ev)) if relevant(&ev, &want, &s.workdir) => break,
+                    Ok(Ok(_)) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Ok(Err(e)) => say!("qbuild: warning: watch error: {e}"),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err(Diagnostic::plain("the file watcher stopped"));
                     }
                 }
-                Ok(_) => {}
-                Err(_) => break,
+            }
+            // Only changes that matter extend the quiet time (a log written beside the
+            // sources, or a file read over and over, would otherwise hold the rebuild back
+            // forever), and a burst settles for at most SETTLE_MAX.
+            let t0 = std::time::Instant::now();
+            let mut last = t0;
+            while let Some(left) = QUIET.checked_sub(last.elapsed()) {
+                match rx.recv_timeout(left) {
+                    Ok(Ok(ev)) if relevant(&ev, &want, &s.workdir) => {
+                        last = std::time::Instant::now();
+                        if t0.elapsed() > SETTLE_MAX {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            if before.is_none() || fingerprint(&want) != before {
+                break;
             }
         }
         say!("qbuild: change seen; rebuilding");
