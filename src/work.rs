@@ -1834,6 +1834,14 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
         append: false,
         tee: crew.verbose,
     };
+    // Each output as the command starts, not as the job was queued (perhaps a whole job's
+    // time earlier): a file put at an output path meanwhile is not the command's, and a
+    // failure must not remove it as a partial output.
+    for (b, o) in post.before.iter_mut().zip(&outputs) {
+        *b = fs::symlink_metadata(o)
+            .ok()
+            .map(|m| StatKey::from_meta(&m, 0));
+    }
     let mut result = unlink_shared_outputs(&outputs, &rels, &mut post.before)
         .and_then(|()| unshare_folder_outputs(&outputs, &rels))
         .and_then(|unshared| {

@@ -3349,6 +3349,27 @@ fn failure_never_deletes_a_file_the_job_did_not_write() {
     assert_eq!(s.run(["-n", "all"]).would_run(), support::set(["one"]));
 }
 
+/// Regression: a job's outputs were looked at when it was handed to the workers, which
+/// queue up to `-j` jobs beyond those running; a file put at its output path while it
+/// waited there (a copy restored by hand during a long build) was then "a partial output"
+/// of the failing command, which never wrote it, and was removed.
+#[test]
+fn failure_never_deletes_a_file_put_at_its_output_while_the_job_was_queued() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.a]\noutputs = [\"a.txt\"]\ncommand = \"touch a.flag; sleep 1; echo a > a.txt\"\n\n[rule.b]\noutputs = [\"b.txt\"]\ncommand = \"echo failing; exit 1\"\n",
+    );
+    let bg = Bg::start(s.path(), &["-j", "1", "-k", "--json", "all"], &[]);
+    let up = wait_until(Duration::from_secs(20), || s.exists("a.flag"));
+    assert!(up, "the first job never got going");
+    s.write("b.txt", "user data\n");
+    let e = bg.wait(Duration::from_secs(30));
+    assert_eq!(e.code, Some(1), "{e}");
+    assert_eq!(s.read_string("b.txt"), "user data\n", "{e}");
+    assert!(!e.stderr.contains("removed partial output"), "{e}");
+}
+
 /// A failing rerun leaves the previous output (qbuild did not change it) but takes away
 /// its "up to date": the next run still lists the job.
 #[test]
