@@ -102,6 +102,10 @@ pub struct Db {
     /// A run that writes nothing: the explain store is read if it exists, never created,
     /// folded into or set aside.
     reader: bool,
+    /// The outputs of the commands a qbuild killed outright had started (from
+    /// `.qbuild/running`, read as this run took the lock): a symlink at one of them that
+    /// no record holds is the command's, not a user's.
+    pub killed_run_outputs: std::collections::HashSet<String>,
 }
 
 fn cfg() -> bincode::config::Configuration {
@@ -242,6 +246,7 @@ impl Db {
             pending_explain: Default::default(),
             sizes: Default::default(),
             reader: false,
+            killed_run_outputs: Default::default(),
         }
     }
 

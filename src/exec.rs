@@ -35,52 +35,71 @@ pub fn mark_environment() {
 /// folder, `.qbuild/running` names the run's token (written before the first command
 /// starts, removed when the build ends with nothing running): if qbuild is killed outright,
 /// the next run finds every process carrying the token and stops it before those commands
-/// write anything more. Nothing is written per job.
+/// write anything more. Each command's outputs are listed there too as it starts (one
+/// appended write per job, no sync: it is a `kill -9` of qbuild, not a power cut, that
+/// leaves the list behind), so that a symlink a command made before qbuild was killed is
+/// known as the command's, not taken for one a user put at the output path.
 #[derive(Clone, Default)]
 pub struct Running {
     groups: Arc<Mutex<HashSet<i32>>>,
-    /// `.qbuild/running`, and whether the token is in it yet.
-    file: Option<Arc<(PathBuf, Mutex<bool>)>>,
+    /// `.qbuild/running`, open for appending once the token is in it.
+    file: Option<Arc<(PathBuf, Mutex<Option<fs::File>>)>>,
 }
 
 impl Running {
     pub fn persisted(state_dir: &Path) -> Running {
         Running {
             groups: Arc::default(),
-            file: Some(Arc::new((state_dir.join("running"), Mutex::new(false)))),
+            file: Some(Arc::new((state_dir.join("running"), Mutex::new(None)))),
         }
     }
 
     /// Before a command starts: make sure the list names this run's token, so a kill at
-    /// any moment after the start leaves a way to find the command. A command is not
-    /// started if the token cannot be written (a full disk): after a crash, nothing could
-    /// stop it from writing into an output the next run is making.
-    fn prepare(&self) -> io::Result<Option<&'static str>> {
+    /// any moment after the start leaves a way to find the command, and add the outputs
+    /// (`rels`) the command is about to write. A command is not started if the list cannot
+    /// be written (a full disk): after a crash, nothing could stop it from writing into an
+    /// output the next run is making.
+    pub fn prepare(&self, rels: &[String]) -> io::Result<Option<&'static str>> {
         let Some(file) = self.file.as_ref() else {
             return Ok(None);
         };
-        let mut written = file
+        let mut open = file
             .1
             .lock()
             .map_err(|_| io::Error::other("the list of running commands is poisoned"))?;
-        if !*written {
-            let line = format!("run {}\n", run_token());
-            fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&file.0)
-                .and_then(|mut f| f.write_all(line.as_bytes()))
-                .map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!(
-                            "not started: cannot write {} ({e}), where qbuild names its commands so that a later run can stop them after a crash",
-                            file.0.display()
-                        ),
-                    )
-                })?;
-            *written = true;
+        let mut text = String::new();
+        if open.is_none() {
+            text = format!("run {}\n", run_token());
         }
+        // (A name with a line break in it is not listed: such a link stays refused.)
+        for r in rels.iter().filter(|r| !r.contains('\n')) {
+            text.push_str("out ");
+            text.push_str(r);
+            text.push('\n');
+        }
+        let write = |open: &mut Option<fs::File>| -> io::Result<()> {
+            if open.is_none() {
+                *open = Some(
+                    fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&file.0)?,
+                );
+            }
+            match open.as_mut() {
+                Some(f) if !text.is_empty() => f.write_all(text.as_bytes()),
+                _ => Ok(()),
+            }
+        };
+        write(&mut open).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "not started: cannot write {} ({e}), where qbuild names its commands so that a later run can stop them after a crash",
+                    file.0.display()
+                ),
+            )
+        })?;
         Ok(Some(run_token()))
     }
 
@@ -101,8 +120,8 @@ impl Running {
             return;
         };
         let idle = self.groups.lock().map(|s| s.is_empty()).unwrap_or(false);
-        if let (true, Ok(mut written)) = (idle, file.1.lock()) {
-            *written = false;
+        if let (true, Ok(mut open)) = (idle, file.1.lock()) {
+            *open = None;
             let _ = fs::remove_file(&file.0);
         }
     }
@@ -117,7 +136,7 @@ impl Running {
         let started = self
             .file
             .as_ref()
-            .is_some_and(|f| f.1.lock().map(|w| *w).unwrap_or(true));
+            .is_some_and(|f| f.1.lock().map(|w| w.is_some()).unwrap_or(true));
         if !started {
             return 0;
         }
@@ -182,20 +201,30 @@ fn carries_token(pid: i32, tokens: &[String]) -> bool {
 /// Stop what a killed qbuild left running: every live process carrying a token named in
 /// `.qbuild/running`, and the whole group of each such process that leads one (a job's
 /// shell, while it lives). Returns how many process groups were stopped.
-pub fn reap_orphans(state_dir: &Path) -> usize {
+///
+/// Also returns the outputs (work-folder keys) of the commands that run started: a symlink
+/// at one of them that no record holds was made by a command qbuild never saw end.
+pub fn reap_orphans(state_dir: &Path) -> (usize, HashSet<String>) {
     let path = state_dir.join("running");
-    let Ok(text) = fs::read_to_string(&path) else {
-        return 0;
+    let Ok(bytes) = fs::read(&path) else {
+        return (0, HashSet::new());
     };
+    // (A line cut short by the kill is a name the job did not have, and matches nothing.)
+    let text = String::from_utf8_lossy(&bytes);
     let tokens: Vec<String> = text
         .lines()
         .filter_map(|l| l.strip_prefix("run "))
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty())
         .collect();
+    let outputs = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("out "))
+        .map(str::to_string)
+        .collect();
     let stopped = stop_carriers(&tokens);
     let _ = fs::remove_file(&path);
-    stopped
+    (stopped, outputs)
 }
 
 /// Kill every live process (but this one) carrying `QBUILD_RUN=` one of `tokens`, and the
@@ -338,7 +367,7 @@ pub fn run(
         .stderr(writer)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .process_group(0);
-    if let Some(token) = running.prepare()? {
+    if let Some(token) = running.prepare(&[])? {
         // Inherited when `mark_environment` ran (no copy of the environment per spawn).
         if std::env::var_os(RUN_ENV).is_none_or(|v| v != token) {
             cmd.env(RUN_ENV, token);

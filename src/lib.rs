@@ -563,11 +563,13 @@ pub(crate) fn open_state_unless_busy(
         Err(lock::LockError::Busy(who)) => return Ok(Err(who)),
         Err(lock::LockError::Other(m)) => return Err(Diagnostic::plain(m)),
     };
-    let orphans = exec::reap_orphans(&state_dir);
+    let (orphans, killed_run_outputs) = exec::reap_orphans(&state_dir);
     if orphans > 0 {
         say!("qbuild: stopped {orphans} command(s) left running by a qbuild that was killed");
     }
-    Ok(Ok((lock, db::Db::new(&state_dir))))
+    let mut db = db::Db::new(&state_dir);
+    db.killed_run_outputs = killed_run_outputs;
+    Ok(Ok((lock, db)))
 }
 
 enum BuildFailure {

@@ -1305,8 +1305,10 @@ impl Work<'_> {
             return Ok(false);
         }
         // A link this job made last time (as recorded) goes, wherever it leads: removing a
-        // link never touches its target.
-        let mine = ours();
+        // link never touches its target. So does one its command made in a run that was
+        // killed outright (the output was listed as the command started; no user link was
+        // there then, or the job would not have started).
+        let mine = ours() || self.db.killed_run_outputs.contains(rel);
         if let Some(to) = crate::clean::link_leading_out(&self.workdir, rel).filter(|_| !mine) {
             return Err(format!(
                 "output {rel} is a symlink to {}, outside the work folder; refusing to write through it",
@@ -1850,6 +1852,11 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
                 if let Some(t @ Some(_)) = post.before_tree.get_mut(i) {
                     *t = tree_stamp(&outputs[i]);
                 }
+            }
+            // The outputs are listed before the command starts: after a `kill -9` of
+            // qbuild, a link found at one of them is the command's.
+            if matches!(action, Action::Shell(_) | Action::Argv(_)) {
+                procs.prepare(&rels)?;
             }
             fine_start = crate::hash::wall_now_ns();
             exec::run(&action, &outputs, workdir, &env, &log, mode, procs)

@@ -1672,6 +1672,48 @@ fn signals_a_command_is_not_started_when_its_run_cannot_be_noted() {
     s.run(["all"]).assert_ran(&support::set(["a"]));
 }
 
+/// A symlink a command made at its own output before qbuild was killed outright is the
+/// command's: the next run replaces it (it failed every run, "a symlink qbuild did not
+/// make", until removed by hand). A link a finished job made in that run is kept, and a
+/// link a user puts at an output is still refused.
+#[test]
+fn crash_a_link_a_command_made_before_a_kill_9_is_replaced_by_the_next_run() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[rule.quick]
+outputs = ["q"]
+command = "echo quick > q.txt; ln -sf q.txt q"
+[rule.lk]
+inputs = ["q"]
+outputs = ["lk"]
+command = "echo data > target.txt; ln -sf target.txt lk; [ -e go ] || sleep 30"
+[rule.user]
+outputs = ["u"]
+command = "echo u > u"
+"#,
+    );
+    let bg = Bg::start(s.path(), &["-j", "1", "q", "lk"], &[]);
+    assert!(
+        wait_until(Duration::from_secs(20), || s.is_symlink("lk")),
+        "the command never made its link"
+    );
+    let ended = bg.kill9();
+    assert_eq!(ended.signal, Some(libc::SIGKILL), "{ended}");
+    s.write("go", "");
+    s.run(["q", "lk"])
+        .assert_ok()
+        .assert_ran(&support::set(["lk"]));
+    assert_eq!(s.read_string("lk"), "data\n");
+    s.run(["q", "lk"]).assert_nothing_ran(2);
+    // A user's link at an output path is still refused, killed run or not.
+    std::os::unix::fs::symlink("q.txt", s.join("u")).expect("symlink");
+    let out = s.run(["u"]);
+    out.assert_code(1);
+    assert!(out.stderr.contains("that qbuild did not make"), "{out}");
+}
+
 #[test]
 fn signals_leftovers_of_a_killed_qbuild_are_stopped_by_the_next_run() {
     adopt_leftovers();
