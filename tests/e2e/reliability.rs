@@ -2053,6 +2053,15 @@ fn lock_a_hard_linked_copy_of_a_work_folder_gets_a_state_of_its_own() {
         holds_lock(&a, &bg),
         "the original's build never took its lock"
     );
+    // Renamed once its first command has started (its outputs are listed as it does): a
+    // build between taking the lock and that moment opens its state files by the old name,
+    // and a rename then fails them (the lock freed, the second run would build).
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            fs::read_to_string(a.join(".qbuild/running")).is_ok_and(|t| t.contains("\nout "))
+        }),
+        "the original's build never started a command"
+    );
     let d = Space::new();
     cp_al(&a, &d);
     let renamed = a.path().with_extension("renamed");
