@@ -93,13 +93,30 @@ pub fn action_text(a: &Action) -> Cow<'_, str> {
         Action::Shell(s) => return Cow::Borrowed(s),
         Action::Argv(v) => v
             .iter()
-            .map(|s| crate::expand::shell_quote(s))
+            .enumerate()
+            .map(|(i, s)| {
+                // The program, as the shell would run it: quoted when the shell would read
+                // it otherwise (`FOO=bar` as an assignment, `if` as a keyword), so that an
+                // argv and a `command` of the same text, which run different things, never
+                // share a key. Any other argv's text is as before.
+                if i == 0 && (s.contains('=') || SHELL_WORDS.contains(&s.as_str())) {
+                    format!("'{}'", s.replace('\'', "'\\''"))
+                } else {
+                    crate::expand::shell_quote(s)
+                }
+            })
             .collect::<Vec<_>>()
             .join(" "),
         Action::Write(c) => format!("write {c:?}"),
         Action::Link(t) => format!("symlink -> {t}"),
     })
 }
+
+/// Words the shell reads as syntax where a command starts.
+const SHELL_WORDS: &[&str] = &[
+    "!", "{", "}", "[[", "]]", "case", "do", "done", "elif", "else", "esac", "fi", "for",
+    "function", "if", "in", "select", "then", "time", "until", "while",
+];
 
 /// Why a job must run.
 #[derive(Debug, Clone, PartialEq)]
@@ -370,6 +387,28 @@ mod tests {
             inputs: vec![("in".into(), [input; 32])],
             outputs: vec!["out".into()],
         }
+    }
+
+    /// An argv and a shell command of the same text run different programs: `FOO=bar cmd`
+    /// in the shell runs `cmd`, `argv = ["FOO=bar", "cmd"]` runs `FOO=bar`. Their keys
+    /// differ (they were equal, so switching one for the other reran nothing); a plain
+    /// argv keeps the text it had.
+    #[test]
+    fn an_argv_and_a_command_of_the_same_text_differ() {
+        let argv = |v: &[&str]| Action::Argv(v.iter().map(|s| s.to_string()).collect());
+        let shell = |s: &str| Action::Shell(s.to_string());
+        for (v, text) in [
+            (&["FOO=bar", "cmd"][..], "FOO=bar cmd"),
+            (&["if", "true"][..], "if true"),
+            (&["time", "cmd"][..], "time cmd"),
+        ] {
+            assert_ne!(action_text(&argv(v)), action_text(&shell(text)), "{v:?}");
+        }
+        assert_eq!(
+            action_text(&argv(&["cp", "a b", "c=d"])),
+            "cp 'a b' c=d",
+            "an ordinary argv's text is unchanged"
+        );
     }
 
     /// The key is what every recorded job is compared with: if its bytes changed, every
