@@ -1226,6 +1226,9 @@ fn matches(
             );
             return Err(match closest(&k.text, names.iter().copied()) {
                 Some(c) => d.with_hint(format!("did you mean `{c}`?")),
+                None if names.is_empty() => d.with_hint(format!(
+                    "this rule has no `matrix`: {what} picks among matrix values, so give it one"
+                )),
                 None => d.with_hint(format!(
                     "{what} names the rule's matrix variables: {}",
                     names.join(", ")

@@ -1134,3 +1134,29 @@ fn unused_lets_are_checked_too() {
         assert_eq!(s.exists("o"), matrix.is_empty());
     }
 }
+
+/// A `when` or `exclude` in a rule with no matrix had the hint "when names the rule's
+/// matrix variables: " followed by nothing.
+#[test]
+fn a_when_or_exclude_without_a_matrix_says_so() {
+    for (key, what) in [
+        ("case = [{ when = { z = 1 }, let = { q = \"1\" } }]", "when"),
+        ("exclude = [{ z = 1 }]", "exclude"),
+    ] {
+        let err = refuse_at(
+            &format!("{HARMLESS}[rule.a]\noutputs = [\"x\"]\ncommand = \"echo > x\"\n{key}\n"),
+            &format!("`z` in {what} is not a matrix variable of this rule"),
+            if what == "when" {
+                "Qairtfile:7:20"
+            } else {
+                "Qairtfile:7:14"
+            },
+        );
+        assert!(
+            err.contains(&format!(
+                "= hint: this rule has no `matrix`: {what} picks among matrix values, so give it one\n"
+            )),
+            "{err}"
+        );
+    }
+}
