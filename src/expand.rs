@@ -562,6 +562,8 @@ impl<'a, 'g, 's> Eval<'a, 'g, 's> {
                 known.extend(["inputs", "outputs"]);
             }
         }
+        // A variable being evaluated is no answer: naming it would make a cycle.
+        known.retain(|k| !self.stack.iter().any(|s| s == k));
         let d = here(format!("unknown variable `{name}`"));
         Err(match closest(name, known.iter().copied()) {
             Some(c) => d.with_hint(format!("did you mean `{c}`?")),

@@ -1160,3 +1160,15 @@ fn a_when_or_exclude_without_a_matrix_says_so() {
         );
     }
 }
+
+/// An unknown variable in a variable's own value suggested that variable (`num_splits =
+/// "${num_split}"`: "did you mean `num_splits`?"), which would be a cycle.
+#[test]
+fn an_unknown_variable_is_never_answered_with_the_one_it_defines() {
+    let err = refuse_at(
+        "[vars]\nnum_splits = \"${num_split}\"\n[rule.ok]\noutputs = [\"ran.txt\"]\ncommand = \"echo ${num_splits} > ran.txt\"\n",
+        "unknown variable `num_split`",
+        "Qairtfile:2:15",
+    );
+    assert!(!err.contains("did you mean `num_splits`"), "{err}");
+}
