@@ -1827,6 +1827,9 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
     } = t;
     let (workdir, procs) = (&crew.workdir, &crew.procs);
     let mut post = post;
+    // An earlier run's log is not this one's: a job that fails before its command starts
+    // (its outputs cannot be unshared, `running` cannot be written) must not show it.
+    let _ = fs::remove_file(&log);
     post.started_ns = crate::hash::coarse_now_ns();
     // Taken as the command starts, after qbuild's own changes to the files around it (an
     // unshared hard link changes its other name's ctime too).

@@ -4006,3 +4006,30 @@ fn misshapen_state_parts_are_set_aside_and_a_lost_log_is_said() {
     out.assert_ok();
     assert!(out.stderr.contains("cannot write the log"), "{out}");
 }
+
+/// Regression (was a bug): a job that fails before its command starts (here `.qbuild/running`
+/// cannot be written) printed the previous run's log as "last lines of its log" and pointed
+/// at that stale log, as if this run's command had said it.
+#[test]
+fn state_a_job_not_started_shows_no_log_of_an_earlier_run() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.a]\ninputs = [\"v\"]\noutputs = [\"a.txt\"]\ncommand = \"cat v > a.txt; echo said-by-run-$(cat v)\"\n",
+    )
+    .write("v", "1\n");
+    s.run(["all"]).assert_ok();
+    assert!(s.exists(".qbuild/logs/a.txt.log"));
+
+    fs::create_dir(s.join(".qbuild/running")).expect("mkdir running");
+    s.write("v", "2\n");
+    let out = s.run(["all"]);
+    out.assert_code(1);
+    assert!(out.stderr.contains("not started"), "{out}");
+    assert!(
+        !out.stderr.contains("said-by-run-1"),
+        "the earlier run's log is not this run's\n{out}"
+    );
+    assert!(!out.stderr.contains("log:"), "no log to point at\n{out}");
+    assert!(!s.exists(".qbuild/logs/a.txt.log"), "{out}");
+}
