@@ -159,6 +159,9 @@ struct Done {
     /// tick) as the command started; 0 if it never started.
     started_ns: i64,
     took: Duration,
+    /// The log on disk is an earlier run's: it could not be removed (a `logs` folder qbuild
+    /// may not write), so it must not be shown as this run's.
+    stale_log: bool,
 }
 
 struct Work<'a> {
@@ -1509,7 +1512,11 @@ impl Work<'_> {
                     removed.join(", ")
                 ));
             }
-            let mut tail = exec::tail(&log, 20);
+            let mut tail = if d.stale_log {
+                String::new()
+            } else {
+                exec::tail(&log, 20)
+            };
             if let Ok(Outcome::Failed { tail: mem, .. }) = &d.result {
                 if tail.is_empty() && !mem.is_empty() {
                     // The log could not be written (a full disk?): show what was kept.
@@ -1525,7 +1532,7 @@ impl Work<'_> {
                 }
             }
             // A command that printed nothing (or never started) leaves no log to point at.
-            if log.exists() {
+            if log.exists() && !d.stale_log {
                 if !text.ends_with('\n') {
                     text.push('\n');
                 }
@@ -1794,6 +1801,7 @@ fn start_worker(
                     started: Instant::now(),
                     started_ns: 0,
                     took: Duration::ZERO,
+                    stale_log: false,
                 }
             } else {
                 if crew.notify && done.send(Msg::Started(t.j)).is_err() {
@@ -1829,7 +1837,7 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
     let mut post = post;
     // An earlier run's log is not this one's: a job that fails before its command starts
     // (its outputs cannot be unshared, `running` cannot be written) must not show it.
-    let _ = fs::remove_file(&log);
+    let stale_log = fs::remove_file(&log).is_err_and(|e| e.kind() != io::ErrorKind::NotFound);
     post.started_ns = crate::hash::coarse_now_ns();
     // Taken as the command starts, after qbuild's own changes to the files around it (an
     // unshared hard link changes its other name's ctime too).
@@ -1909,6 +1917,7 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
         started: t0,
         started_ns: fine_start,
         took: t0.elapsed(),
+        stale_log,
     }
 }
 

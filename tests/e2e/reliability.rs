@@ -4033,3 +4033,31 @@ fn state_a_job_not_started_shows_no_log_of_an_earlier_run() {
     assert!(!out.stderr.contains("log:"), "no log to point at\n{out}");
     assert!(!s.exists(".qbuild/logs/a.txt.log"), "{out}");
 }
+
+/// Regression (was a bug): when a job's log could neither be removed nor written (a
+/// read-only `.qbuild/logs`), a failure printed the earlier run's log as this run's
+/// "last lines" and pointed at it; now it shows what this run's command printed.
+#[test]
+fn state_a_log_that_cannot_be_replaced_is_not_shown_as_this_runs() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.a]\ninputs = [\"v\"]\noutputs = [\"a.txt\"]\ncommand = \"echo said-by-run-$(cat v); exit 1\"\n",
+    )
+    .write("v", "1\n");
+    s.run(["all"]).assert_code(1);
+    let logs = s.join(".qbuild/logs");
+    let _ro = match bind_read_only(&logs, &logs) {
+        Ok(m) => m,
+        Err(why) => return skip("state_a_log_that_cannot_be_replaced", &why),
+    };
+    s.write("v", "2\n");
+    let out = s.run(["all"]);
+    out.assert_code(1);
+    assert!(out.stderr.contains("cannot write the log"), "{out}");
+    assert!(
+        !out.stderr.contains("said-by-run-1"),
+        "the earlier run's log is not this run's\n{out}"
+    );
+    assert!(out.stderr.contains("said-by-run-2"), "{out}");
+}
