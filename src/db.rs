@@ -305,7 +305,14 @@ impl Db {
             }
             match open_when_free(&path) {
                 Ok(t) => Ok(t),
-                Err(OpenError::Io(msg) | OpenError::Corrupt(msg)) if self.reader => Err(msg),
+                Err(OpenError::Io(msg) | OpenError::Corrupt(msg)) if self.reader => {
+                    // Said, not silent: every explanation below loses its detail.
+                    say!(
+                        "qbuild: warning: cannot read the explain store {} ({msg}): earlier runs cannot be explained",
+                        path.display()
+                    );
+                    Err(msg)
+                }
                 Err(OpenError::Io(msg)) => Err(msg),
                 Err(OpenError::Corrupt(why)) => {
                     let aside = set_aside(&self.dir, &["state.sled"]).map_err(|(_, m)| m)?;

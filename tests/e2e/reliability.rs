@@ -4061,3 +4061,29 @@ fn state_a_log_that_cannot_be_replaced_is_not_shown_as_this_runs() {
     );
     assert!(out.stderr.contains("said-by-run-2"), "{out}");
 }
+
+/// Regression (was a bug): `-n --explain` on a state folder it may not write (a read-only
+/// `.qbuild`) could not open the explain store and said only "no readable record to
+/// compare", without naming the store or why.
+#[test]
+fn state_an_unreadable_explain_store_is_named_by_a_dry_run() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        "[rule.a]\ninputs = [\"v\"]\noutputs = [\"a.txt\"]\ncommand = \"cat v > a.txt\"\n",
+    )
+    .write("v", "1\n");
+    s.run(["all"]).assert_ok();
+    s.write("v", "2\n");
+    let state = s.join(".qbuild");
+    let _ro = match bind_read_only(&state, &state) {
+        Ok(m) => m,
+        Err(why) => return skip("state_an_unreadable_explain_store", &why),
+    };
+    let out = s.run(["-n", "--explain", "all"]);
+    out.assert_ok();
+    assert!(
+        out.stderr.contains("input v changed") || out.stderr.contains("explain store"),
+        "the explanation, or why there is none\n{out}"
+    );
+}
