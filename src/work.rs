@@ -1198,10 +1198,8 @@ impl Work<'_> {
                 }
             }
         }
-        let before: Vec<Option<StatKey>> = metas
-            .iter()
-            .map(|m| m.as_ref().map(|m| StatKey::from_meta(m, 0)))
-            .collect();
+        // Each output's stat is taken as the command starts (`unlink_shared_outputs`).
+        let before = vec![None; outputs.len()];
         // A folder output's whole tree, to see whether the command wrote anything in it.
         let before_tree: Vec<Option<Hash>> = outputs
             .iter()
@@ -1847,14 +1845,6 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
         append: false,
         tee: crew.verbose,
     };
-    // Each output as the command starts, not as the job was queued (perhaps a whole job's
-    // time earlier): a file put at an output path meanwhile is not the command's, and a
-    // failure must not remove it as a partial output.
-    for (b, o) in post.before.iter_mut().zip(&outputs) {
-        *b = fs::symlink_metadata(o)
-            .ok()
-            .map(|m| StatKey::from_meta(&m, 0));
-    }
     let mut result = unlink_shared_outputs(&outputs, &rels, &mut post.before)
         .and_then(|()| unshare_folder_outputs(&outputs, &rels))
         .and_then(|unshared| {
@@ -1922,26 +1912,28 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
 }
 
 /// Just before the command starts (not when the job was queued, perhaps a whole job's time
-/// earlier: a `cp -al` of the work folder may come in between), unlink each output file
-/// that has other hard links, so that writing it cannot change them; it counts as absent
-/// from before.
+/// earlier: a `cp -al` of the work folder may come in between), take each output's stat
+/// into `before` (a file put at an output path meanwhile is not the command's, and a
+/// failure must not remove it as a partial output), and unlink each output file that has
+/// other hard links, so that writing it cannot change them; it counts as absent from
+/// before.
 fn unlink_shared_outputs(
     outputs: &[PathBuf],
     rels: &[String],
     before: &mut [Option<StatKey>],
 ) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    for (i, (o, rel)) in outputs.iter().zip(rels).enumerate() {
-        if fs::symlink_metadata(o).is_ok_and(|m| m.is_file() && m.nlink() > 1) {
+    for ((o, rel), b) in outputs.iter().zip(rels).zip(before.iter_mut()) {
+        let m = fs::symlink_metadata(o).ok();
+        *b = m.as_ref().map(|m| StatKey::from_meta(m, 0));
+        if m.is_some_and(|m| m.is_file() && m.nlink() > 1) {
             fs::remove_file(o).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("cannot remove the old output {rel} before the run: {e}"),
                 )
             })?;
-            if let Some(b) = before.get_mut(i) {
-                *b = None;
-            }
+            *b = None;
         }
     }
     Ok(())
