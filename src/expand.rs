@@ -67,15 +67,20 @@ fn push_quoted(dst: &mut String, s: &str) {
     if safe {
         dst.push_str(s);
     } else {
-        dst.push('\'');
-        for (i, part) in s.split('\'').enumerate() {
-            if i > 0 {
-                dst.push_str("'\\''");
-            }
-            dst.push_str(part);
-        }
-        dst.push('\'');
+        push_single_quoted(dst, s);
     }
+}
+
+/// `s` in single quotes, whatever it holds: one word of literal text to the shell.
+pub fn push_single_quoted(dst: &mut String, s: &str) {
+    dst.push('\'');
+    for (i, part) in s.split('\'').enumerate() {
+        if i > 0 {
+            dst.push_str("'\\''");
+        }
+        dst.push_str(part);
+    }
+    dst.push('\'');
 }
 
 /// What a job does once expanded.

@@ -100,7 +100,9 @@ pub fn action_text(a: &Action) -> Cow<'_, str> {
                 // argv and a `command` of the same text, which run different things, never
                 // share a key. Any other argv's text is as before.
                 if i == 0 && (s.contains('=') || SHELL_WORDS.contains(&s.as_str())) {
-                    format!("'{}'", s.replace('\'', "'\\''"))
+                    let mut q = String::with_capacity(s.len() + 2);
+                    crate::expand::push_single_quoted(&mut q, s);
+                    q
                 } else {
                     crate::expand::shell_quote(s)
                 }
