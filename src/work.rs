@@ -2197,8 +2197,8 @@ struct Post {
     started_ns: i64,
 }
 
-/// After a command succeeded: every declared output exists, files are non-empty (unless
-/// allowed), and the rule's `check` command passes.
+/// After a command succeeded: every declared output exists, files and folders are
+/// non-empty (unless allowed), and the rule's `check` command passes.
 #[allow(clippy::too_many_arguments)]
 fn sanity_check(
     outputs: &[PathBuf],
@@ -2232,6 +2232,13 @@ fn sanity_check(
             Ok(m) if m.is_file() && m.len() == 0 && !post.allow_empty => {
                 return Err(io::Error::other(format!(
                     "the declared output {rel} is empty (set `allow_empty = true` on the rule if that is right)"
+                )))
+            }
+            // A folder with nothing in it is as suspect as an empty file (a tool that made
+            // its output folder, then wrote no test vectors into it).
+            Ok(m) if m.is_dir() && !post.allow_empty && fs::read_dir(p).is_ok_and(|mut d| d.next().is_none()) => {
+                return Err(io::Error::other(format!(
+                    "the declared output folder {rel} is empty (set `allow_empty = true` on the rule if that is right)"
                 )))
             }
             Ok(_) => {}

@@ -1805,7 +1805,7 @@ command = "cp splits/model_2_of_2.onnx converted/model_2.dlc"
 }
 
 #[test]
-fn an_empty_output_fails_the_step_unless_allowed() {
+fn an_empty_output_file_or_folder_fails_the_step_unless_allowed() {
     let q = r#"
 [rule.quantize]
 outputs = ["compiled_model/model_quantized.dlc"]
@@ -1831,7 +1831,7 @@ command = "mkdir -p compiled_model && : > compiled_model/model_quantized.dlc"
     assert_eq!(s.read("compiled_model/model_quantized.dlc"), b"");
     assert_noop(&s, 1, &[]);
 
-    // An empty folder is a fine directory output.
+    // So is an empty folder: a tool that made its output folder and wrote nothing in it.
     let d = space_with(
         r#"
 [rule.vectors]
@@ -1839,7 +1839,34 @@ outputs = ["gen/vectors"]
 command = "mkdir -p gen/vectors"
 "#,
     );
+    let out = d.run(["all"]);
+    out.assert_code(1);
+    let err = job_error(&out, "vectors");
+    assert!(
+        err.contains("output folder gen/vectors is empty") && err.contains("allow_empty"),
+        "{err}"
+    );
+    assert!(
+        !d.exists("gen/vectors"),
+        "the empty folder is removed\n{out}"
+    );
+    d.replace(
+        "Qairtfile",
+        "[rule.vectors]\n",
+        "[rule.vectors]\nallow_empty = true\n",
+    );
     d.run(["all"]).assert_ok().assert_ran(&set(["vectors"]));
+    assert!(d.join("gen/vectors").is_dir());
+    assert_noop(&d, 1, &[]);
+    // One entry is enough, even an empty file in it (its contents are the command's affair).
+    let e = space_with(
+        r#"
+[rule.vectors]
+outputs = ["gen/vectors"]
+command = "mkdir -p gen/vectors && : > gen/vectors/input_0.raw"
+"#,
+    );
+    e.run(["all"]).assert_ok().assert_ran(&set(["vectors"]));
 }
 
 #[test]
