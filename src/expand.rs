@@ -130,6 +130,8 @@ pub struct RuleInfo {
     pub tools: Vec<Str>,
     pub links: Vec<(Str, Str)>,
     pub outputs: Vec<Str>,
+    /// `manual = true`: left out of `all`.
+    pub manual: bool,
 }
 
 /// The checked `[toolchain]` section, interpolated.
@@ -1018,6 +1020,7 @@ pub fn expand_in(q: &Qairtfile, roots: Option<&WorkRoots>) -> Result<Model, Diag
                 .map(|l| (l.link.clone(), l.to.clone()))
                 .collect(),
             outputs: rule.outputs.clone(),
+            manual: rule.manual,
         });
         expand_rule(&mut g, ri as u32, rule, &pools, &mut jobs)?;
     }

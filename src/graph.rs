@@ -496,8 +496,17 @@ impl Graph {
         let mut all_done = false;
         while let Some((t, span)) = stack.pop() {
             if t == "all" {
+                // Every job but those of `manual` rules (Bazel's `tags = ["manual"]`: a
+                // deploy step that needs a device), which still run when what is built
+                // needs them.
                 if !std::mem::replace(&mut all_done, true) {
-                    out.extend((0..self.jobs.len()).map(|i| JobId(i as u32)));
+                    out.extend(
+                        self.jobs
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, j)| !self.model.rules[j.spec.rule as usize].manual)
+                            .map(|(i, _)| JobId(i as u32)),
+                    );
                 }
                 continue;
             }

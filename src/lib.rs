@@ -938,10 +938,15 @@ fn print_list(g: &Graph, want: &[bool]) {
         }
         let _ = writeln!(
             out,
-            "{} ({} job{})",
+            "{} ({} job{}{})",
             r.name,
             jobs.len(),
-            if jobs.len() == 1 { "" } else { "s" }
+            if jobs.len() == 1 { "" } else { "s" },
+            if r.manual {
+                ", manual: not in `all`"
+            } else {
+                ""
+            }
         );
         for j in jobs {
             let _ = writeln!(out, "  {}", j.spec.label);
@@ -963,6 +968,7 @@ fn list_json(g: &Graph, want: &[bool]) {
         emit(serde_json::json!({
             "event": "target",
             "rule": g.model.rules[j.spec.rule as usize].name,
+            "manual": g.model.rules[j.spec.rule as usize].manual,
             "job": j.spec.label,
             "outputs": j.outs.iter().map(|f| g.path(*f)).collect::<Vec<_>>(),
             "inputs": j.ins.iter().chain(&j.order).map(|f| g.path(*f)).collect::<Vec<_>>(),

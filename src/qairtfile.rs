@@ -88,6 +88,8 @@ pub struct RuleDef {
     pub check: Option<Str>,
     pub toolchain: bool,
     pub allow_empty: bool,
+    /// Left out of `all`: its jobs run only when named, or needed by what is named.
+    pub manual: bool,
     pub pool: Option<Str>,
     pub env: Vec<(Str, Str)>,
     pub description: Option<Str>,
@@ -137,6 +139,7 @@ const RULE_KEYS: &[&str] = &[
     "check",
     "toolchain",
     "allow_empty",
+    "manual",
 ];
 /// Names qbuild gives meaning to; a user variable cannot take them.
 pub const RESERVED: &[&str] = &["inputs", "outputs", "env", "all"];
@@ -637,6 +640,7 @@ impl<'s> Parser<'s> {
         let mut check = None;
         let mut toolchain = false;
         let mut allow_empty = false;
+        let mut manual = false;
         for (key, val) in self.table(v, "a rule")? {
             match key.get_ref().as_ref() {
                 "matrix" => matrix = self.kv_list(val, "matrix")?,
@@ -693,6 +697,7 @@ impl<'s> Parser<'s> {
                 "check" => check = Some(self.string(val, "check")?),
                 "toolchain" => toolchain = self.bool(val, "toolchain")?,
                 "allow_empty" => allow_empty = self.bool(val, "allow_empty")?,
+                "manual" => manual = self.bool(val, "manual")?,
                 "links" => {
                     let items: Vec<&V<'_>> = match val.get_ref() {
                         DeValue::Array(a) => a.iter().collect(),
@@ -827,6 +832,7 @@ impl<'s> Parser<'s> {
             check,
             toolchain,
             allow_empty,
+            manual,
             pool,
             env,
             description,

@@ -1172,3 +1172,10 @@ fn an_unknown_variable_is_never_answered_with_the_one_it_defines() {
     );
     assert!(!err.contains("did you mean `num_splits`"), "{err}");
 }
+
+#[test]
+fn manual_must_be_a_boolean() {
+    let q = format!("{HARMLESS}\n[rule.push]\nmanual = \"yes\"\noutputs = [\"p.txt\"]\ncommand = \"echo > p.txt\"\n");
+    let err = refuse_at(&q, "manual must be true or false", "Qairtfile:6:10");
+    assert!(err.contains("hint: write `manual = true`"), "{err}");
+}

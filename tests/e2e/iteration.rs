@@ -1805,11 +1805,12 @@ fn explain_command_and_toolchain_changes() {
 #[test]
 fn list_shows_rules_instances_and_outputs() {
     let s = Space::demo();
-    let dry = s.run(["-n", "all"]);
+    // Every job: `all` and the `manual` rules (`execute`).
+    let dry = s.run(["-n", "all", "execute"]);
     let cat = Catalog::from_events(&dry, "would_run");
     let out = s.qbuild(["--list"]).no_json().run();
     out.assert_ok();
-    // rule (N jobs) / "  label" / "    output"
+    // rule (N jobs[, manual: not in `all`]) / "  label" / "    output"
     let mut listed: BTreeMap<String, Vec<(String, Vec<String>)>> = BTreeMap::new();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut rule = String::new();
@@ -1828,6 +1829,7 @@ fn list_shows_rules_instances_and_outputs() {
                 .unwrap_or_else(|| panic!("not a rule line: {l:?}\n{out}"));
             let n: usize = n
                 .trim_end_matches(')')
+                .trim_end_matches(", manual: not in `all`")
                 .trim_end_matches(" jobs")
                 .trim_end_matches(" job")
                 .parse()
@@ -2169,8 +2171,14 @@ fn clean_dead_removes_outputs_of_jobs_no_longer_in_the_qairtfile() {
     s.remove(&edited);
     let out = s.qbuild(["--clean-dead"]).no_json().run();
     assert!(out.stderr.contains("removed 0 output(s)"), "{out}");
-    s.run(["all"]).assert_ran(&three.all());
-    assert_eq!(s.files().len(), sources.len() + new.len());
+    s.run(["all"]).assert_ran(&three.in_all());
+    let manual_outputs = three
+        .jobs
+        .iter()
+        .filter(|j| j.manual)
+        .flat_map(|j| j.outputs.iter())
+        .count();
+    assert_eq!(s.files().len(), sources.len() + new.len() - manual_outputs);
 }
 
 /// Folders that `--clean` or `--clean-dead` leave empty go too (as `git clean -d`): after
@@ -3537,4 +3545,55 @@ command = "cat a.txt b.txt > out.txt"
     assert!(out.stderr.contains("  - input a.txt changed ("), "{out}");
     assert!(!out.stderr.contains("key changed"), "{out}");
     assert_eq!(s.read_string("out.txt"), "A\nb\n");
+}
+
+/// `manual = true` keeps a rule's jobs out of `all` (and so out of a build with no
+/// targets), as Bazel's `manual` tag does; naming the rule, an alias of it or its output
+/// builds it, and so does building something that reads its output.
+#[test]
+fn a_manual_rule_runs_only_when_named_or_needed() {
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        r#"
+[alias]
+deploy = ["push"]
+
+[rule.bin]
+outputs = ["out/model.bin"]
+command = "mkdir -p out && echo model > out/model.bin"
+
+[rule.push]
+manual = true
+inputs = ["out/model.bin"]
+outputs = ["out/pushed.txt"]
+command = "cp out/model.bin out/pushed.txt"
+"#,
+    );
+    s.run(Vec::<String>::new())
+        .assert_ok()
+        .assert_ran(&set(["bin"]));
+    s.run(["all"]).assert_nothing_ran(1);
+    assert!(!s.exists("out/pushed.txt"));
+    let list = s.qbuild(["--list"]).no_json().run();
+    assert!(
+        list.stdout.contains("push (1 job, manual: not in `all`)"),
+        "{list}"
+    );
+    s.run(["deploy"]).assert_ok().assert_ran(&set(["push"]));
+    s.run(["push"]).assert_nothing_ran(2);
+    s.remove("out/pushed.txt");
+    s.run(["out/pushed.txt"])
+        .assert_ok()
+        .assert_ran(&set(["push"]));
+
+    // A job that `all` builds and that reads the manual rule's output pulls it in.
+    s.append(
+        "Qairtfile",
+        "\n[rule.report]\ninputs = [\"out/pushed.txt\"]\noutputs = [\"out/report.txt\"]\ncommand = \"wc -c out/pushed.txt > out/report.txt\"\n",
+    );
+    s.remove("out/pushed.txt");
+    s.run(["all"])
+        .assert_ok()
+        .assert_ran(&set(["push", "report"]));
 }

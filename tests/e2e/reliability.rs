@@ -525,14 +525,21 @@ impl Project {
         let g = qbuild::load_graph(&built_v1.join("Qairtfile"), Path::new("Qairtfile"))
             .expect("the library loads the Qairtfile");
         let label = |j: &qbuild::graph::JobId| g.jobs[j.idx()].spec.label.clone();
+        // What `all` builds: not the jobs of `manual` rules (the demo's device run).
+        let in_all = |i: usize| !g.model.rules[g.jobs[i].spec.rule as usize].manual;
         let dependents: BTreeMap<String, Vec<String>> = g
             .jobs
             .iter()
             .enumerate()
+            .filter(|(i, _)| in_all(*i))
             .map(|(i, j)| {
                 (
                     j.spec.label.clone(),
-                    g.dependents[i].iter().map(label).collect(),
+                    g.dependents[i]
+                        .iter()
+                        .filter(|d| in_all(d.idx()))
+                        .map(label)
+                        .collect(),
                 )
             })
             .collect();

@@ -645,6 +645,8 @@ pub struct Job {
     pub rule: String,
     pub label: String,
     pub outputs: Vec<String>,
+    /// Of a `manual` rule (`--list --json` says; other events leave it false).
+    pub manual: bool,
 }
 
 /// The jobs of a build, from its `job_finished` (or `would_run`) events. Test modules add
@@ -675,6 +677,7 @@ impl Catalog {
                         .iter()
                         .map(|o| o.as_str().expect("path").into())
                         .collect(),
+                    manual: e["manual"].as_bool().unwrap_or(false),
                 })
                 .collect(),
         }
@@ -682,6 +685,11 @@ impl Catalog {
 
     pub fn all(&self) -> BTreeSet<String> {
         self.select(|_| true)
+    }
+
+    /// What target `all` runs: every job but those of `manual` rules.
+    pub fn in_all(&self) -> BTreeSet<String> {
+        self.select(|j| !j.manual)
     }
 
     pub fn select(&self, f: impl Fn(&Job) -> bool) -> BTreeSet<String> {
