@@ -1,6 +1,6 @@
 //! Run settings from the environment, output files, deterministic payloads, failure injection.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::MetadataExt;
@@ -31,6 +31,10 @@ pub struct Ctx {
     pub base: Option<PathBuf>,
     /// Lines for stdout.
     pub report: Vec<String>,
+    /// `LD_LIBRARY_PATH` and `ADSP_LIBRARY_PATH`, where the device-side tool looks for the
+    /// libraries it loads.
+    pub ld_library_path: Option<OsString>,
+    pub adsp_library_path: Option<OsString>,
 }
 
 impl Default for Ctx {
@@ -41,6 +45,8 @@ impl Default for Ctx {
             fail: None,
             base: None,
             report: Vec::new(),
+            ld_library_path: None,
+            adsp_library_path: None,
         }
     }
 }
@@ -67,6 +73,8 @@ impl Ctx {
         if let Some(v) = get("QAIRT_SIM_FAIL") {
             ctx.fail = Some(v.to_string_lossy().into_owned());
         }
+        ctx.ld_library_path = get("LD_LIBRARY_PATH");
+        ctx.adsp_library_path = get("ADSP_LIBRARY_PATH");
         Ok(ctx)
     }
 

@@ -6,6 +6,7 @@
 //! See docs/qairt-sim.md.
 
 mod cli;
+mod device;
 mod emit;
 mod formats;
 mod tools;
@@ -58,12 +59,18 @@ fn help() -> String {
     for t in tools::TOOLS {
         s.push_str(&format!("  {:<30} {}\n", t.name, t.about));
     }
+    s.push_str(&format!(
+        "  {:<30} {}\n",
+        "adb",
+        "(Android's platform tools) push to, pull from, and run on a device that is a folder"
+    ));
     s.push_str(
         "\nrun '<tool> --help' for a tool's flags.\n\n\
          environment:\n  \
          QAIRT_SIM_SCALE=<MiB>     payload size per output file (default 4 KiB)\n  \
          QAIRT_SIM_WORK_MS=<ms>    sleep this long per invocation\n  \
-         QAIRT_SIM_FAIL=<substr>   fail (exit 1, truncated output) when an output path contains it\n",
+         QAIRT_SIM_FAIL=<substr>   fail (exit 1, truncated output) when an output path contains it\n  \
+         QAIRT_SIM_DEVICE=<dir>    the folder adb treats as the device (default: <temp>/qairt-sim-device-$USER)\n",
     );
     s
 }
@@ -74,6 +81,14 @@ fn real_main(argv: &[OsString]) -> i32 {
         .and_then(|a| Path::new(a).file_name())
         .and_then(|n| n.to_str())
         .unwrap_or("");
+    // `adb` is no QAIRT tool (it comes with Android's platform tools) and takes no flags
+    // table: its own small parser.
+    if arg0 == "adb" {
+        return device::adb_main(argv.get(1..).unwrap_or(&[]));
+    }
+    if tools::find(arg0).is_none() && argv.get(1).is_some_and(|a| a == "adb") {
+        return device::adb_main(argv.get(2..).unwrap_or(&[]));
+    }
     let (tool, rest) = match tools::find(arg0) {
         Some(t) => (t, argv.get(1..).unwrap_or(&[])),
         None => {

@@ -1,8 +1,8 @@
 #!/bin/sh
 # End-to-end check of qairt-sim through the sim-sdk wrappers: the whole LLM compile chain
 # (ARs 1 and 128, CL 4096, 4 splits) in temp dirs, then determinism, path independence,
-# split locality, error exits, qairt-dlc-info, failure injection, payload scaling and wrapper
-# lookup.
+# split locality, error exits, qairt-dlc-info, failure injection, payload scaling, the
+# device stage (adb push, genie-t2t-run through adb shell) and wrapper lookup.
 #
 #   sim/smoke.sh                  # builds target/release/qairt-sim first
 #   SMOKE_NO_BUILD=1 sim/smoke.sh # uses whatever binary the wrappers find
@@ -220,6 +220,36 @@ size=$(wc -c <big.dlc)
 [ "$size" -gt 1572864 ] && [ "$size" -lt 1576960 ] || fail "QAIRT_SIM_SCALE=1.5 gave $size bytes"
 grep -q "^wrote big.dlc ($size bytes)\$" "$tmp/out" || fail "report line"
 QAIRT_SIM_SCALE=lots expect 2 "$BIN/qairt-converter" --input_network models/llama3.onnx -o big.dlc
+
+# ---------------------------------------------------------------- the device
+step "adb push and genie-t2t-run on the device folder"
+ADB=$QNN_SDK_ROOT/platform-tools/adb
+export QAIRT_SIM_DEVICE="$tmp/device"
+DEV=/data/local/tmp/smoke
+bins=""
+for i in 1 2 3 4; do bins="$bins\"artifacts/serialized_binaries/split_$i.bin\", "; done
+printf '{"dialog": {"context": {"size": %s}, "tokenizer": {"path": "tokenizer.json"}, "engine": {"backend": {"type": "QnnHtp"}, "model": {"binary": {"ctx-bins": [%s]}}}}}\n' \
+    "$CL" "${bins%, }" >genie_config.json
+expect 0 "$ADB" shell mkdir -p "$DEV/artifacts"
+expect 0 "$ADB" push artifacts/serialized_binaries "$DEV/artifacts/"
+expect 0 "$ADB" push genie_config.json models/tokenizer.json "$QNN_SDK_ROOT"/lib/aarch64-android/libGenie.so \
+    "$QNN_SDK_ROOT"/lib/aarch64-android/libQnnHtp.so "$QNN_SDK_ROOT"/lib/aarch64-android/libQnnSystem.so \
+    "$QNN_SDK_ROOT"/lib/hexagon-v79/unsigned/libQnnHtpV79Skel.so "$QNN_SDK_ROOT"/bin/aarch64-android/genie-t2t-run "$DEV/"
+[ -f "$tmp/device$DEV/artifacts/serialized_binaries/split_4.bin" ] || fail "push of a folder"
+run_genie() {
+    "$ADB" shell "cd $DEV && LD_LIBRARY_PATH=$DEV ADSP_LIBRARY_PATH=$DEV ./genie-t2t-run -c genie_config.json -p 'Hi there'"
+}
+expect 0 run_genie
+grep -q '^\[BEGIN\]: .*\[END\]$' "$tmp/out" || fail "genie-t2t-run answer"
+cp "$tmp/out" "$tmp/answer1"
+expect 0 run_genie
+cmp -s "$tmp/out" "$tmp/answer1" || fail "genie-t2t-run is not deterministic"
+expect 0 "$ADB" shell rm "$DEV/libQnnSystem.so"
+expect 1 run_genie
+grep -q 'libQnnSystem.so' "$tmp/err" || fail "missing library message"
+expect 1 "$ADB" shell false
+expect 1 "$ADB" push genie_config.json /data/../../escape
+unset QAIRT_SIM_DEVICE
 
 # ---------------------------------------------------------------- wrappers
 step "wrappers find the binary"

@@ -1230,3 +1230,156 @@ fn dlc_info_garbage_and_malformed() {
     let u = usage("qairt-dlc-info", &v(&["-i", "a.dlc", "-o", "b"]));
     assert!(u.contains("unknown flag '-o'"), "{u}");
 }
+
+// ---------------------------------------------------------------- the device stage
+
+/// The pipeline's four context binaries, a tokenizer, device libraries, and a Genie config
+/// listing `bins` (paths relative to `root`): a device-side folder ready for genie-t2t-run.
+fn genie_setup(d: &Scratch, bins: &[&str], size: u64) -> Ctx {
+    sources(d, "m");
+    chain(d, "m");
+    d.write("m/tokenizer.json", r#"{"model": {"type": "BPE"}}"#);
+    for lib in [
+        "libGenie.so",
+        "libQnnHtp.so",
+        "libQnnSystem.so",
+        "libQnnHtpV79Skel.so",
+    ] {
+        d.write(&format!("m/{lib}"), "placeholder");
+    }
+    let list: Vec<String> = bins.iter().map(|b| format!("\"{b}\"")).collect();
+    d.write(
+        "m/genie_config.json",
+        format!(
+            r#"{{"dialog": {{"context": {{"size": {size}}}, "tokenizer": {{"path": "tokenizer.json"}},
+ "engine": {{"backend": {{"type": "QnnHtp"}}, "model": {{"binary": {{"ctx-bins": [{}]}}}}}}}}}}"#,
+            list.join(", ")
+        ),
+    );
+    Ctx {
+        base: Some(d.path("m")),
+        ld_library_path: Some(d.path("m").into_os_string()),
+        adsp_library_path: Some(d.path("m").into_os_string()),
+        ..Ctx::default()
+    }
+}
+
+const BINS: [&str; 4] = [
+    "out/bin/split_1.bin",
+    "out/bin/split_2.bin",
+    "out/bin/split_3.bin",
+    "out/bin/split_4.bin",
+];
+
+fn genie(ctx: &mut Ctx, prompt: &str) -> Result<Vec<String>, SimError> {
+    ctx.report.clear();
+    run_in(
+        ctx,
+        "genie-t2t-run",
+        &v(&["-c", "genie_config.json", "-p", prompt]),
+    )?;
+    Ok(ctx.report.clone())
+}
+
+#[test]
+fn genie_answers_the_same_for_the_same_inputs_and_differently_otherwise() {
+    let d = Scratch::new("genie");
+    let mut ctx = genie_setup(&d, &BINS, 4096);
+    let a = genie(&mut ctx, "What is the capital of France?").expect("runs");
+    assert!(
+        a.iter()
+            .any(|l| l == "[PROMPT]: What is the capital of France?"),
+        "{a:?}"
+    );
+    let answer = a
+        .iter()
+        .find(|l| l.starts_with("[BEGIN]: "))
+        .expect("an answer");
+    assert!(answer.ends_with(".[END]"), "{answer}");
+    assert_eq!(
+        genie(&mut ctx, "What is the capital of France?").expect("again"),
+        a
+    );
+    // The prompt from a file, trailing newline dropped: the same answer.
+    d.write("m/prompt.txt", "What is the capital of France?\n");
+    ctx.report.clear();
+    run_in(
+        &mut ctx,
+        "genie-t2t-run",
+        &v(&["-c", "genie_config.json", "--prompt_file", "prompt.txt"]),
+    )
+    .expect("runs");
+    assert_eq!(ctx.report, a);
+    // Another prompt, or one binary's bytes changed: another answer.
+    assert_ne!(genie(&mut ctx, "Name a river.").expect("runs"), a);
+    let mut bin = d.read("m/out/bin/split_3.bin");
+    let last = bin.len() - 1;
+    bin[last] ^= 1;
+    d.write("m/out/bin/split_3.bin", bin);
+    assert_ne!(
+        genie(&mut ctx, "What is the capital of France?").expect("runs"),
+        a
+    );
+}
+
+#[test]
+fn genie_refuses_binaries_out_of_order_missing_or_for_another_context() {
+    let d = Scratch::new("genie-bad");
+    let failed_with = |ctx: &mut Ctx| match genie(ctx, "hi") {
+        Err(SimError::Failed(m)) => m,
+        other => panic!("expected a failure, got {other:?}"),
+    };
+    let mut ctx = genie_setup(&d, &[BINS[1], BINS[0], BINS[2], BINS[3]], 4096);
+    let m = failed_with(&mut ctx);
+    assert!(
+        m.contains("split_2.bin") && m.contains("split order"),
+        "{m}"
+    );
+    let mut ctx = genie_setup(&d, &BINS[..3], 4096);
+    let m = failed_with(&mut ctx);
+    assert!(m.contains("split 1 of 4") && m.contains("of 3"), "{m}");
+    let mut ctx = genie_setup(&d, &BINS, 2048);
+    let m = failed_with(&mut ctx);
+    assert!(
+        m.contains("context length 4096") && m.contains("2048"),
+        "{m}"
+    );
+    // A library the device cannot find.
+    let mut ctx = genie_setup(&d, &BINS, 4096);
+    fs::remove_file(d.path("m/libQnnHtpV79Skel.so")).expect("rm");
+    let m = failed_with(&mut ctx);
+    assert!(
+        m.contains("libQnnHtpV79Skel.so") && m.contains("ADSP_LIBRARY_PATH"),
+        "{m}"
+    );
+    // Neither or both prompt flags: a usage error.
+    let mut ctx = genie_setup(&d, &BINS, 4096);
+    assert!(matches!(
+        run_in(&mut ctx, "genie-t2t-run", &v(&["-c", "genie_config.json"])),
+        Err(SimError::Usage(_))
+    ));
+}
+
+#[test]
+fn adb_maps_device_paths_into_its_folder_and_no_further() {
+    use crate::device::{map_paths, on_device};
+    let root = Path::new("/dev-root");
+    assert_eq!(
+        map_paths(
+            root,
+            "cd /data/local/tmp/m && LD_LIBRARY_PATH=/data/local/tmp/m ./run"
+        ),
+        "cd /dev-root/data/local/tmp/m && LD_LIBRARY_PATH=/dev-root/data/local/tmp/m ./run"
+    );
+    // Only whole components, at the start of a word.
+    assert_eq!(
+        map_paths(root, "echo /database x/data/y '/sdcard'"),
+        "echo /database x/data/y '/dev-root/sdcard'"
+    );
+    assert_eq!(
+        on_device(root, "/data/local/../tmp").expect("ok"),
+        Path::new("/dev-root/data/tmp")
+    );
+    assert!(on_device(root, "/data/../../etc").is_err());
+    assert!(on_device(root, "data/x").is_err());
+}

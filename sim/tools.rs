@@ -1,4 +1,4 @@
-//! The seven simulated QAIRT tools.
+//! The simulated QAIRT tools (the on-device `genie-t2t-run` lives in `device`).
 
 use std::ffi::{OsStr, OsString};
 use std::io::BufRead;
@@ -67,6 +67,12 @@ pub const TOOLS: &[Tool] = &[
         about: "check a DLC or quantized DLC and print a summary (writes nothing)",
         flags: DLC_INFO_FLAGS,
         run: dlc_info,
+    },
+    Tool {
+        name: "genie-t2t-run",
+        about: "(on the device) run the context binaries a Genie config names on a prompt",
+        flags: crate::device::GENIE_FLAGS,
+        run: crate::device::genie_t2t_run,
     },
 ];
 
