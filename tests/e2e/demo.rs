@@ -1218,3 +1218,88 @@ content = "b ${i}"
     clean.run(["all"]).assert_ok().assert_ran(&all);
     assert_same_files(&s.snapshot(), &clean.snapshot(), "incremental vs clean");
 }
+
+/// The execute stage: `all` leaves its `manual` rules out; `qbuild execute` pushes the
+/// binaries and runs them on the (simulated) device, and reruns only what a change reaches:
+/// a new prompt reruns the prompt and the device run, a binary rebuilt with the same bytes
+/// reruns nothing on the device.
+#[test]
+fn execute_runs_on_the_device_only_when_asked_and_when_its_inputs_change() {
+    let (s, cat) = built_demo();
+    let n = cat.all().len() as u64;
+    let device = tempfile::tempdir().expect("device folder");
+    let dev = device.path().to_str().expect("utf-8 temp path");
+    let exec = |args: &[&str]| {
+        s.qbuild(args.iter().copied())
+            .env("QAIRT_SIM_DEVICE", dev)
+            .run()
+    };
+    let device_jobs = set(["genie_config", "prompt", "run on device"]);
+    assert!(
+        cat.all().is_disjoint(&device_jobs),
+        "`all` ran a manual job\n{:?}",
+        cat.all()
+    );
+
+    let out = exec(&["execute"]);
+    out.assert_ok().assert_ran(&device_jobs);
+    assert_eq!(out.count("up_to_date"), n, "{out}");
+    let answer = s.read_string("artifacts/device/response.txt");
+    assert!(
+        answer.contains("[PROMPT]: What is the capital of France?") && answer.contains("[END]"),
+        "{answer}"
+    );
+    // What the device holds: every split's binary as built, and what runs them.
+    let on_device = device.path().join("data/local/tmp/llama3");
+    for i in SPLITS {
+        assert_eq!(
+            std::fs::read(on_device.join(format!("split_{i}.bin"))).expect("pushed binary"),
+            s.read(&bin(i))
+        );
+    }
+    for f in [
+        "genie-t2t-run",
+        "libGenie.so",
+        "libQnnHtpV79Skel.so",
+        "genie_config.json",
+        "tokenizer.json",
+    ] {
+        assert!(on_device.join(f).is_file(), "{f} was not pushed");
+    }
+    exec(&["execute"]).assert_nothing_ran(n + 3);
+    s.run(["all"]).assert_nothing_ran(n);
+
+    // A new prompt: the prompt file and the device run, nothing else.
+    s.replace(
+        "Qairtfile",
+        "prompt = \"What is the capital of France?\"",
+        "prompt = \"Name three rivers in France.\"",
+    );
+    exec(&["execute"])
+        .assert_ok()
+        .assert_ran(&set(["prompt", "run on device"]));
+    let second = s.read_string("artifacts/device/response.txt");
+    assert!(
+        second.contains("[PROMPT]: Name three rivers in France."),
+        "{second}"
+    );
+    assert_ne!(
+        answer.lines().last(),
+        second.lines().last(),
+        "the same answer to another prompt"
+    );
+
+    // A binary removed by hand is rebuilt with the same bytes: the device does not rerun.
+    s.remove(&bin(2));
+    exec(&["execute"])
+        .assert_ok()
+        .assert_ran(&set([context_binary(2)]));
+
+    // A changed weight reaches every binary... and so the device, once.
+    s.replace("Qairtfile", "--act_bitwidth 16", "--act_bitwidth 8");
+    let out = exec(&["execute"]);
+    out.assert_ok();
+    assert!(out.ran().contains("run on device"), "{out}");
+    assert_ne!(s.read_string("artifacts/device/response.txt"), second);
+    exec(&["execute"]).assert_nothing_ran(n + 3);
+}
