@@ -251,17 +251,24 @@ pub fn on_device(root: &Path, p: &str) -> Result<PathBuf, String> {
     Ok(out)
 }
 
-/// Copy a file or a folder (recursively, following links as adb does).
-fn copy_any(from: &Path, to: &Path) -> Result<u64, String> {
+/// Copy a file or a folder (recursively, following links as adb does; `depth` stops a
+/// link loop).
+fn copy_any(from: &Path, to: &Path, depth: usize) -> Result<u64, String> {
     let meta = fs::metadata(from).map_err(|e| format!("{}: {}", from.display(), io_msg(&e)))?;
     if meta.is_dir() {
+        if depth > 64 {
+            return Err(format!(
+                "{}: folders nested too deep (a link loop?)",
+                from.display()
+            ));
+        }
         fs::create_dir_all(to).map_err(|e| format!("{}: {}", to.display(), io_msg(&e)))?;
         let mut n = 0;
         let entries =
             fs::read_dir(from).map_err(|e| format!("{}: {}", from.display(), io_msg(&e)))?;
         for e in entries {
             let e = e.map_err(|e| format!("{}: {}", from.display(), io_msg(&e)))?;
-            n += copy_any(&e.path(), &to.join(e.file_name()))?;
+            n += copy_any(&e.path(), &to.join(e.file_name()), depth + 1)?;
         }
         return Ok(n);
     }
@@ -293,7 +300,7 @@ fn transfer(
         } else {
             dst.to_path_buf()
         };
-        let n = copy_any(s, &to)?;
+        let n = copy_any(s, &to, 0)?;
         report.push(format!(
             "{shown}: {n} file{} transferred.",
             if n == 1 { "" } else { "s" }
