@@ -1806,58 +1806,43 @@ command = "cp splits/model_2_of_2.onnx converted/model_2.dlc"
 
 #[test]
 fn an_empty_output_file_or_folder_fails_the_step_unless_allowed() {
-    let q = r#"
-[rule.quantize]
-outputs = ["compiled_model/model_quantized.dlc"]
-command = "mkdir -p compiled_model && : > compiled_model/model_quantized.dlc"
-"#;
-    let s = space_with(q);
-    let out = s.run(["all"]);
-    out.assert_code(1);
-    assert_set(&out.failed(), &set(["quantize"]), "failed jobs", &out);
-    let err = job_error(&out, "quantize");
-    assert!(
-        err.contains("compiled_model/model_quantized.dlc is empty") && err.contains("allow_empty"),
-        "{err}"
-    );
-    assert!(!s.exists("compiled_model/model_quantized.dlc"));
+    // (rule, its output, a command that leaves it empty, what the failure says)
+    let cases = [
+        (
+            "quantize",
+            "compiled_model/model_quantized.dlc",
+            "mkdir -p compiled_model && : > compiled_model/model_quantized.dlc",
+            "compiled_model/model_quantized.dlc is empty",
+        ),
+        // A tool that made its output folder and wrote nothing in it.
+        (
+            "vectors",
+            "gen/vectors",
+            "mkdir -p gen/vectors",
+            "output folder gen/vectors is empty",
+        ),
+    ];
+    for (rule, output, command, says) in cases {
+        let s = space_with(&format!(
+            "[rule.{rule}]\noutputs = [\"{output}\"]\ncommand = \"{command}\"\n"
+        ));
+        let out = s.run(["all"]);
+        out.assert_code(1);
+        assert_set(&out.failed(), &set([rule]), "failed jobs", &out);
+        let err = job_error(&out, rule);
+        assert!(err.contains(says) && err.contains("allow_empty"), "{err}");
+        assert!(!s.exists(output), "the empty output is removed\n{out}");
 
-    s.replace(
-        "Qairtfile",
-        "[rule.quantize]\n",
-        "[rule.quantize]\nallow_empty = true\n",
-    );
-    s.run(["all"]).assert_ok().assert_ran(&set(["quantize"]));
-    assert_eq!(s.read("compiled_model/model_quantized.dlc"), b"");
-    assert_noop(&s, 1, &[]);
-
-    // So is an empty folder: a tool that made its output folder and wrote nothing in it.
-    let d = space_with(
-        r#"
-[rule.vectors]
-outputs = ["gen/vectors"]
-command = "mkdir -p gen/vectors"
-"#,
-    );
-    let out = d.run(["all"]);
-    out.assert_code(1);
-    let err = job_error(&out, "vectors");
-    assert!(
-        err.contains("output folder gen/vectors is empty") && err.contains("allow_empty"),
-        "{err}"
-    );
-    assert!(
-        !d.exists("gen/vectors"),
-        "the empty folder is removed\n{out}"
-    );
-    d.replace(
-        "Qairtfile",
-        "[rule.vectors]\n",
-        "[rule.vectors]\nallow_empty = true\n",
-    );
-    d.run(["all"]).assert_ok().assert_ran(&set(["vectors"]));
-    assert!(d.join("gen/vectors").is_dir());
-    assert_noop(&d, 1, &[]);
+        s.replace(
+            "Qairtfile",
+            &format!("[rule.{rule}]\n"),
+            &format!("[rule.{rule}]\nallow_empty = true\n"),
+        );
+        s.run(["all"]).assert_ok().assert_ran(&set([rule]));
+        let m = fs::symlink_metadata(s.join(output)).expect("the output is kept");
+        assert!(m.is_dir() || m.len() == 0, "{output}: {m:?}");
+        assert_noop(&s, 1, &[]);
+    }
     // One entry is enough, even an empty file in it (its contents are the command's affair).
     let e = space_with(
         r#"
