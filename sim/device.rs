@@ -213,7 +213,10 @@ fn device_root() -> Result<PathBuf, String> {
     let root = match std::env::var_os("QAIRT_SIM_DEVICE").filter(|v| !v.is_empty()) {
         Some(v) => std::path::absolute(PathBuf::from(v)).map_err(|e| io_msg(&e))?,
         None => {
-            let user = std::env::var("USER").unwrap_or_else(|_| "default".to_string());
+            let user = std::env::var("USER")
+                .ok()
+                .filter(|u| !u.is_empty() && !u.contains('/'))
+                .unwrap_or_else(|| "default".to_string());
             std::env::temp_dir().join(format!("qairt-sim-device-{user}"))
         }
     };
