@@ -153,8 +153,12 @@ pub fn genie_t2t_run(ctx: &mut Ctx, a: &Args) -> Result<(), SimError> {
         let p = ctx.resolve(OsStr::new(b));
         let (hdr, r) = open_sim(&p, b, &[CTXBIN_MAGIC])?;
         drop(r);
+        let (b, graphs) = (
+            cli::sanitize(b),
+            cli::sanitize(hdr.get("graphs").unwrap_or_default()),
+        );
         // The binaries are the splits of one model, in order, built for this context size.
-        for g in hdr.get("graphs").unwrap_or_default().split(", ") {
+        for g in graphs.split(", ") {
             match graph_place(g) {
                 Some((gi, gn, _)) if gi != i as u64 + 1 || gn != n => {
                     return Err(SimError::Failed(format!(
@@ -171,13 +175,12 @@ pub fn genie_t2t_run(ctx: &mut Ctx, a: &Args) -> Result<(), SimError> {
                 Some(_) => {}
                 None => {
                     return Err(SimError::Failed(format!(
-                        "'{b}': graph '{}' is not named <name>-cl<CL>_<i>_of_<N>",
-                        cli::sanitize(g)
+                        "'{b}': graph '{g}' is not named <name>-cl<CL>_<i>_of_<N>"
                     )))
                 }
             }
         }
-        k.hash(&hash_file(&p, b)?);
+        k.hash(&hash_file(&p, &b)?);
     }
     let key = k.finish();
     let mut xof = key.as_bytes().iter().copied().cycle();
