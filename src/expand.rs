@@ -176,6 +176,10 @@ pub struct Model {
     pub default: Vec<Str>,
     pub aliases: Vec<(Str, Vec<Str>)>,
     pub toolchain: Option<Toolchain>,
+    /// Why `[toolchain]` could not be interpolated (an unset `${env:QNN_SDK_ROOT}`, say):
+    /// reported where the toolchain is needed, not by `--list`, `--graph` or `--clean`,
+    /// which run no tool.
+    pub toolchain_error: Option<Diagnostic>,
     /// Global variables no rule, variable or toolchain used (for `--check`).
     pub unused_vars: Vec<Str>,
 }
@@ -1025,8 +1029,8 @@ pub fn expand_in(q: &Qairtfile, roots: Option<&WorkRoots>) -> Result<Model, Diag
         expand_rule(&mut g, ri as u32, rule, &pools, &mut jobs)?;
     }
     let toolchain = match &q.toolchain {
-        None => None,
-        Some(t) => {
+        None => Ok(None),
+        Some(t) => (|| {
             let mut e = Eval::new(&mut g, None);
             let mut one = |s: &Str| -> Result<String, Diagnostic> {
                 let tpl = parse_template(src, s)?;
@@ -1048,15 +1052,19 @@ pub fn expand_in(q: &Qairtfile, roots: Option<&WorkRoots>) -> Result<Model, Diag
                 let tpl = parse_template(src, tool)?;
                 tools.extend(e.expand(&tpl, Mode::List)?);
             }
-            Some(Toolchain {
+            Ok(Some(Toolchain {
                 name,
                 root,
                 version_file,
                 min_version,
                 tools,
                 span: t.key_span.clone(),
-            })
-        }
+            }))
+        })(),
+    };
+    let (toolchain, toolchain_error) = match toolchain {
+        Ok(t) => (t, None),
+        Err(d) => (None, Some(d)),
     };
     let unused_vars = q
         .vars
@@ -1066,6 +1074,7 @@ pub fn expand_in(q: &Qairtfile, roots: Option<&WorkRoots>) -> Result<Model, Diag
         .collect();
     Ok(Model {
         toolchain,
+        toolchain_error,
         unused_vars,
         source: src.clone(),
         rules,

@@ -1223,6 +1223,39 @@ fn a_missing_sdk_still_lets_list_graph_and_clean_work() {
     assert_same_files(&s.snapshot(), &sources, "--clean leaves the sources");
 }
 
+/// The same when the SDK's root comes from an environment variable that is not set (the
+/// tools on PATH, as after QAIRT's `envsetup.sh`): `--list`, `--graph` and `--clean` work,
+/// and what needs the toolchain names the variable, at its line and column.
+#[test]
+fn an_unset_sdk_variable_still_lets_list_graph_and_clean_work() {
+    let s = space_with(
+        r#"[toolchain]
+name = "qairt"
+root = "${env:QBUILD_TEST_UNSET_SDK}"
+[rule.a]
+outputs = ["a.txt"]
+command = "echo a > a.txt"
+"#,
+    );
+    let list = s.qbuild(["--list"]).no_json().run();
+    list.assert_ok();
+    assert!(list.stdout.starts_with("a (1 job)\n"), "{list}");
+    let graph = s.qbuild(["--graph"]).no_json().run();
+    graph.assert_ok();
+    assert!(graph.stdout.starts_with("digraph"), "{graph}");
+    s.qbuild(["--clean"]).no_json().run().assert_ok();
+    for args in [&["all"][..], &["-n"], &["--check"]] {
+        let out = s.qbuild(args.iter().copied()).no_json().run();
+        out.assert_code(2);
+        assert!(
+            out.stderr
+                .starts_with("error: environment variable `QBUILD_TEST_UNSET_SDK` is not set\n --> Qairtfile:3:9\n"),
+            "{args:?}\n{out}"
+        );
+    }
+    assert!(!s.exists("a.txt"));
+}
+
 #[test]
 fn bumping_the_sdk_version_reruns_exactly_convert_quantize_and_context_binary() {
     let (_sdk_space, sdk) = sdk_copy();
