@@ -32,6 +32,7 @@ const DEVICE_LIBS: &[(bool, &str)] = &[
     (false, "libGenie.so"),
     (false, "libQnnHtp.so"),
     (false, "libQnnSystem.so"),
+    (false, "libQnnHtpV79Stub.so"),
     (true, "libQnnHtpV79Skel.so"),
 ];
 
@@ -207,29 +208,63 @@ const ADB_USAGE: &str = "usage: adb [-s SERIAL] COMMAND
   wait-for-device       return at once
   push SRC... DST       copy host files or folders to the device
   pull SRC... DST       copy device files or folders to the host
-  shell COMMAND...      run COMMAND with the device's sh, in the device's root
-The device is the folder $QAIRT_SIM_DEVICE (default: <temp dir>/qairt-sim-device-$USER);
-device paths under /data and /sdcard lead into it.";
+  shell COMMAND...      run COMMAND with sh, in the device folder
+The device is the folder $QAIRT_SIM_DEVICE (default: <temp dir>/qairt-sim-device-$USER,
+yours only); device paths under /data and /sdcard lead into it. The shell is the host's:
+nothing keeps a command inside the folder.";
 
 /// The folder standing in for the device's file system.
 fn device_root() -> Result<PathBuf, String> {
-    let root = match std::env::var_os("QAIRT_SIM_DEVICE").filter(|v| !v.is_empty()) {
-        Some(v) => std::path::absolute(PathBuf::from(v)).map_err(|e| io_msg(&e))?,
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let (root, shared) = match std::env::var_os("QAIRT_SIM_DEVICE").filter(|v| !v.is_empty()) {
+        Some(v) => (
+            std::path::absolute(PathBuf::from(v)).map_err(|e| io_msg(&e))?,
+            false,
+        ),
         None => {
             let user = std::env::var("USER")
                 .ok()
                 .filter(|u| !u.is_empty() && !u.contains('/'))
                 .unwrap_or_else(|| "default".to_string());
-            std::env::temp_dir().join(format!("qairt-sim-device-{user}"))
+            let dir = std::env::temp_dir().join(format!("qairt-sim-device-{user}"));
+            (dir, true)
         }
     };
-    fs::create_dir_all(&root).map_err(|e| {
+    // `shell` puts the folder into a shell line: a plain path only.
+    let text = root.to_string_lossy();
+    if !text
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+@%,:=".contains(c))
+    {
+        return Err(format!(
+            "the device folder {} holds characters a shell line would read (set QAIRT_SIM_DEVICE \
+             to a path of letters, digits and /._-+@%,:=)",
+            cli::sanitize(&text)
+        ));
+    }
+    let made = fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&root);
+    made.map_err(|e| {
         format!(
             "cannot make the device folder {}: {}",
             root.display(),
             io_msg(&e)
         )
     })?;
+    // In a shared temp folder, a device folder someone else made could hand us their
+    // genie-t2t-run to run.
+    if shared {
+        let owner = fs::metadata(&root).map(|m| m.uid()).ok();
+        let me = fs::metadata("/proc/self").map(|m| m.uid()).ok();
+        if owner.is_none() || owner != me {
+            return Err(format!(
+                "the device folder {} belongs to another user (set QAIRT_SIM_DEVICE to a folder of yours)",
+                root.display()
+            ));
+        }
+    }
     Ok(root)
 }
 
@@ -280,6 +315,12 @@ fn copy_any(from: &Path, to: &Path, depth: usize) -> Result<u64, String> {
     }
     if let Some(parent) = to.parent() {
         fs::create_dir_all(parent).map_err(|e| format!("{}: {}", parent.display(), io_msg(&e)))?;
+    }
+    // The same file at both ends: nothing to copy (removing `to` would lose it).
+    if let (Ok(a), Ok(b)) = (fs::canonicalize(from), fs::canonicalize(to)) {
+        if a == b {
+            return Ok(1);
+        }
     }
     // Replace, never write through: the destination may be a link or a hard link.
     let _ = fs::remove_file(to);
@@ -338,7 +379,7 @@ fn starts_device_path(s: &str) -> bool {
             after
                 .chars()
                 .next()
-                .is_none_or(|c| c == '/' || c.is_whitespace() || "'\";&|)".contains(c))
+                .is_none_or(|c| c == '/' || c.is_whitespace() || "'\";&|):".contains(c))
         })
     })
 }

@@ -234,6 +234,7 @@ expect 0 "$ADB" shell mkdir -p "$DEV/artifacts"
 expect 0 "$ADB" push artifacts/serialized_binaries "$DEV/artifacts/"
 expect 0 "$ADB" push genie_config.json models/tokenizer.json "$QNN_SDK_ROOT"/lib/aarch64-android/libGenie.so \
     "$QNN_SDK_ROOT"/lib/aarch64-android/libQnnHtp.so "$QNN_SDK_ROOT"/lib/aarch64-android/libQnnSystem.so \
+    "$QNN_SDK_ROOT"/lib/aarch64-android/libQnnHtpV79Stub.so \
     "$QNN_SDK_ROOT"/lib/hexagon-v79/unsigned/libQnnHtpV79Skel.so "$QNN_SDK_ROOT"/bin/aarch64-android/genie-t2t-run "$DEV/"
 [ -f "$tmp/device$DEV/artifacts/serialized_binaries/split_4.bin" ] || fail "push of a folder"
 run_genie() {
@@ -249,6 +250,11 @@ expect 1 run_genie
 grep -q 'libQnnSystem.so' "$tmp/err" || fail "missing library message"
 expect 1 "$ADB" shell false
 expect 1 "$ADB" push genie_config.json /data/../../escape
+echo keep >"$tmp/device/data/self.txt"
+expect 0 "$ADB" push "$tmp/device/data/self.txt" /data/self.txt
+[ "$(cat "$tmp/device/data/self.txt")" = keep ] || fail "a push onto itself lost the file"
+QAIRT_SIM_DEVICE="$tmp/a b" expect 1 "$ADB" shell true
+grep -q 'holds characters a shell line would read' "$tmp/err" || fail "a device folder with a space"
 unset QAIRT_SIM_DEVICE
 
 # ---------------------------------------------------------------- wrappers

@@ -1243,6 +1243,7 @@ fn genie_setup(d: &Scratch, bins: &[&str], size: u64) -> Ctx {
         "libGenie.so",
         "libQnnHtp.so",
         "libQnnSystem.so",
+        "libQnnHtpV79Stub.so",
         "libQnnHtpV79Skel.so",
     ] {
         d.write(&format!("m/{lib}"), "placeholder");
@@ -1376,6 +1377,7 @@ fn adb_maps_device_paths_into_its_folder_and_no_further() {
         map_paths(root, "echo /database x/data/y '/sdcard'"),
         "echo /database x/data/y '/dev-root/sdcard'"
     );
+    assert_eq!(map_paths(root, "PATH=/data:/x"), "PATH=/dev-root/data:/x");
     assert_eq!(
         on_device(root, "/data/local/../tmp").expect("ok"),
         Path::new("/dev-root/data/tmp")
