@@ -3580,8 +3580,22 @@ command = "cp out/model.bin out/pushed.txt"
         list.stdout.contains("push (1 job, manual: not in `all`)"),
         "{list}"
     );
+    // `--status` and `-n` without targets look at what `all` builds.
+    let status = s.run(["--status"]);
+    status.assert_ok();
+    assert!(status.would_run().is_empty(), "{status}");
+    assert_eq!(status.count("up_to_date"), 1, "{status}");
     s.run(["deploy"]).assert_ok().assert_ran(&set(["push"]));
     s.run(["push"]).assert_nothing_ran(2);
+    // `--clean all` leaves the manual rule's output; `--clean` with no target is every job.
+    s.qbuild(["--clean", "all"]).run().assert_ok();
+    assert!(s.exists("out/pushed.txt") && !s.exists("out/model.bin"));
+    s.run(["deploy"]).assert_ok().assert_ran(&set(["bin"]));
+    s.qbuild(["--clean"]).run().assert_ok();
+    assert!(!s.exists("out/pushed.txt") && !s.exists("out/model.bin"));
+    s.run(["deploy"])
+        .assert_ok()
+        .assert_ran(&set(["bin", "push"]));
     s.remove("out/pushed.txt");
     s.run(["out/pushed.txt"])
         .assert_ok()
