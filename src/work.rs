@@ -1198,8 +1198,6 @@ impl Work<'_> {
                 }
             }
         }
-        // Each output's stat is taken as the command starts (`unlink_shared_outputs`).
-        let before = vec![None; outputs.len()];
         // A folder output's whole tree, to see whether the command wrote anything in it.
         let before_tree: Vec<Option<Hash>> = outputs
             .iter()
@@ -1252,7 +1250,8 @@ impl Work<'_> {
             post: Post {
                 allow_empty: job.spec.allow_empty,
                 check: job.spec.check.clone(),
-                before,
+                // Taken as the command starts (`run_task`).
+                before: Vec::new(),
                 before_tree,
                 is_command: matches!(job.spec.action, Action::Shell(_) | Action::Argv(_)),
                 started_ns: 0,
@@ -1845,7 +1844,19 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
         append: false,
         tee: crew.verbose,
     };
-    let mut result = unlink_shared_outputs(&outputs, &rels, &mut post.before)
+    // Every output's stat as the command starts, not as the job was queued (perhaps a whole
+    // job's time earlier): a file put at an output path meanwhile is not the command's, and
+    // a failure must not remove it as a partial output. All are taken before anything is
+    // unlinked, so a failure to unlink one leaves the others known as they were.
+    let metas: Vec<Option<fs::Metadata>> = outputs
+        .iter()
+        .map(|o| fs::symlink_metadata(o).ok())
+        .collect();
+    post.before = metas
+        .iter()
+        .map(|m| m.as_ref().map(|m| StatKey::from_meta(m, 0)))
+        .collect();
+    let mut result = unlink_shared_outputs(&outputs, &rels, &metas, &mut post.before)
         .and_then(|()| unshare_folder_outputs(&outputs, &rels))
         .and_then(|unshared| {
             // A file given a copy of its own is no write by the command: stamp the tree again.
@@ -1912,21 +1923,18 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
 }
 
 /// Just before the command starts (not when the job was queued, perhaps a whole job's time
-/// earlier: a `cp -al` of the work folder may come in between), take each output's stat
-/// into `before` (a file put at an output path meanwhile is not the command's, and a
-/// failure must not remove it as a partial output), and unlink each output file that has
-/// other hard links, so that writing it cannot change them; it counts as absent from
-/// before.
+/// earlier: a `cp -al` of the work folder may come in between), unlink each output file
+/// that has other hard links (`metas`: each output's stat then), so that writing it cannot
+/// change them; it counts as absent from `before`.
 fn unlink_shared_outputs(
     outputs: &[PathBuf],
     rels: &[String],
+    metas: &[Option<fs::Metadata>],
     before: &mut [Option<StatKey>],
 ) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    for ((o, rel), b) in outputs.iter().zip(rels).zip(before.iter_mut()) {
-        let m = fs::symlink_metadata(o).ok();
-        *b = m.as_ref().map(|m| StatKey::from_meta(m, 0));
-        if m.is_some_and(|m| m.is_file() && m.nlink() > 1) {
+    for (((o, rel), m), b) in outputs.iter().zip(rels).zip(metas).zip(before.iter_mut()) {
+        if m.as_ref().is_some_and(|m| m.is_file() && m.nlink() > 1) {
             fs::remove_file(o).map_err(|e| {
                 io::Error::new(
                     e.kind(),

@@ -2112,6 +2112,52 @@ command = "mkdir -p gen && cp s gen/o"
 
 /// A rerun does not write through a hard link someone made to a built output: the other
 /// name keeps its bytes.
+/// Regression (was a bug, from a refactor that took the outputs' stats as it unlinked
+/// them): a job with an output that has another hard link and cannot be unlinked (here
+/// immutable, `chattr +i`) fails before its command starts, and its other outputs, the
+/// last run's and untouched, were removed as partial ones.
+#[test]
+fn an_output_that_cannot_be_unlinked_leaves_the_other_outputs_alone() {
+    /// Takes `chattr +i` off again, whatever the test did.
+    struct Mutable(PathBuf);
+    impl Drop for Mutable {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let s = space_with(
+        "[rule.a]\ninputs = [\"v\"]\noutputs = [\"a.txt\", \"b.txt\"]\ncommand = \"cat v > a.txt; cat v > b.txt\"\n",
+    );
+    s.write("v", "1\n");
+    s.run(["all"]).assert_ok();
+    fs::hard_link(s.join("a.txt"), s.join("a-copy.txt")).expect("hard link");
+    let _undo = Mutable(s.join("a.txt"));
+    let immutable = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(s.join("a.txt"))
+        .status();
+    if !immutable.is_ok_and(|st| st.success()) || fs::remove_file(s.join("a.txt")).is_ok() {
+        eprintln!("SKIPPED an_output_that_cannot_be_unlinked: chattr +i is not available here");
+        return;
+    }
+    s.write("v", "2\n");
+    let out = s.run(["all"]);
+    out.assert_code(1);
+    assert!(
+        out.stderr.contains("cannot remove the old output a.txt"),
+        "{out}"
+    );
+    assert_eq!(
+        s.read("b.txt"),
+        b"1\n",
+        "the other output is left as it was\n{out}"
+    );
+    assert_eq!(s.read("a-copy.txt"), b"1\n");
+}
+
 #[test]
 fn a_rerun_never_changes_another_hard_link_to_its_output() {
     let s = Space::new();
