@@ -67,31 +67,28 @@ impl Running {
             .1
             .lock()
             .map_err(|_| io::Error::other("the list of running commands is poisoned"))?;
-        let mut text = String::new();
-        if open.is_none() {
-            text = format!("run {}\n", run_token());
-        }
+        let mut text = match *open {
+            None => format!("run {}\n", run_token()),
+            Some(_) => String::new(),
+        };
         // (A name with a line break in it is not listed: such a link stays refused.)
         for r in rels.iter().filter(|r| !r.contains('\n')) {
             text.push_str("out ");
             text.push_str(r);
             text.push('\n');
         }
-        let write = |open: &mut Option<fs::File>| -> io::Result<()> {
-            if open.is_none() {
-                *open = Some(
-                    fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&file.0)?,
-                );
-            }
-            match open.as_mut() {
-                Some(f) if !text.is_empty() => f.write_all(text.as_bytes()),
-                _ => Ok(()),
-            }
+        // The file is kept open only once the token line is in it: a failed first write
+        // (a full disk) is tried again, token and all, by the next command.
+        let written = match open.as_mut() {
+            Some(_) if text.is_empty() => Ok(()),
+            Some(f) => f.write_all(text.as_bytes()),
+            None => fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&file.0)
+                .and_then(|mut f| f.write_all(text.as_bytes()).map(|()| *open = Some(f))),
         };
-        write(&mut open).map_err(|e| {
+        written.map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!(
