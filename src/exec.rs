@@ -208,17 +208,18 @@ pub fn reap_orphans(state_dir: &Path) -> (usize, HashSet<String>) {
     };
     // (A line cut short by the kill is a name the job did not have, and matches nothing.)
     let text = String::from_utf8_lossy(&bytes);
-    let tokens: Vec<String> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("run "))
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-        .collect();
-    let outputs = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("out "))
-        .map(str::to_string)
-        .collect();
+    let (mut tokens, mut outputs) = (Vec::new(), HashSet::new());
+    for l in text.lines() {
+        if let Some(t) = l
+            .strip_prefix("run ")
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            tokens.push(t.to_string());
+        } else if let Some(o) = l.strip_prefix("out ") {
+            outputs.insert(o.to_string());
+        }
+    }
     let stopped = stop_carriers(&tokens);
     let _ = fs::remove_file(&path);
     (stopped, outputs)
