@@ -6,7 +6,9 @@ use rustc_hash::FxHashMap as HashMap;
 use std::rc::Rc;
 
 use crate::diag::{closest, Diagnostic, Source};
-use crate::qairtfile::{offset_in, Condition, Qairtfile, RawAction, RawValue, RuleDef, Str};
+use crate::qairtfile::{
+    offset_in, Condition, Qairtfile, RawAction, RawValue, RuleDef, Str, ToolchainDef,
+};
 
 /// Hard cap on jobs, so a hostile matrix cannot exhaust memory.
 pub const MAX_JOBS: usize = 5_000_000;
@@ -175,11 +177,10 @@ pub struct Model {
     pub pools: Vec<Pool>,
     pub default: Vec<Str>,
     pub aliases: Vec<(Str, Vec<Str>)>,
-    pub toolchain: Option<Toolchain>,
-    /// Why `[toolchain]` could not be interpolated (an unset `${env:QNN_SDK_ROOT}`, say):
-    /// reported where the toolchain is needed, not by `--list`, `--graph` or `--clean`,
-    /// which run no tool.
-    pub toolchain_error: Option<Diagnostic>,
+    /// The `[toolchain]`, if any; or why it could not be interpolated (an unset
+    /// `${env:QNN_SDK_ROOT}`, say), reported where the toolchain is needed, not by `--list`,
+    /// `--graph` or `--clean`, which run no tool.
+    pub toolchain: Result<Option<Toolchain>, Diagnostic>,
     /// Global variables no rule, variable or toolchain used (for `--check`).
     pub unused_vars: Vec<Str>,
 }
@@ -1028,44 +1029,11 @@ pub fn expand_in(q: &Qairtfile, roots: Option<&WorkRoots>) -> Result<Model, Diag
         });
         expand_rule(&mut g, ri as u32, rule, &pools, &mut jobs)?;
     }
-    let toolchain = match &q.toolchain {
-        None => Ok(None),
-        Some(t) => (|| {
-            let mut e = Eval::new(&mut g, None);
-            let mut one = |s: &Str| -> Result<String, Diagnostic> {
-                let tpl = parse_template(src, s)?;
-                e.render(&tpl, Mode::Scalar { quote: false })
-            };
-            let root = normalize(&one(&t.root)?);
-            let version_file = match &t.version_file {
-                Some(v) => one(v)?,
-                None => "sdk.yaml".to_string(),
-            };
-            let min_version = t.min_version.as_ref().map(&mut one).transpose()?;
-            let name = match &t.name {
-                Some(n) => one(n)?,
-                None => "sdk".to_string(),
-            };
-            // A list variable in a tool's path stands for one tool per item, as in paths.
-            let mut tools = Vec::new();
-            for tool in &t.tools {
-                let tpl = parse_template(src, tool)?;
-                tools.extend(e.expand(&tpl, Mode::List)?);
-            }
-            Ok(Some(Toolchain {
-                name,
-                root,
-                version_file,
-                min_version,
-                tools,
-                span: t.key_span.clone(),
-            }))
-        })(),
-    };
-    let (toolchain, toolchain_error) = match toolchain {
-        Ok(t) => (t, None),
-        Err(d) => (None, Some(d)),
-    };
+    let toolchain = q
+        .toolchain
+        .as_ref()
+        .map(|t| expand_toolchain(&mut g, t))
+        .transpose();
     let unused_vars = q
         .vars
         .iter()
@@ -1074,7 +1042,6 @@ pub fn expand_in(q: &Qairtfile, roots: Option<&WorkRoots>) -> Result<Model, Diag
         .collect();
     Ok(Model {
         toolchain,
-        toolchain_error,
         unused_vars,
         source: src.clone(),
         rules,
@@ -1086,6 +1053,40 @@ pub fn expand_in(q: &Qairtfile, roots: Option<&WorkRoots>) -> Result<Model, Diag
             .iter()
             .map(|a| (a.name.clone(), a.targets.clone()))
             .collect(),
+    })
+}
+
+/// The `[toolchain]` section, interpolated with the global variables.
+fn expand_toolchain(g: &mut Globals<'_>, t: &ToolchainDef) -> Result<Toolchain, Diagnostic> {
+    let src = g.src;
+    let mut e = Eval::new(g, None);
+    let mut one = |s: &Str| -> Result<String, Diagnostic> {
+        let tpl = parse_template(src, s)?;
+        e.render(&tpl, Mode::Scalar { quote: false })
+    };
+    let root = normalize(&one(&t.root)?);
+    let version_file = match &t.version_file {
+        Some(v) => one(v)?,
+        None => "sdk.yaml".to_string(),
+    };
+    let min_version = t.min_version.as_ref().map(&mut one).transpose()?;
+    let name = match &t.name {
+        Some(n) => one(n)?,
+        None => "sdk".to_string(),
+    };
+    // A list variable in a tool's path stands for one tool per item, as in paths.
+    let mut tools = Vec::new();
+    for tool in &t.tools {
+        let tpl = parse_template(src, tool)?;
+        tools.extend(e.expand(&tpl, Mode::List)?);
+    }
+    Ok(Toolchain {
+        name,
+        root,
+        version_file,
+        min_version,
+        tools,
+        span: t.key_span.clone(),
     })
 }
 

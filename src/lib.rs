@@ -195,19 +195,11 @@ impl Session {
             };
         let jobs = graph.resolve_targets(&targets, &self.cwd, &self.workdir)?;
         self.check_trace_path(&graph)?;
-        if let Some(e) = graph
-            .model
-            .toolchain_error
-            .as_ref()
-            .filter(|_| self.needs_toolchain())
-        {
-            return Err(e.clone());
-        }
         let toolchain = match &graph.model.toolchain {
-            Some(tc) if self.needs_toolchain() => {
-                Some(toolchain::verify(tc, &self.workdir, &graph.model.source)?)
-            }
-            _ => None,
+            _ if !self.needs_toolchain() => None,
+            Err(e) => return Err(e.clone()),
+            Ok(Some(tc)) => Some(toolchain::verify(tc, &self.workdir, &graph.model.source)?),
+            Ok(None) => None,
         };
         Ok(Loaded {
             graph,

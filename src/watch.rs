@@ -129,7 +129,7 @@ fn interest(s: &Session, l: &Loaded) -> Interest {
             }
         }
     }
-    if let Some(tc) = &g.model.toolchain {
+    if let Ok(Some(tc)) = &g.model.toolchain {
         add_toolchain(&mut i, &s.workdir, tc);
     }
     // A recursive watch sees a link inside a source folder, not what it leads to (test
@@ -328,7 +328,7 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
                 // The Qairtfile may be fine and the SDK not (too old, a tool missing): then
                 // fixing the SDK must be seen too, even if no load ever succeeded.
                 if let Ok(g) = crate::load_graph(&s.file, &s.args.file) {
-                    if let Some(tc) = &g.model.toolchain {
+                    if let Ok(Some(tc)) = &g.model.toolchain {
                         add_toolchain(&mut last, &s.workdir, tc);
                     }
                 }
