@@ -415,42 +415,60 @@ pub fn run(s: &Session) -> Result<i32, Diagnostic> {
         // Wait for a change that matters; then let the burst settle. A burst after which
         // every watched path is as it was before the build is no change.
         loop {
-            loop {
-                if let Some(code) = stopped() {
-                    return Ok(code);
-                }
-                match rx.recv_timeout(Duration::from_millis(100)) {
-                    Ok(Ok(ev)) if relevant(&ev, &want, &s.workdir) => break,
-                    Ok(Ok(_)) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Ok(Err(e)) => say!("qbuild: warning: watch error: {e}"),
-                    Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        return Err(Diagnostic::plain("the file watcher stopped"));
-                    }
-                }
+            if let Some(end) = wait_for_change(&rx, &want, &s.workdir) {
+                return end;
             }
-            // Only changes that matter extend the quiet time (a log written beside the
-            // sources, or a file read over and over, would otherwise hold the rebuild back
-            // forever), and a burst settles for at most SETTLE_MAX.
-            let t0 = std::time::Instant::now();
-            let mut last = t0;
-            while let Some(left) = QUIET.checked_sub(last.elapsed()) {
-                match rx.recv_timeout(left) {
-                    Ok(Ok(ev)) if relevant(&ev, &want, &s.workdir) => {
-                        last = std::time::Instant::now();
-                        if t0.elapsed() > SETTLE_MAX {
-                            break;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-            }
+            settle(&rx, &want, &s.workdir);
             if before.is_none() || fingerprint(&want) != before {
                 break;
             }
         }
         say!("qbuild: change seen; rebuilding");
         emit(serde_json::json!({ "event": "rebuilding" }));
+    }
+}
+
+type Events = mpsc::Receiver<notify::Result<notify::Event>>;
+
+/// Block until an event that matters to `want` comes; `Some` ends the watch (a signal,
+/// or the watcher gone).
+fn wait_for_change(
+    rx: &Events,
+    want: &Interest,
+    workdir: &Path,
+) -> Option<Result<i32, Diagnostic>> {
+    loop {
+        if let Some(code) = stopped() {
+            return Some(Ok(code));
+        }
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Ok(ev)) if relevant(&ev, want, workdir) => return None,
+            Ok(Ok(_)) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Ok(Err(e)) => say!("qbuild: warning: watch error: {e}"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Some(Err(Diagnostic::plain("the file watcher stopped")));
+            }
+        }
+    }
+}
+
+/// Let a burst of changes settle: until QUIET passes with no event that matters, at most
+/// SETTLE_MAX. Only changes that matter extend the quiet time (a log written beside the
+/// sources, or a file read over and over, would otherwise hold the rebuild back forever).
+fn settle(rx: &Events, want: &Interest, workdir: &Path) {
+    let t0 = std::time::Instant::now();
+    let mut last = t0;
+    while let Some(left) = QUIET.checked_sub(last.elapsed()) {
+        match rx.recv_timeout(left) {
+            Ok(Ok(ev)) if relevant(&ev, want, workdir) => {
+                last = std::time::Instant::now();
+                if t0.elapsed() > SETTLE_MAX {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
     }
 }
 
