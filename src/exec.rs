@@ -393,6 +393,18 @@ pub fn run(
     }
     running.remove(pgid);
     let status = status?;
+    // A command still running when Ctrl-C or SIGTERM came was signalled with its process
+    // group: whatever it did then (a tool that saves a partial result and exits 0 on
+    // SIGTERM) is no result to record. Judged here, as the command is reaped and leaves
+    // the running set the signal is sent to: a signal that comes later, while the job's
+    // outputs are checked or hashed (a multi-GB output), finds it ended, and it is kept.
+    let sig = crate::work::INTERRUPT.load(std::sync::atomic::Ordering::SeqCst);
+    if sig != 0 && status.success() {
+        return Err(io::Error::other(format!(
+            "it was running when the build was stopped by {}; its result is not recorded",
+            crate::signal_name(sig)
+        )));
+    }
     Ok(if status.success() {
         Outcome::Success
     } else {

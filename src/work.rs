@@ -1878,18 +1878,6 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
     if matches!(result, Ok(Outcome::Success)) {
         result = sanity_check(&outputs, &rels, &post, workdir, &env, &log, mode, procs);
     }
-    // A command (or check) still running when Ctrl-C or SIGTERM came was signalled with its
-    // process group: whatever it did then (a tool that saves a partial result and exits 0
-    // on SIGTERM) is not a result to record. Judged as the commands end, not after the
-    // hashing below: a job whose commands had all ended (a multi-GB output being hashed)
-    // is done, and its output is kept and recorded.
-    let sig = INTERRUPT.load(Ordering::SeqCst);
-    if sig != 0 && matches!(result, Ok(Outcome::Success)) {
-        result = Err(io::Error::other(format!(
-            "it was running when the build was stopped by {}; its result is not recorded",
-            crate::signal_name(sig)
-        )));
-    }
     if matches!(result, Ok(Outcome::Success)) {
         // Outputs are new: hash them without the cache. A link's content is derived from
         // its target on the main thread instead.

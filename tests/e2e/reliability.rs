@@ -240,6 +240,23 @@ fn marked_processes(token: &str) -> Vec<(i32, String)> {
     found
 }
 
+/// How many processes, zombies included, have `parent` as their parent.
+fn children_of(parent: i32) -> usize {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            // Field 4, the parent, follows the state after the command name's last ')'.
+            stat.rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok())
+                == Some(parent)
+        })
+        .count()
+}
+
 /// Make this test process the reaper of the processes a killed qbuild leaves behind.
 ///
 /// When qbuild is killed, its jobs' leftovers are re-parented to the nearest "child
@@ -1601,8 +1618,10 @@ fn signals_a_job_whose_command_had_ended_is_kept_when_the_signal_comes_while_has
         ),
     );
     let mut bg = Bg::start(s.path(), &["--json", "all"], &[]);
+    // Ended and reaped: a signal between the shell's exit and qbuild's wait for it still
+    // finds the command running, as it should.
     let ended = wait_until(Duration::from_secs(20), || {
-        s.exists("ended.flag") && marked_processes(&tok).is_empty()
+        s.exists("ended.flag") && marked_processes(&tok).is_empty() && children_of(bg.pid()) == 0
     });
     assert!(ended, "the command never ended");
     if !bg.running() {
