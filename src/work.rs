@@ -490,18 +490,20 @@ pub fn build(
             _ => scan_one(&arts, path, Some(at.map(|k| &state_db.stat.entries()[k].1))),
         }
     };
-    // A short map that will hash a big file again (the scan found it changed, and it was
-    // big when last hashed: a touched model) runs in order on one of rayon's threads, as
-    // b3sum does, so that each file's hash splits across the pool from inside it. From
-    // this thread, each file was handed to the pool, which went idle between files: 64
-    // touched files of 8 MiB took 1.2x b3sum's time, with 20x its context switches. A
-    // no-op, or a touch of small files only, never starts the pool. (Files never hashed,
-    // in a first build, are not looked for: which of them are big files, not folders or
-    // links, would take a stat of each on every run.)
+    // A short map that will hash a big file again (one this build needs, that the scan
+    // found changed and that was big when last hashed: a touched model) runs in order on
+    // one of rayon's threads, as b3sum does, so that each file's hash splits across the
+    // pool from inside it. From this thread, each file was handed to the pool, which went
+    // idle between files: 64 touched files of 8 MiB took 1.2x b3sum's time, with 20x its
+    // context switches. A no-op, or a touch of small files only, never starts the pool.
+    // (Files never hashed, in a first build, are not looked for: which of them are big
+    // files, not folders or links, would take a stat of each on every run.)
     let n = g.files.len();
     let big_hash_likely = || {
-        scan.iter().zip(state_db.stat.entries()).any(|(s, (_, e))| {
-            matches!(s, Now::Unknown) && e.stat.size >= crate::hash::MMAP_THRESHOLD
+        scan.iter().zip(state_db.stat.entries()).any(|(s, (p, e))| {
+            matches!(s, Now::Unknown)
+                && e.stat.size >= crate::hash::MMAP_THRESHOLD
+                && g.by_path.get(&g.files, p).is_some_and(|f| touched[f.idx()])
         })
     };
     let mut now: Vec<Now> = if n < PARALLEL_FROM && big_hash_likely() {
