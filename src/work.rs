@@ -2263,6 +2263,15 @@ fn sanity_check(
             Ok(_) => {}
         }
     }
+    // A check is not started once the build is stopping: it would not be among the
+    // commands the signal reached, and could run on after the stop.
+    let sig = INTERRUPT.load(Ordering::SeqCst);
+    if post.check.is_some() && sig != 0 {
+        return Err(io::Error::other(format!(
+            "its check was not started: the build was stopped by {}; its result is not recorded",
+            crate::signal_name(sig)
+        )));
+    }
     match &post.check {
         None => Ok(Outcome::Success),
         Some(c) => match exec::run(

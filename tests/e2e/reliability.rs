@@ -1649,6 +1649,106 @@ fn signals_a_job_whose_command_had_ended_is_kept_when_the_signal_comes_while_has
     assert!(dry.would_run().is_empty(), "{dry}");
 }
 
+/// Regression (CI): a Ctrl-C that came after a job's command had ended and been reaped,
+/// while qbuild still checked its outputs, threw the finished job away. A folder output of
+/// 30,000 files that was there before the run makes that check (a walk of the folder, to
+/// see the command wrote into it) and the hashing after it long enough for the signal to
+/// land in.
+#[test]
+fn signals_a_job_whose_command_had_ended_is_kept_when_the_signal_comes_while_its_outputs_are_checked(
+) {
+    let tok = token("checking");
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        format!(
+            "[rule.vec]\ninputs = [\"seed.txt\"]\noutputs = [\"vec\"]\nenv = {{ REL_MARK = \"{tok}\" }}\ncommand = \"mkdir -p vec && (cd vec && seq -f f%g 30000 | xargs touch) && cat seed.txt > vec/seed && touch ended.flag\"\n"
+        ),
+    )
+    .write("seed.txt", "1\n");
+    s.run(["all"])
+        .assert_ok()
+        .assert_ran(&support::set(["vec"]));
+    s.remove("ended.flag").write("seed.txt", "2\n");
+    let mut bg = Bg::start(s.path(), &["--json", "all"], &[]);
+    let ended = wait_until(Duration::from_secs(60), || {
+        s.exists("ended.flag") && marked_processes(&tok).is_empty() && children_of(bg.pid()) == 0
+    });
+    assert!(ended, "the command never ended");
+    if !bg.running() {
+        let e = bg.wait(Duration::from_secs(30));
+        assert_eq!(e.code, Some(0), "{e}");
+        return skip(
+            "signals_a_job_whose_command_had_ended_is_kept_when_the_signal_comes_while_its_outputs_are_checked",
+            "the outputs were checked and hashed before the signal could be sent",
+        );
+    }
+    bg.signal(libc::SIGINT);
+    let e = bg.wait(Duration::from_secs(120));
+    assert_no_panic(&e.stderr, "interrupt while checking outputs");
+    assert!(
+        e.code == Some(130) || e.code == Some(0),
+        "interrupted, or done first\n{e}"
+    );
+    assert!(
+        e.ok_jobs().contains("vec"),
+        "the finished job is recorded\n{e}"
+    );
+    assert_eq!(s.read_string("vec/seed"), "2\n", "{e}");
+    let dry = s.run(["-n", "all"]);
+    dry.assert_ok();
+    assert!(dry.would_run().is_empty(), "{dry}");
+}
+
+/// A rule's `check` is not started once the build is stopping: it would not be among the
+/// commands the signal reached, and could run on after the stop. The same folder of
+/// 30,000 files holds the signal in the output checks that come before the `check`.
+#[test]
+fn signals_a_check_is_not_started_after_the_signal() {
+    let tok = token("nocheck");
+    let s = Space::new();
+    s.write(
+        "Qairtfile",
+        format!(
+            "[rule.vec]\ninputs = [\"seed.txt\"]\noutputs = [\"vec\"]\nenv = {{ REL_MARK = \"{tok}\" }}\ncommand = \"mkdir -p vec && (cd vec && seq -f f%g 30000 | xargs touch) && cat seed.txt > vec/seed && touch ended.flag\"\ncheck = \"touch checked.flag\"\n"
+        ),
+    )
+    .write("seed.txt", "1\n");
+    s.run(["all"])
+        .assert_ok()
+        .assert_ran(&support::set(["vec"]));
+    s.remove("ended.flag")
+        .remove("checked.flag")
+        .write("seed.txt", "2\n");
+    let bg = Bg::start(s.path(), &["--json", "all"], &[]);
+    let ended = wait_until(Duration::from_secs(60), || {
+        s.exists("ended.flag") && marked_processes(&tok).is_empty() && children_of(bg.pid()) == 0
+    });
+    assert!(ended, "the command never ended");
+    let signalled = std::time::SystemTime::now();
+    bg.signal(libc::SIGINT);
+    let e = bg.wait(Duration::from_secs(120));
+    assert_no_panic(&e.stderr, "interrupt before a check");
+    let checked = fs::metadata(s.join("checked.flag")).and_then(|m| m.modified());
+    if let Ok(t) = checked {
+        assert!(t < signalled, "the check was started after the signal\n{e}");
+        return skip(
+            "signals_a_check_is_not_started_after_the_signal",
+            "the check had started before the signal could be sent",
+        );
+    }
+    assert_eq!(e.code, Some(130), "{e}");
+    assert!(!e.ok_jobs().contains("vec"), "{e}");
+    assert!(
+        e.stdout
+            .contains("its check was not started: the build was stopped by SIGINT"),
+        "{e}"
+    );
+    let dry = s.run(["-n", "all"]);
+    dry.assert_ok();
+    assert_eq!(dry.would_run(), support::set(["vec"]), "{dry}");
+}
+
 /// A work folder whose one job, `slow`, writes "partial" to `out/slow.txt`, runs `wait`
 /// (its processes carry `tok`) while `slow.flag` exists, then appends "done"; qbuild
 /// started on it in the background, returned once `procs` marked processes are up.
