@@ -490,7 +490,7 @@ pub fn build(
             _ => scan_one(&arts, path, Some(at.map(|k| &state_db.stat.entries()[k].1))),
         }
     };
-    // A short map that will hash a big file again (one this build needs, that the scan
+    // A short map that will hash a big file again (one this build may need, that the scan
     // found changed and that was big when last hashed: a touched model) runs in order on
     // one of rayon's threads, as b3sum does, so that each file's hash splits across the
     // pool from inside it. From this thread, each file was handed to the pool, which went
@@ -501,9 +501,11 @@ pub fn build(
     let n = g.files.len();
     let big_hash_likely = || {
         scan.iter().zip(state_db.stat.entries()).any(|(s, (p, e))| {
+            // (A path the graph does not name is a file inside a folder input, or a
+            // link's target: counted too.)
             matches!(s, Now::Unknown)
                 && e.stat.size >= crate::hash::MMAP_THRESHOLD
-                && g.by_path.get(&g.files, p).is_some_and(|f| touched[f.idx()])
+                && g.by_path.get(&g.files, p).is_none_or(|f| touched[f.idx()])
         })
     };
     let mut now: Vec<Now> = if n < PARALLEL_FROM && big_hash_likely() {
