@@ -1873,15 +1873,16 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
     // job's time earlier): a file put at an output path meanwhile is not the command's, and
     // a failure must not remove it as a partial output. All are taken before anything is
     // unlinked, so a failure to unlink one leaves the others known as they were.
-    let metas: Vec<Option<fs::Metadata>> = outputs
+    let mut metas: Vec<Option<fs::Metadata>> = outputs
         .iter()
         .map(|o| fs::symlink_metadata(o).ok())
         .collect();
+    let unlinked = unlink_shared_outputs(&outputs, &rels, &mut metas);
     post.before = metas
         .iter()
         .map(|m| m.as_ref().map(|m| StatKey::from_meta(m, 0)))
         .collect();
-    let mut result = unlink_shared_outputs(&outputs, &rels, &metas, &mut post.before)
+    let mut result = unlinked
         .and_then(|()| unshare_folder_outputs(&outputs, &rels))
         .and_then(|unshared| {
             // A file given a copy of its own is no write by the command: stamp the tree again.
@@ -1938,15 +1939,14 @@ fn run_task(t: Task, crew: &Crew, slot: usize) -> Done {
 /// Just before the command starts (not when the job was queued, perhaps a whole job's time
 /// earlier: a `cp -al` of the work folder may come in between), unlink each output file
 /// that has other hard links (`metas`: each output's stat then), so that writing it cannot
-/// change them; it counts as absent from `before`.
+/// change them; its stat becomes `None`, as for an output absent before the run.
 fn unlink_shared_outputs(
     outputs: &[PathBuf],
     rels: &[String],
-    metas: &[Option<fs::Metadata>],
-    before: &mut [Option<StatKey>],
+    metas: &mut [Option<fs::Metadata>],
 ) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    for (((o, rel), m), b) in outputs.iter().zip(rels).zip(metas).zip(before.iter_mut()) {
+    for ((o, rel), m) in outputs.iter().zip(rels).zip(metas) {
         if m.as_ref().is_some_and(|m| m.is_file() && m.nlink() > 1) {
             fs::remove_file(o).map_err(|e| {
                 io::Error::new(
@@ -1954,7 +1954,7 @@ fn unlink_shared_outputs(
                     format!("cannot remove the old output {rel} before the run: {e}"),
                 )
             })?;
-            *b = None;
+            *m = None;
         }
     }
     Ok(())
