@@ -426,28 +426,23 @@ pub fn adb_main(argv: &[OsString]) -> i32 {
         "push" | "pull" if rest.len() < 2 => {
             Err(format!("{cmd} needs at least one source and a destination"))
         }
-        "push" => {
+        "push" | "pull" => {
             let (dst, srcs) = (&rest[rest.len() - 1], &rest[..rest.len() - 1]);
-            on_device(&root, dst)
-                .and_then(|d| {
+            let moved = if cmd == "push" {
+                on_device(&root, dst).and_then(|d| {
                     let hosts: Vec<PathBuf> = srcs.iter().map(PathBuf::from).collect();
                     transfer(&hosts, srcs, &d, dst.ends_with('/'))
                 })
-                .map(|lines| {
-                    lines.iter().for_each(|l| println!("{l}"));
-                    0
-                })
-        }
-        "pull" => {
-            let (dst, srcs) = (&rest[rest.len() - 1], &rest[..rest.len() - 1]);
-            srcs.iter()
-                .map(|s| on_device(&root, s))
-                .collect::<Result<Vec<_>, _>>()
-                .and_then(|devs| transfer(&devs, srcs, Path::new(dst), dst.ends_with('/')))
-                .map(|lines| {
-                    lines.iter().for_each(|l| println!("{l}"));
-                    0
-                })
+            } else {
+                srcs.iter()
+                    .map(|s| on_device(&root, s))
+                    .collect::<Result<Vec<_>, _>>()
+                    .and_then(|devs| transfer(&devs, srcs, Path::new(dst), dst.ends_with('/')))
+            };
+            moved.map(|lines| {
+                lines.iter().for_each(|l| println!("{l}"));
+                0
+            })
         }
         "shell" if rest.is_empty() => {
             Err("shell: an interactive shell is not simulated; give a command".to_string())

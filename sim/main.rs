@@ -86,9 +86,6 @@ fn real_main(argv: &[OsString]) -> i32 {
     if arg0 == "adb" {
         return device::adb_main(argv.get(1..).unwrap_or(&[]));
     }
-    if tools::find(arg0).is_none() && argv.get(1).is_some_and(|a| a == "adb") {
-        return device::adb_main(argv.get(2..).unwrap_or(&[]));
-    }
     let (tool, rest) = match tools::find(arg0) {
         Some(t) => (t, argv.get(1..).unwrap_or(&[])),
         None => {
@@ -106,6 +103,7 @@ fn real_main(argv: &[OsString]) -> i32 {
                     say(&format!("qairt-sim {SIM_VERSION}"));
                     return 0;
                 }
+                Some("adb") => return device::adb_main(argv.get(2..).unwrap_or(&[])),
                 Some(name) => match tools::find(name) {
                     Some(t) => (t, argv.get(2..).unwrap_or(&[])),
                     None => {
