@@ -17,6 +17,7 @@
 #![allow(dead_code)]
 
 use crate::support;
+use crate::support::skip;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -384,11 +385,6 @@ fn permissions_bind_us() -> bool {
     let blocked = fs::write(d.join("probe"), "x").is_err();
     let _ = fs::set_permissions(&d, fs::Permissions::from_mode(0o755));
     blocked
-}
-
-/// Print why a test is skipped (visible with `--nocapture`, and in the failure-free log).
-fn skip(test: &str, why: &str) {
-    eprintln!("SKIPPED {test}: {why}");
 }
 
 /// Every top-level entry of a work folder (including `.qbuild`), for `Space::copy_of`.

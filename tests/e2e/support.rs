@@ -74,6 +74,11 @@ pub fn read_outputs(child: &mut Child) -> (JoinHandle<Vec<u8>>, JoinHandle<Vec<u
     )
 }
 
+/// Print why a test is skipped (visible with `--nocapture`, and in the failure-free log).
+pub fn skip(test: &str, why: &str) {
+    eprintln!("SKIPPED {test}: {why}");
+}
+
 /// The bundled simulated SDK (`QNN_SDK_ROOT` for every run).
 pub fn sdk_root() -> PathBuf {
     Path::new(REPO).join("sim-sdk")
